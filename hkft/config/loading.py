@@ -1,0 +1,169 @@
+"""Read a preset, apply ``key.sub=value`` overrides, validate, and explain every failure in one line."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hkft.config.schema import HkftConfig
+from hkft.errors import ConfigError
+
+PRESET_SUFFIXES = (".yaml", ".yml")
+
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel (hkft/presets) and live at the repository root in a checkout."""
+    packaged = Path(__file__).resolve().parent.parent / "presets"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "presets"
+
+
+def resolve_preset_path(preset: str) -> Path:
+    """A path to a YAML file, or the name of a shipped preset (``quickstart``)."""
+    path = Path(preset)
+    if path.is_file():
+        return path
+    shipped = presets_dir() / f"{preset.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = [p.stem for p in sorted(presets_dir().glob("*.yaml"))]
+    hint = _did_you_mean(path.stem, names) or f"shipped presets: {', '.join(names)}"
+    raise ConfigError(f"{preset}: no such preset file", hint)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {problem}", "fix the indentation or quoting there") from None
+    if data is None:
+        raise ConfigError(f"{path}: the preset is empty", "start from `hkft config quickstart`")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the preset must be a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``lora.r=16`` -> (["lora", "r"], 16); the value is parsed as YAML so types come out right."""
+    key, sep, raw = override.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value", "e.g. --set lora.r=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(keys[: depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(preset: str | Path, overrides: list[str] | None = None) -> HkftConfig:
+    path = resolve_preset_path(str(preset))
+    data = apply_overrides(read_yaml_mapping(path), list(overrides or []))
+    config = validate_config(data, source=str(path))
+    return anchor_data_paths(config, path.resolve().parent)
+
+
+def anchor_data_paths(config: HkftConfig, preset_dir: Path) -> HkftConfig:
+    """Relative data files are looked up next to the preset first (as docker-compose does), then in
+    the working directory; the resolved config stores absolute paths so a run reproduces anywhere."""
+    for split in ("train", "validation", "test"):
+        source = getattr(config.data, split)
+        if not isinstance(source, str) or source.startswith("hub:") or Path(source).is_absolute():
+            continue
+        beside_preset = preset_dir / source
+        chosen = beside_preset if beside_preset.exists() or not Path(source).exists() else Path(source).resolve()
+        setattr(config.data, split, str(chosen))
+    return config
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> HkftConfig:
+    try:
+        return HkftConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first problem, as ``section.key: what is wrong (did you mean ...)``; more are counted."""
+    errors = err.errors()
+    first = errors[0]
+    loc = [str(part) for part in first["loc"] if not _is_union_branch(part)]
+    where = ".".join(loc) or "top level"
+    if first["type"] == "extra_forbidden":
+        valid = _field_names_at(HkftConfig, loc[:-1])
+        suggestion = _did_you_mean(loc[-1], valid)
+        prefix = ".".join(loc[:-1])
+        hint = f"did you mean {prefix + '.' if prefix else ''}{suggestion}?" if suggestion else f"valid keys: {', '.join(valid)}"
+        message = f"{where}: unknown key ({hint})"
+    elif first["type"] == "missing":
+        message = f"{where}: required key is missing"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        message = f"{where}: {text} (got {first.get('input')!r})"
+    if len(errors) > 1:
+        message += f" [and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}]"
+    return message
+
+
+def _is_union_branch(part: Any) -> bool:
+    """pydantic inserts the union member's name into ``loc`` (e.g. ``str`` or ``HubSource``)."""
+    return isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "bool", "list[int]", "list[str]"))
+
+
+def _field_names_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None:
+            return []
+        nested = _model_in(field.annotation)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None or get_args(annotation):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str | None:
+    matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def config_to_yaml(config: HkftConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

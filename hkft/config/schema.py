@@ -1,0 +1,208 @@
+"""The preset schema: every key hkft understands, its type, range and default, in one place.
+
+Each section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error (with a
+did-you-mean, see ``hkft.config.loading``) instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["classification", "regression", "causal-lm"]
+Quantization = Literal["none", "8bit", "4bit"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id or local directory of the base model.")
+    task: Task = "classification"
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPUs that support it, else float32.")
+    quantization: Quantization = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Kernel used when no dropout mask needs the attention matrix."
+    )
+    num_labels: int | None = Field(None, ge=1, description="Inferred from the training labels when unset.")
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto", description="auto = attention query/value projections of the architecture."
+    )
+    lora_dropout: Probability = Field(0.0, description="peft's dropout on the LoRA input; hkft's methods are in dropout:.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra trained modules; heads are added for you.")
+
+
+Pattern = Literal["element", "column", "span"]
+
+
+class PositionConfig(Section):
+    pattern: Pattern
+    rate: Probability | None = Field(None, description="Defaults to dropout.rate.")
+
+
+class DropoutConfig(Section):
+    method: str = "hiddenkey"
+    rate: Probability = 0.1
+    kl_weight: float = Field(1.0, ge=0.0)
+    compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
+    branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
+    layers: Literal["auto", "all", "latter-half"] | list[int] = Field(
+        "auto", description="auto = latter-half for decoder-only models, all for encoders."
+    )
+    positions: dict[str, PositionConfig | None] = Field(
+        default_factory=dict, description="Per-position overrides of the method; null switches a position off."
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in DROPOUT_METHODS:
+            raise ValueError(f"unknown dropout method {value!r}; choose one of {', '.join(DROPOUT_METHODS)}")
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _known_positions(cls, value: dict) -> dict:
+        for name in value:
+            if name not in DROPOUT_POSITIONS:
+                raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(DROPOUT_POSITIONS)}")
+        return value
+
+
+class HubSource(Section):
+    hub: str = Field(description="Dataset id on the Hugging Face hub.")
+    config: str | None = None
+    split: str = "train"
+
+
+DataSource = str | HubSource
+
+
+class DataConfig(Section):
+    train: DataSource
+    validation: DataSource | None = None
+    test: DataSource | None = None
+    validation_split: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of train held out when no validation set is given."
+    )
+    text_column: str | list[str] = Field("text", description="One column, or two for text pairs.")
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    template: str = Field("{prompt}", description="Causal LM: how a prompt is rendered before its completion.")
+    max_length: int = Field(256, gt=0)
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N examples of each split.")
+    group_by_length: bool = False
+
+    @field_validator("text_column")
+    @classmethod
+    def _one_or_two_columns(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 2:
+            raise ValueError("give one text column, or two for text pairs")
+        return value
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="Overrides epochs when > 0.")
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)
+    label_smoothing: Probability = 0.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision: auto = bf16 on GPUs that support it, else fp32."
+    )
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    deterministic: bool = False
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = Field(None, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    metric_for_best: str | None = Field(None, description="Defaults to the task's main metric.")
+    early_stopping_patience: int | None = Field(None, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_need_eval_steps(self) -> TrainConfig:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy 'steps' needs train.eval_steps")
+        return self
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(1, gt=0)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    max_examples: int | None = Field(None, gt=0, description="Generate for the first N examples only.")
+
+
+class EvalConfig(Section):
+    batch_size: int | None = Field(None, gt=0, description="Defaults to train.batch_size.")
+    split: Literal["validation", "test"] = "test"
+    generate: bool = Field(True, description="Causal LM: also generate and score BLEU / ROUGE-L.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class OutputConfig(Section):
+    dir: str | None = Field(None, description="Run directory; defaults to runs/<preset name>.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    deepspeed_config: str | None = Field(None, description="Path of a DeepSpeed JSON config (strategy deepspeed).")
+    fsdp: str = Field("full_shard auto_wrap", description="transformers' fsdp option string (strategy fsdp).")
+
+
+class HkftConfig(Section):
+    """A whole preset."""
+
+    description: str = ""
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> HkftConfig:
+        if self.model.task == "causal-lm" and self.data.text_column != "text" and len(self.data.text_columns) > 1:
+            raise ValueError("causal-lm takes one text column (or prompt_column/completion_column)")
+        if self.dropout.compensation in ("kl", "js") and self.dropout.kl_weight == 0:
+            raise ValueError("dropout.compensation kl/js needs dropout.kl_weight > 0")
+        return self
