@@ -1,0 +1,21 @@
+"""The unified dropout framework of Wang et al. 2024 (position x pattern x compensation) and HiddenKey.
+
+No I/O and no CLI in here: a plan is built from values, applied to a model, and the consistency
+loss is a pure function of two forward passes.
+"""
+
+from hkft.dropout.consistency import consistency_loss
+from hkft.dropout.controller import DropoutController, instrument
+from hkft.dropout.plan import PATTERNS, POSITIONS, DropoutPlan, PositionDrop, build_plan, named_method
+
+__all__ = [
+    "PATTERNS",
+    "POSITIONS",
+    "DropoutController",
+    "DropoutPlan",
+    "PositionDrop",
+    "build_plan",
+    "consistency_loss",
+    "instrument",
+    "named_method",
+]

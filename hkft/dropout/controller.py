@@ -1,0 +1,118 @@
+"""Instrument a model with a `DropoutPlan` and keep its mask generator.
+
+Order of work: switch the model's own dropout off (or to ``plan.model_dropout`` for the method
+`dropout`), then attach the plan's positions to the selected layers. Masks apply only while the
+module is training and the controller is enabled, so eval mode is the plain model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hkft.dropout import architecture
+from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, register_attention
+from hkft.dropout.masks import MaskSampler, feature_multiplier
+from hkft.dropout.plan import DropoutPlan, PositionDrop
+
+ATTENTION_ATTRIBUTE = "hkft_attention_drop"
+
+
+@dataclass
+class FeatureDrop:
+    """Drops entries, feature columns or token spans of an activation (hidden, input, output)."""
+
+    drop: PositionDrop
+    controller: DropoutController
+    rescale: bool
+
+    def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if not (module.training and self.controller.enabled and self.drop.rate > 0):
+            return hidden
+        return hidden * feature_multiplier(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden, self.rescale)
+
+    def output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.apply(module, output)
+
+    def input_hook(self, module: nn.Module, args: tuple) -> tuple:
+        return (self.apply(module, args[0]), *args[1:])
+
+
+@dataclass
+class DropoutController:
+    plan: DropoutPlan
+    sampler: MaskSampler
+    enabled: bool = True
+    layers: tuple[int, ...] = ()
+    _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run without hkft's masks (the eval-mode target of the `js` compensation)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module in self._attention_modules:
+            delattr(module, ATTENTION_ATTRIBUTE)
+        self._handles.clear()
+        self._attention_modules.clear()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "positions": {name: f"{drop.pattern} p={drop.rate:g}" for name, drop in self.plan.active_positions.items()},
+            "compensation": self.plan.compensation,
+            "kl_weight": self.plan.kl_weight,
+            "branches": self.plan.branches,
+            "layers": list(self.layers),
+            "model_dropout": self.plan.model_dropout or 0.0,
+        }
+
+
+def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) -> DropoutController:
+    """Apply ``plan`` to ``model`` (plain or peft-wrapped; wrap with LoRA first so hooks see the
+    LoRA-adapted FFN output)."""
+    architecture.set_builtin_dropout(model, plan.model_dropout or 0.0)
+    layers = architecture.transformer_layers(model)
+    controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
+    controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
+    positions = plan.active_positions
+
+    attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
+    if attention_position is not None:
+        register_attention()
+        architecture.transformers_model(model).set_attn_implementation(ATTENTION_NAME)
+        for index in controller.layers:
+            module = architecture.attention_module(layers[index])
+            setattr(module, ATTENTION_ATTRIBUTE, AttentionDrop(attention_position, positions[attention_position], controller))
+            controller._attention_modules.append(module)
+
+    if "hidden" in positions:
+        for index in controller.layers:
+            hook = FeatureDrop(positions["hidden"], controller, rescale=True)
+            controller._handles.append(architecture.ffn_output_module(layers[index]).register_forward_hook(hook.output_hook))
+    if "input" in positions:
+        hook = FeatureDrop(positions["input"], controller, rescale=False)
+        embeddings = architecture.transformers_model(model).get_input_embeddings()
+        controller._handles.append(embeddings.register_forward_hook(hook.output_hook))
+    if "output" in positions:
+        hook = FeatureDrop(positions["output"], controller, rescale=True)
+        controller._handles.append(architecture.head_module(model).register_forward_pre_hook(hook.input_hook))
+    return controller

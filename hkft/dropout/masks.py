@@ -1,0 +1,130 @@
+"""Seeded mask sampling for the three patterns, and the guard that keeps attention rows non-empty.
+
+Masks come from a dedicated `torch.Generator` per device, seeded from (seed, rank): runs are
+reproducible, ranks draw different masks, and the generator state is saved with checkpoints, so a
+resumed run draws exactly the masks the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hkft.dropout.plan import Pattern
+
+# Large odd multiplier so that (seed, rank) pairs map to well-separated generator seeds.
+_RANK_STRIDE = 1_000_003
+
+
+class MaskSampler:
+    """Uniform noise for dropout masks from a generator that never touches torch's global RNG."""
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed = seed + rank * _RANK_STRIDE
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator(device), device=device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {device: generator.get_state() for device, generator in self._generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Devices absent from ``state`` had drawn nothing yet: they restart from the seed."""
+        self._generators.clear()
+        for device, generator_state in state.items():
+            self.generator(torch.device(device)).set_state(generator_state)
+
+
+def bernoulli(sampler: MaskSampler, shape: tuple[int, ...], rate: float, device: torch.device) -> torch.Tensor:
+    """True where dropped, each entry independently with probability ``rate``."""
+    return sampler.uniform(shape, device) < rate
+
+
+def span(sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device) -> torch.Tensor:
+    """True on one contiguous run of round(rate * length) positions per row, start uniform.
+
+    Returns shape ``rows + (length,)``.
+    """
+    span_length = round(rate * length)
+    starts = (sampler.uniform(rows, device) * (length - span_length + 1)).floor().long().unsqueeze(-1)
+    positions = torch.arange(length, device=device)
+    return (positions >= starts) & (positions < starts + span_length)
+
+
+def attention_drop_mask(
+    sampler: MaskSampler, pattern: Pattern, rate: float, batch: int, heads: int, queries: int, keys: int, device: torch.device
+) -> torch.Tensor:
+    """Dropped keys per (example, head): [B, H, Q, K] for element, [B, H, 1, K] for column and span."""
+    if pattern == "element":
+        return bernoulli(sampler, (batch, heads, queries, keys), rate, device)
+    if pattern == "column":
+        return bernoulli(sampler, (batch, heads, 1, keys), rate, device)
+    return span(sampler, (batch, heads), keys, rate, device).unsqueeze(2)
+
+
+def feature_multiplier(
+    sampler: MaskSampler, pattern: Pattern, rate: float, hidden: torch.Tensor, rescale: bool
+) -> torch.Tensor:
+    """Multiplier for a [B, T, D] (or [B, D]) activation: 0 where dropped, 1/(1-p) or 1 elsewhere.
+
+    element drops entries, column drops feature dimensions for all tokens, span drops a contiguous
+    run of tokens (all features). Span is never rescaled (HiddenCut); the others are when asked.
+    """
+    batch, tokens, features = hidden.shape if hidden.dim() == 3 else (hidden.shape[0], 1, hidden.shape[-1])
+    device = hidden.device
+    if pattern == "element":
+        dropped = bernoulli(sampler, (batch, tokens, features), rate, device)
+    elif pattern == "column":
+        dropped = bernoulli(sampler, (batch, 1, features), rate, device)
+    else:
+        dropped = span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
+        rescale = False
+    scale = 1.0 / (1.0 - rate) if rescale else 1.0
+    multiplier = (~dropped).to(hidden.dtype) * scale
+    return multiplier if hidden.dim() == 3 else multiplier.squeeze(1)
+
+
+def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, Q, K], True where query i may see key j (queries are the last Q of K positions)."""
+    offset = keys - queries
+    return (torch.arange(queries, device=device)[:, None] + offset >= torch.arange(keys, device=device)[None, :]).view(
+        1, 1, queries, keys
+    )
+
+
+def own_position(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, Q, K], True where key j is query i's own position."""
+    offset = keys - queries
+    return (torch.arange(queries, device=device)[:, None] + offset == torch.arange(keys, device=device)[None, :]).view(
+        1, 1, queries, keys
+    )
+
+
+def guarded_keep_mask(visible: torch.Tensor | None, dropped: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Combine what each query may see (``visible``: bool, True = attend, None = every key) with
+    the dropped keys, such that no row ends up empty.
+
+    Causal attention never drops a query's own position: token 0 sees only key 0, and column
+    dropping would otherwise leave it nothing to attend to (softmax over an empty row is NaN).
+    Any row that is still empty (a padded query, or every key of an encoder row dropped) gets its
+    undropped row back: dropping never re-admits a key the model itself masked.
+    Callers pass the explicit causal triangle as ``visible`` for causal attention.
+    """
+    keep = ~dropped
+    if causal:
+        if visible is None:
+            raise ValueError("causal attention needs its visibility mask")
+        keep = keep | own_position(visible.shape[-2], dropped.shape[-1], dropped.device)
+    combined = keep if visible is None else keep & visible
+    empty_row = ~combined.any(dim=-1, keepdim=True)
+    if visible is None:
+        return combined | empty_row
+    return torch.where(empty_row, visible, combined)

@@ -1,0 +1,165 @@
+"""DropKey and DropAttention against plain-PyTorch references, and the SDPA path against eager."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hkft.dropout.attention as attention
+from hkft.dropout import build_plan, instrument, named_method
+from hkft.dropout.attention import AttentionDrop, drop_attention_forward, keep_mask
+from hkft.dropout.controller import DropoutController
+from hkft.dropout.masks import MaskSampler
+from hkft.dropout.plan import PositionDrop
+from tiny_models import DECODERS, ENCODERS, batch, tiny_model
+
+
+class FakeAttention(nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.is_causal = causal
+        self.num_key_value_groups = 1
+
+
+def site(position: str, pattern: str, rate: float, seed: int) -> AttentionDrop:
+    plan = build_plan("none", rate, 0.0)
+    controller = DropoutController(plan=plan, sampler=MaskSampler(seed))
+    return AttentionDrop(position, PositionDrop(pattern, rate), controller)
+
+
+def qkv(seed: int = 0, batch_size: int = 2, heads: int = 3, length: int = 7, dim: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, heads, length, dim)
+    return [torch.randn(shape, generator=generator, requires_grad=True) for _ in range(3)]
+
+
+def reference_attention(query, key, value, keep, stop_gradient_normaliser: bool):
+    """Attention written out by hand: masked softmax (DropKey) or renormalised weights (DropAttention)."""
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    if stop_gradient_normaliser:
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        weights = weights / weights.sum(-1, keepdim=True)
+        surviving = weights * keep
+        weights = surviving / surviving.sum(-1, keepdim=True).detach()
+    else:
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * keep
+        weights = weights / weights.sum(-1, keepdim=True)
+    return (weights @ value).transpose(1, 2)
+
+
+def test_dropkey_and_dropattention_same_forward_different_gradients():
+    module = FakeAttention(causal=False).train()
+    grads, outputs = {}, {}
+    for position in ("attention_logits", "attention_weights"):
+        query, key, value = qkv()
+        module.hkft_attention_drop = site(position, "column", 0.4, seed=11)
+        output, _ = attention.hkft_attention_forward(module, query, key, value, None)
+        output.square().sum().backward()
+        outputs[position], grads[position] = output.detach(), query.grad
+    assert torch.allclose(outputs["attention_logits"], outputs["attention_weights"], atol=1e-5)
+    assert (grads["attention_logits"] - grads["attention_weights"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("position", ["attention_logits", "attention_weights"])
+def test_attention_matches_hand_written_reference_values_and_gradients(position):
+    module = FakeAttention(causal=False).train()
+    drop = site(position, "column", 0.4, seed=3)
+    query, key, value = qkv(seed=1)
+    keep = keep_mask(site(position, "column", 0.4, seed=3), module, query, key, None)
+    module.hkft_attention_drop = drop
+    output, _ = attention.hkft_attention_forward(module, query, key, value, None)
+    output.square().sum().backward()
+    got = [t.grad.clone() for t in (query, key, value)]
+
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (query, key, value))
+    expected = reference_attention(ref_q, ref_k, ref_v, keep, stop_gradient_normaliser=position == "attention_weights")
+    expected.square().sum().backward()
+    assert torch.allclose(output, expected, atol=1e-5)
+    for mine, ref in zip(got, (ref_q.grad, ref_k.grad, ref_v.grad)):
+        assert torch.allclose(mine, ref, atol=1e-4)
+
+
+def test_drop_attention_normaliser_is_stop_gradient():
+    """With the normaliser differentiated, the gradient would be DropKey's; it must not be."""
+    module = FakeAttention(causal=False)
+    query, key, value = qkv(seed=2)
+    keep = torch.ones(2, 3, 1, 7, dtype=torch.bool)
+    keep[..., :3] = False
+    output, _ = drop_attention_forward(module, query, key, value, None, keep)
+    output.sum().backward()
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (query, key, value))
+    reference_attention(ref_q, ref_k, ref_v, keep, stop_gradient_normaliser=False).sum().backward()
+    assert (query.grad - ref_q.grad).abs().max() > 1e-3
+
+
+def eager_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """An eager attention with the same boolean mask semantics, standing in for SDPA."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if attention_mask is None and causal and query.shape[2] > 1:
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril()
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    return (torch.softmax(scores, -1) @ value).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypatch):
+    model = tiny_model(arch, task="causal-lm" if arch == "llama" else "classification")
+    controller = instrument(model, named_method("dropkey", 0.3), seed=5)
+    model.train()
+    inputs = batch(arch, padded)
+    state = controller.state_dict()
+    fast = model(**inputs).logits
+    controller.load_state_dict(state)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", eager_reference)
+    slow = model(**inputs).logits
+    assert torch.allclose(fast, slow, atol=1e-5)
+    controller.load_state_dict(state)
+    monkeypatch.undo()
+    assert torch.equal(model(**inputs).logits, fast)  # same seed state, same masks
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2", "llama"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_instrumented_model_with_dropout_off_equals_stock_sdpa(arch, padded):
+    task = "classification" if arch in ENCODERS else "causal-lm"
+    stock, instrumented = tiny_model(arch, task), tiny_model(arch, task)
+    stock.eval()
+    controller = instrument(instrumented, named_method("dropkey", 0.5), seed=0)
+    assert instrumented.config._attn_implementation == "hkft"
+    inputs = batch(arch, padded)
+    expected = stock(**inputs).logits
+    instrumented.eval()
+    assert torch.equal(instrumented(**inputs).logits, expected)
+    instrumented.train()
+    for module in stock.modules():  # the stock model in train mode with its own dropout at zero
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    stock.train()
+    for attr_owner in stock.modules():
+        if isinstance(getattr(attr_owner, "attention_dropout", None), float):
+            attr_owner.attention_dropout = 0.0
+    with controller.paused():
+        assert torch.equal(instrumented(**inputs).logits, stock(**inputs).logits)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("method", ["dropkey", "dropattention"])
+@pytest.mark.parametrize("pattern", ["column", "element", "span"])
+def test_no_nan_for_causal_attention_at_p_0_9_with_padding(arch, method, pattern):
+    model = tiny_model(arch)
+    position = "attention_logits" if method == "dropkey" else "attention_weights"
+    plan = build_plan(method, 0.9, 0.0, layers="all", position_overrides={position: (pattern, 0.9)})
+    instrument(model, plan, seed=0)
+    model.train()
+    for padded in (False, True):
+        inputs = batch(arch, padded, size=4, length=12)
+        logits = model(**inputs, labels=inputs["input_ids"]).logits
+        assert torch.isfinite(logits).all()
+        logits.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

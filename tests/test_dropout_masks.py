@@ -1,0 +1,116 @@
+"""Mask statistics, shapes and the empty-row guard."""
+
+import pytest
+import torch
+
+from hkft.dropout.masks import (
+    MaskSampler,
+    attention_drop_mask,
+    causal_mask,
+    feature_multiplier,
+    guarded_keep_mask,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("pattern", ["element", "column", "span"])
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3])
+def test_attention_drop_fraction_matches_rate(pattern, rate):
+    sampler = MaskSampler(seed=1)
+    dropped = attention_drop_mask(sampler, pattern, rate, batch=64, heads=8, queries=40, keys=40, device=CPU)
+    expected = round(rate * 40) / 40 if pattern == "span" else rate
+    # 64*8*40 (column/span) or *40 more (element) Bernoulli draws: 4 standard errors is < 0.01.
+    assert abs(dropped.float().mean().item() - expected) < 0.01
+
+
+@pytest.mark.parametrize("pattern", ["element", "column", "span"])
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_feature_drop_fraction_and_rescale(pattern, rate):
+    sampler = MaskSampler(seed=2)
+    hidden = torch.ones(64, 50, 96)
+    multiplier = feature_multiplier(sampler, pattern, rate, hidden, rescale=True)
+    dropped = multiplier == 0
+    expected = round(rate * 50) / 50 if pattern == "span" else rate
+    assert abs(dropped.float().mean().item() - expected) < 0.01
+    kept_value = 1.0 if pattern == "span" else 1.0 / (1.0 - rate)
+    assert torch.allclose(multiplier[~dropped], torch.tensor(kept_value))
+
+
+def test_shapes_per_pattern():
+    sampler = MaskSampler(seed=3)
+    assert attention_drop_mask(sampler, "element", 0.1, 2, 3, 5, 7, CPU).shape == (2, 3, 5, 7)
+    assert attention_drop_mask(sampler, "column", 0.1, 2, 3, 5, 7, CPU).shape == (2, 3, 1, 7)
+    assert attention_drop_mask(sampler, "span", 0.1, 2, 3, 5, 7, CPU).shape == (2, 3, 1, 7)
+    hidden = torch.ones(2, 5, 7)
+    assert feature_multiplier(sampler, "column", 0.5, hidden, True).shape == (2, 1, 7)
+    assert feature_multiplier(sampler, "span", 0.5, hidden, True).shape == (2, 5, 1)
+    assert feature_multiplier(sampler, "element", 0.5, torch.ones(2, 7), True).shape == (2, 7)
+
+
+def test_spans_are_contiguous_runs_of_the_right_length():
+    sampler = MaskSampler(seed=4)
+    dropped = attention_drop_mask(sampler, "span", 0.25, 16, 4, 1, 33, CPU).reshape(-1, 33)
+    length = round(0.25 * 33)
+    for row in dropped:
+        positions = row.nonzero().flatten()
+        assert len(positions) == length
+        assert (positions.diff() == 1).all()
+    starts = dropped.float().argmax(dim=-1)
+    assert starts.unique().numel() > 5  # the start is drawn, not fixed
+
+
+def test_same_seed_same_masks_and_ranks_differ():
+    draw = lambda sampler: attention_drop_mask(sampler, "column", 0.3, 4, 2, 1, 50, CPU)
+    assert torch.equal(draw(MaskSampler(7)), draw(MaskSampler(7)))
+    assert not torch.equal(draw(MaskSampler(7, rank=0)), draw(MaskSampler(7, rank=1)))
+
+
+def test_state_dict_restores_the_mask_stream():
+    sampler = MaskSampler(9)
+    draw = lambda: attention_drop_mask(sampler, "element", 0.3, 2, 2, 6, 6, CPU)
+    draw()
+    state = sampler.state_dict()
+    expected = [draw() for _ in range(3)]
+    resumed = MaskSampler(9)
+    resumed.load_state_dict(state)
+    sampler = resumed
+    assert all(torch.equal(draw(), mask) for mask in expected)
+
+
+def test_sampler_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    MaskSampler(1).uniform((100,), CPU)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("pattern", ["column", "element", "span"])
+def test_causal_guard_never_leaves_an_empty_row_at_high_rate(pattern):
+    sampler = MaskSampler(5)
+    visible = causal_mask(24, 24, CPU).expand(8, 1, 24, 24)
+    for _ in range(20):
+        dropped = attention_drop_mask(sampler, pattern, 0.9, 8, 4, 24, 24, CPU)
+        keep = guarded_keep_mask(visible, dropped, causal=True)
+        assert keep.any(dim=-1).all()
+        assert not (keep & ~visible).any()  # never re-admits a future key
+        assert keep.diagonal(dim1=-2, dim2=-1).all()  # a query always sees itself
+
+
+def test_padded_rows_keep_only_keys_the_model_allowed():
+    visible = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    visible[1, :, :, 3:] = False  # keys 3.. are padding in example 1
+    dropped = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    dropped[1, 0, 0, :3] = True  # every real key of example 1 dropped
+    keep = guarded_keep_mask(visible, dropped, causal=False)
+    assert torch.equal(keep[1], visible[1])  # the row falls back to what the model allowed
+    assert torch.equal(keep[0, 0, 0], torch.ones(6, dtype=torch.bool))
+
+
+def test_column_mask_is_identical_across_queries_without_padding():
+    sampler = MaskSampler(6)
+    dropped = attention_drop_mask(sampler, "column", 0.3, 4, 2, 1, 16, CPU)
+    keep = guarded_keep_mask(None, dropped, causal=False)
+    assert keep.shape == (4, 2, 1, 16)  # stays a [B, H, 1, K] mask, no [B, H, Q, K] materialised
+    assert torch.equal(keep, ~dropped | ~(~dropped).any(-1, keepdim=True))

@@ -1,0 +1,160 @@
+"""Named methods on every supported architecture: eval mode is the plain model, `none` and
+`dropout` are what they claim, positions and layers land where the paper puts them."""
+
+import pytest
+import torch
+from torch import nn
+
+from hkft.dropout import build_plan, instrument, named_method
+from hkft.dropout.architecture import attention_module, ffn_output_module, transformer_layers
+from hkft.dropout.plan import DropoutPlan
+from hkft.errors import ModelError
+from tiny_models import DECODERS, ENCODERS, batch, tiny_model
+
+METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+ARCHS = ENCODERS + DECODERS
+
+
+def task_for(arch: str) -> str:
+    return "classification" if arch in ENCODERS else "causal-lm"
+
+
+def zero_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_mode_equals_model_with_all_dropout_off(arch, method):
+    reference, model = tiny_model(arch, task_for(arch)), tiny_model(arch, task_for(arch))
+    zero_dropout(reference)
+    reference.eval()
+    instrument(model, named_method(method, 0.3), seed=0)
+    model.eval()
+    inputs = batch(arch, padded=True)
+    assert torch.equal(model(**inputs).logits, reference(**inputs).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_none_equals_plain_model_with_dropout_zero_in_train_mode(arch):
+    reference, model = tiny_model(arch, task_for(arch)), tiny_model(arch, task_for(arch))
+    zero_dropout(reference)
+    instrument(model, named_method("none", 0.3), seed=0)
+    reference.train(), model.train()
+    inputs = batch(arch, padded=True)
+    assert torch.equal(model(**inputs).logits, reference(**inputs).logits)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_dropout_method_is_the_models_own_dropout(arch):
+    rate = 0.2
+    reference, model = tiny_model(arch, task_for(arch)), tiny_model(arch, task_for(arch))
+    for module in reference.modules():  # the model's own dropout, every rate set to `rate`
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = rate
+    instrument(model, named_method("dropout", rate), seed=0)
+    reference.train(), model.train()
+    inputs = batch(arch, padded=True)
+    torch.manual_seed(123)
+    expected = reference(**inputs).logits
+    torch.manual_seed(123)
+    got = model(**inputs).logits
+    assert torch.equal(got, expected)
+    torch.manual_seed(124)
+    assert not torch.equal(model(**inputs).logits, expected)  # it is random
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["hiddenkey", "dropattention"])
+def test_train_mode_is_stochastic_and_finite(arch, method):
+    model = tiny_model(arch, task_for(arch))
+    instrument(model, named_method(method, 0.3), seed=0)
+    model.train()
+    inputs = batch(arch, padded=True)
+    first, second = model(**inputs).logits, model(**inputs).logits
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert not torch.equal(first, second)
+
+
+def test_every_method_zeroes_the_models_own_dropout():
+    model = tiny_model("bert", "classification")
+    instrument(model, named_method("hiddenkey", 0.1), seed=0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+def test_dropout_positions_sit_where_the_paper_puts_them():
+    expectations = {"bert": "output.dense", "gpt2": "mlp.c_proj", "llama": "mlp.down_proj", "qwen2": "mlp.down_proj"}
+    for arch, path in expectations.items():
+        model = tiny_model(arch, task_for(arch))
+        layer = transformer_layers(model)[0]
+        assert ffn_output_module(layer) is layer.get_submodule(path)
+        assert type(attention_module(layer)).__name__.endswith(("SelfAttention", "Attention"))
+
+
+def test_hidden_drop_hits_the_ffn_output_at_the_rate():
+    model = tiny_model("bert", "classification")
+    plan = build_plan("hiddencut", 0.5, 0.0)
+    instrument(model, plan, seed=0)
+    seen = []
+    layer = transformer_layers(model)[1]
+    ffn_output_module(layer).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    model.train()
+    model(**batch("bert", padded=False, size=8, length=32))
+    fraction = (seen[0] == 0).float().mean().item()
+    assert abs(fraction - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("arch,expected", [("llama", (2, 3)), ("gpt2", (2, 3)), ("bert", (0, 1, 2, 3))])
+def test_default_layers_latter_half_for_decoders_all_for_encoders(arch, expected):
+    controller = instrument(tiny_model(arch, task_for(arch)), named_method("hiddenkey", 0.1), seed=0)
+    assert controller.layers == expected
+
+
+def test_only_selected_layers_are_instrumented():
+    model = tiny_model("llama")
+    instrument(model, build_plan("dropkey", 0.3, 0.0, layers=[1]), seed=0)
+    layers = transformer_layers(model)
+    flags = [hasattr(attention_module(layer), "hkft_attention_drop") for layer in layers]
+    assert flags == [False, True, False, False]
+
+
+def test_layer_list_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="out of range"):
+        DropoutPlan(layers=(7,)).layer_indices(4, is_decoder=False)
+
+
+def test_position_override_and_switch_off():
+    plan = build_plan("hiddenkey", 0.1, 1.0, position_overrides={"hidden": None, "output": ("span", 0.2)})
+    assert set(plan.positions) == {"attention_logits", "output"}
+    assert plan.positions["output"].rate == 0.2 and plan.compensation == "kl"
+
+
+def test_unknown_method_and_pattern_are_rejected():
+    with pytest.raises(ValueError, match="unknown dropout method"):
+        named_method("dropconnect", 0.1)
+    with pytest.raises(ValueError, match="unknown pattern"):
+        build_plan("none", 0.1, 0.0, position_overrides={"hidden": ("diagonal", None)})
+
+
+def test_model_without_transformer_layers_gets_a_clear_error():
+    model = tiny_model("bert", "classification")
+    model.config.num_hidden_layers = 99  # nothing in the model matches: as for an unknown layout
+    with pytest.raises(ModelError, match="cannot find the 99 transformer layers"):
+        instrument(model, named_method("hiddenkey", 0.1), seed=0)
+
+
+def test_output_and_input_positions_change_training_outputs_only():
+    model = tiny_model("llama")
+    plan = build_plan("none", 0.3, 0.0, position_overrides={"input": ("span", None), "output": ("element", None)})
+    instrument(model, plan, seed=0)
+    inputs = batch("llama", padded=False)
+    model.eval()
+    clean = model(**inputs).logits
+    model.train()
+    assert not torch.equal(model(**inputs).logits, clean)
