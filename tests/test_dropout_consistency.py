@@ -1,0 +1,126 @@
+"""The compensation losses against hand computations, and the trainer's use of them."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from hkft.dropout import consistency_loss, instrument, named_method
+from hkft.dropout.plan import build_plan
+from hkft.trainer import HkftTrainer
+from tiny_models import tiny_model
+
+
+def test_symmetric_kl_equals_hand_computation():
+    # P = softmax([0, ln 3]) = (1/4, 3/4); Q = softmax([0, 0]) = (1/2, 1/2)
+    p, q = (0.25, 0.75), (0.5, 0.5)
+    kl_pq = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    kl_qp = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    target = torch.tensor([[0.0, 0.0]])
+    got = consistency_loss("classification", logits, target)
+    assert got.item() == pytest.approx(0.5 * (kl_pq + kl_qp), rel=1e-6)
+    one_way = consistency_loss("classification", logits, target, symmetric=False)
+    assert one_way.item() == pytest.approx(kl_pq, rel=1e-6)
+
+
+def test_causal_lm_kl_counts_only_supervised_next_tokens():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
+    got = consistency_loss("causal-lm", logits, target, labels=labels)
+    rows = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    expected = 0.0
+    for b, t in rows:
+        lp, lq = torch.log_softmax(logits[b, t], -1), torch.log_softmax(target[b, t], -1)
+        expected += 0.5 * ((lp.exp() * (lp - lq)).sum() + (lq.exp() * (lq - lp)).sum()).item()
+    assert got.item() == pytest.approx(expected / len(rows), rel=1e-5)
+
+
+def test_regression_consistency_is_gaussian_kl():
+    got = consistency_loss("regression", torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.5]]))
+    assert got.item() == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)
+
+
+def test_accumulated_halves_equal_one_big_batch():
+    torch.manual_seed(1)
+    logits, target = torch.randn(8, 3), torch.randn(8, 3)
+    whole = consistency_loss("classification", logits, target)
+    halves = sum(consistency_loss("classification", logits[i : i + 4], target[i : i + 4], num_items=8) for i in (0, 4))
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def make_trainer(method: str, branches: str = "one", kl_weight: float = 1.0):
+    model = tiny_model("bert", "classification")
+    plan = build_plan(method, 0.2, kl_weight, branches=branches)
+    controller = instrument(model, plan, seed=0)
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 4, "attention_mask": [[1] * 4] * 4, "labels": [0, 1, 2, 0]})
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, per_device_train_batch_size=4)
+    trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task="classification")
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
+              "labels": torch.tensor([0, 1, 2, 0])}
+    return trainer, model, controller, inputs
+
+
+def count_grad_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    return calls
+
+
+@pytest.mark.parametrize("branches,expected", [("one", [True, False]), ("both", [True, True])])
+def test_kl_branches_build_graphs_only_where_asked(branches, expected):
+    trainer, model, _, inputs = make_trainer("hiddenkey", branches)
+    calls = count_grad_forwards(model)
+    model.train()
+    trainer.compute_loss(model, inputs)
+    assert calls == expected
+
+
+def test_one_branch_loss_equals_hand_computation_with_the_same_masks():
+    trainer, model, controller, inputs = make_trainer("hiddenkey", kl_weight=0.7)
+    model.train()
+    state = controller.state_dict()
+    loss = trainer.compute_loss(model, inputs)
+    controller.load_state_dict(state)
+    first = model(**inputs)
+    with torch.no_grad():
+        second = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    expected = first.loss + 0.7 * consistency_loss("classification", first.logits, second)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert trainer._logged_terms["kl_loss"][-1] > 0
+
+
+def test_js_target_is_the_pass_without_masks():
+    trainer, model, controller, inputs = make_trainer("hiddenkey")
+    trainer.dropout.plan = build_plan("hiddenkey", 0.2, 1.0, compensation="js")
+    model.train()
+    state = controller.state_dict()
+    loss = trainer.compute_loss(model, inputs)
+    controller.load_state_dict(state)
+    first = model(**inputs)
+    model.eval()
+    clean = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    expected = first.loss + consistency_loss("classification", first.logits, clean, symmetric=False)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_rescale_methods_use_the_plain_loss():
+    trainer, model, _, inputs = make_trainer("hiddenkey-")
+    calls = count_grad_forwards(model)
+    model.train()
+    trainer.compute_loss(model, inputs)
+    assert calls == [True]
+
+
+def test_dropout_rng_state_travels_with_checkpoints(tmp_path):
+    trainer, model, controller, inputs = make_trainer("hiddenkey")
+    model.train()
+    model(**inputs)
+    trainer._save_rng_state(str(tmp_path))
+    expected = model(**inputs).logits
+    model(**inputs)  # advance the stream further
+    trainer._load_rng_state(str(tmp_path))
+    assert torch.equal(model(**inputs).logits, expected)
