@@ -29,21 +29,23 @@ class HkftTrainer(Trainer):
         if not (model.training and plan.uses_consistency_loss):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        task_loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
         forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        if plan.compensation == "js":
-            with torch.no_grad(), self.dropout.paused():
-                target = model(**forward_inputs).logits
-            symmetric = False
-        elif plan.branches == "one":
-            # The paper's one-branch KL: the second pass is a target only, so it builds no graph.
-            with torch.no_grad():
-                target = model(**forward_inputs).logits
-            symmetric = True
-        else:
-            second_loss, second = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
-            task_loss = 0.5 * (task_loss + second_loss)
-            target, symmetric = second.logits, True
+        with self.dropout.shared_prefix() as replay:
+            task_loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
+            if plan.compensation == "js":
+                with torch.no_grad(), self.dropout.paused(), replay():
+                    target = model(**forward_inputs).logits
+                symmetric = False
+            elif plan.branches == "one":
+                # The paper's one-branch KL: the second pass is a target only, so it builds no graph.
+                with torch.no_grad(), replay():
+                    target = model(**forward_inputs).logits
+                symmetric = True
+            else:
+                with replay():
+                    second_loss, second = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
+                task_loss = 0.5 * (task_loss + second_loss)
+                target, symmetric = second.logits, True
 
         term = consistency_loss(
             self.task,

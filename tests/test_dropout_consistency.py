@@ -124,3 +124,45 @@ def test_dropout_rng_state_travels_with_checkpoints(tmp_path):
     model(**inputs)  # advance the stream further
     trainer._load_rng_state(str(tmp_path))
     assert torch.equal(model(**inputs).logits, expected)
+
+
+def decoder_trainer(branches: str, share: bool):
+    model = tiny_model("llama")
+    controller = instrument(model, build_plan("hiddenkey", 0.2, 1.0, branches=branches), seed=0)
+    if not share:
+        controller.prefix = []
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]], "attention_mask": [[1] * 4], "labels": [[5, 6, 7, 8]]})
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task="causal-lm")
+    return trainer, model, controller
+
+
+@pytest.mark.parametrize("branches", ["one", "both"])
+def test_shared_prefix_gives_the_same_loss_and_gradients(branches):
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].clone()
+    results = []
+    for share in (True, False):
+        trainer, model, controller = decoder_trainer(branches, share)
+        model.train()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((loss.detach(), grads, len(controller.prefix)))
+    (shared_loss, shared_grads, prefix), (plain_loss, plain_grads, _) = results
+    assert prefix == 2  # latter-half dropout in a 4-layer decoder: layers 0 and 1 are shared
+    assert torch.allclose(shared_loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_grads, plain_grads))
+
+
+def test_shared_prefix_skips_the_prefix_in_the_second_pass():
+    trainer, model, controller = decoder_trainer("one", share=True)
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append(0))
+    model.model.layers[3].mlp.register_forward_pre_hook(lambda m, a: calls.append(3))
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+              "labels": torch.tensor([[5, 6, 7, 8]])}
+    model.train()
+    trainer.compute_loss(model, inputs)
+    assert calls.count(0) == 1 and calls.count(3) == 2  # the shared layer computed once, the dropping one twice
+    assert "forward" not in vars(model.model.layers[0])  # the replay is undone

@@ -7,8 +7,8 @@ module is training and the controller is enabled, so eval mode is the plain mode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,7 @@ class DropoutController:
     sampler: MaskSampler
     enabled: bool = True
     layers: tuple[int, ...] = ()
+    prefix: list[nn.Module] = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
@@ -60,6 +61,38 @@ class DropoutController:
             yield
         finally:
             self.enabled = previous
+
+    @contextmanager
+    def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
+        """Compute the layers before the first dropping layer once for two forward passes.
+
+        With dropout confined to a decoder's latter half (the paper's setting), the first half is
+        deterministic and identical in both passes of the KL compensation. Inside this context the
+        first pass records the output of the last shared layer; the returned context manager
+        replays it in the second pass, whose shared layers then do no work. Gradients flow into
+        the shared layers from both passes when both build graphs.
+        """
+        if not self.prefix:
+            yield nullcontext
+            return
+        recorded: list = []
+        handle = self.prefix[-1].register_forward_hook(lambda module, args, output: recorded.append(output))
+
+        @contextmanager
+        def replay() -> Iterator[None]:
+            handle.remove()
+            for layer in self.prefix:
+                layer.forward = lambda *args, **kwargs: recorded[-1]
+            try:
+                yield
+            finally:
+                for layer in self.prefix:
+                    del layer.forward
+
+        try:
+            yield replay
+        finally:
+            handle.remove()
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -86,6 +119,14 @@ class DropoutController:
         }
 
 
+def shareable_prefix(model: nn.Module, plan: DropoutPlan) -> bool:
+    """The layers before the first dropping one are deterministic only if nothing else is random:
+    no input dropout, none of the model's own dropout, no LoRA dropout."""
+    if "input" in plan.active_positions or plan.model_dropout:
+        return False
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) -> DropoutController:
     """Apply ``plan`` to ``model`` (plain or peft-wrapped; wrap with LoRA first so hooks see the
     LoRA-adapted FFN output)."""
@@ -94,6 +135,8 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
     controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
     controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
     positions = plan.active_positions
+    if shareable_prefix(model, plan) and controller.layers:
+        controller.prefix = list(layers[: controller.layers[0]])
 
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
     if attention_position is not None:
