@@ -1,0 +1,1 @@
+"""Benchmarks for hkft's dropout configurations: `python -m bench --help`."""

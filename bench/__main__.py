@@ -1,0 +1,87 @@
+"""`python -m bench`: time and memory of every dropout configuration relative to plain peft LoRA."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bench.measure import Measurement
+from bench.run import DECODER_ONE_BRANCH_TARGET, EVAL_TARGETS, TRAIN_TARGETS, benchmark, llama_workload, minilm_workload
+
+app = typer.Typer(add_completion=False, help=__doc__)
+console = Console(width=150)
+
+
+def verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f"[green]<= {target:.2f}[/]" if ratio <= target else f"[red]> {target:.2f}[/]"
+
+
+def report(title: str, measurements: dict[str, Measurement], targets: dict, memory_label: str) -> tuple[Table, list[dict]]:
+    baseline_name = next(iter(measurements))
+    baseline = measurements[baseline_name]
+    table = Table(title=title)
+    for column in ("configuration", "step ms (median)", "time ratio", "target", f"{memory_label} ratio", "target", "tokens/s"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    rows = []
+    for name, measured in measurements.items():
+        time_ratio = measured.median / baseline.median
+        memory_ratio = measured.memory_bytes / baseline.memory_bytes if baseline.memory_bytes else float("nan")
+        time_target, memory_target = targets.get(name, (None, None))
+        table.add_row(
+            name, f"{measured.median * 1000:.1f}", f"{time_ratio:.2f}x", verdict(time_ratio, time_target),
+            f"{memory_ratio:.2f}x", verdict(memory_ratio, memory_target), f"{measured.tokens_per_second:,.0f}",
+        )
+        rows.append({
+            "configuration": name, "median_seconds": measured.median, "seconds": measured.seconds,
+            "time_ratio": time_ratio, "memory_bytes": measured.memory_bytes, "memory_ratio": memory_ratio,
+            "tokens_per_second": measured.tokens_per_second, "time_target": time_target, "memory_target": memory_target,
+        })
+    return table, rows
+
+
+@app.command()
+def main(
+    model: Annotated[str, typer.Option(help="minilm, llama or all")] = "all",
+    device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available)")] = "",
+    quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
+    warmup: Annotated[int, typer.Option(min=0)] = 2,
+    repeats: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=0, help="0 = 32 for MiniLM, 4 for the decoder")] = 0,
+    output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
+) -> None:
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    memory_label = "peak memory" if torch_device.type == "cuda" else "activations/weights"
+    workloads = []
+    if model in ("minilm", "all"):
+        workloads.append(minilm_workload(batch_size or 32, 128))
+    if model in ("llama", "all"):
+        workloads.append(llama_workload(batch_size or 4, 256, quantization))
+    results = {"device": str(torch_device), "torch": torch.__version__, "platform": platform.platform(),
+               "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "workloads": []}
+    for workload in workloads:
+        console.print(f"[bold]{workload.name}[/]: measuring ({warmup} warm-up + {repeats} interleaved rounds)...")
+        measured = benchmark(workload, torch_device, warmup, repeats)
+        train_targets = dict(TRAIN_TARGETS)
+        if workload.task == "causal-lm":
+            train_targets["hiddenkey KL one branch"] = (DECODER_ONE_BRANCH_TARGET, TRAIN_TARGETS["hiddenkey KL one branch"][1])
+        train_table, train_rows = report(f"{workload.name}: training step", measured["train"], train_targets, memory_label)
+        eval_table, eval_rows = report(f"{workload.name}: eval forward", measured["eval"], EVAL_TARGETS, memory_label)
+        console.print(train_table, eval_table)
+        results["workloads"].append({"name": workload.name, "batch": {k: list(v.shape) for k, v in workload.batch.items()},
+                                     "train": train_rows, "eval": eval_rows})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    console.print(f"results written to {output}")
+
+
+if __name__ == "__main__":
+    app()

