@@ -32,3 +32,9 @@ class TrainingError(HkftError):
     """Training cannot continue (non-finite loss, an existing run directory, ...)."""
 
     exit_code = 3
+
+
+class InterruptedRun(HkftError):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    exit_code = 130

@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
+from hkft.errors import TrainingError
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 
@@ -60,6 +61,16 @@ class HkftTrainer(Trainer):
         self._logged_terms["kl_loss"].append(term.detach().item())
         loss = task_loss + plan.kl_weight * term
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept",
+                "lower train.lr, keep train.max_grad_norm > 0, use bf16 instead of fp16, or check the data for empty or broken examples",
+            )
+        return loss
 
     def _loss_scale(self, num_items_in_batch: Any) -> int:
         """The Trainer multiplies a loss normalised by tokens across devices by the device count."""

@@ -1,0 +1,110 @@
+"""Task metrics for a trained model: one function used by `hkft train` (final numbers) and `hkft eval`.
+
+Logits never pile up in memory: classification keeps one predicted id per example (reduced per
+batch), causal LM keeps the mean loss and generates in its own batched loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import Trainer
+
+from hkft.config.schema import GenerationConfig
+from hkft.metrics import classification_metrics, generation_metrics, regression_metrics
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]]
+
+
+def compute_metrics_for(task: str):
+    """The Trainer's compute_metrics for a task (predictions arrive already reduced per batch)."""
+
+    def compute(eval_prediction) -> dict[str, float]:
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        if task == "classification":
+            return classification_metrics(np.asarray(predictions), np.asarray(labels))
+        return regression_metrics(np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1))
+
+    return compute
+
+
+def reduce_logits_for(task: str):
+    """Per-batch reduction so evaluation stores one number per example, not a row of logits."""
+
+    def reduce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return logits.argmax(dim=-1) if task == "classification" else logits.squeeze(-1)
+
+    return reduce
+
+
+def evaluate_model(
+    trainer: Trainer,
+    dataset: Dataset,
+    task: str,
+    *,
+    label_names: list[str] | None = None,
+    raw: Dataset | None = None,
+    generation: GenerationConfig | None = None,
+    tokenizer=None,
+) -> EvalOutcome:
+    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split."""
+    output = trainer.predict(dataset, metric_key_prefix="eval")
+    metrics = {key.removeprefix("eval_"): float(value) for key, value in output.metrics.items() if _is_metric(key)}
+    if task == "causal-lm":
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        predictions: list[dict[str, Any]] = []
+        if raw is not None and generation is not None:
+            texts = generate(trainer.model, tokenizer, raw["prompt_text"], generation, trainer.args.per_device_eval_batch_size)
+            prompts, references = raw["prompt_text"][: len(texts)], raw["reference"][: len(texts)]
+            metrics.update(generation_metrics(texts, references))
+            predictions = [{"prompt": p, "prediction": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
+        return EvalOutcome(metrics, predictions)
+    values = np.asarray(output.predictions).reshape(-1)
+    labels = np.asarray(output.label_ids).reshape(-1)
+    if task == "classification" and label_names:
+        rows = [{"prediction": label_names[int(p)], "label": label_names[int(t)]} for p, t in zip(values, labels)]
+    else:
+        rows = [{"prediction": float(p), "label": float(t)} for p, t in zip(values, labels)]
+    return EvalOutcome(metrics, rows)
+
+
+def _is_metric(key: str) -> bool:
+    return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second"))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int) -> list[str]:
+    """Batched generation with left padding; returns only the newly generated text."""
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    limit = settings.max_examples or len(prompts)
+    try:
+        for start in range(0, min(limit, len(prompts)), batch_size):
+            chunk = prompts[start : min(start + batch_size, limit)]
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            generated = model.generate(
+                **encoded,
+                max_new_tokens=settings.max_new_tokens,
+                num_beams=settings.num_beams,
+                length_penalty=settings.length_penalty,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs

@@ -1,0 +1,296 @@
+"""The train and eval recipes, readable top to bottom.
+
+train: seed -> data -> base model -> LoRA -> dropout plan -> Trainer -> adapter -> final metrics.
+eval:  adapter + sidecar -> base model -> data with the training label map -> metrics + predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+import hkft
+from hkft.config import HkftConfig, load_config
+from hkft.config.schema import DropoutConfig
+from hkft.data import make_collator, prepare_data
+from hkft.dropout import DropoutPlan, build_plan, instrument
+from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
+from hkft.evaluation import EvalOutcome, compute_metrics_for, evaluate_model, reduce_logits_for
+from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
+from hkft.metrics import MAIN_METRIC
+from hkft.modeling import (
+    base_fingerprint,
+    build_lora_model,
+    check_quantization_supported,
+    ensure_pad_token,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from hkft.interrupts import StopOnSignal
+from hkft.progress import ProgressCallback
+from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
+from hkft.trainer import HkftTrainer
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, float]
+    eval_path: Path
+    predictions_path: Path
+
+
+def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
+    overrides = {
+        name: None if position is None else (position.pattern, position.rate)
+        for name, position in dropout.positions.items()
+    }
+    try:
+        return build_plan(
+            dropout.method,
+            dropout.rate,
+            dropout.kl_weight,
+            compensation=dropout.compensation,
+            branches=dropout.branches,
+            layers=dropout.layers,
+            position_overrides=overrides,
+        )
+    except ValueError as err:
+        raise ConfigError(f"dropout: {err}") from None
+
+
+def mixed_precision(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision {precision} needs a GPU", "use train.precision=fp32 (or auto) on a CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
+    train, task = cfg.train, cfg.model.task
+    strategy = train.eval_strategy if has_eval else "no"
+    metric = train.metric_for_best or MAIN_METRIC[task]
+    distributed = {}
+    if cfg.distributed.strategy == "fsdp":
+        distributed["fsdp"] = cfg.distributed.fsdp
+    elif cfg.distributed.strategy == "deepspeed":
+        if not cfg.distributed.deepspeed_config:
+            raise ConfigError("distributed.strategy deepspeed needs distributed.deepspeed_config (a JSON file)")
+        distributed["deepspeed"] = cfg.distributed.deepspeed_config
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        logging_dir=str(run.tb_dir),
+        report_to=list(cfg.output.report_to),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.lr,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size or train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio,
+        lr_scheduler_type=train.scheduler,
+        max_grad_norm=train.max_grad_norm,
+        label_smoothing_factor=train.label_smoothing,
+        seed=train.seed,
+        full_determinism=train.deterministic,
+        eval_strategy=strategy,
+        eval_steps=train.eval_steps,
+        save_strategy=strategy if strategy != "no" else "epoch",
+        save_steps=train.eval_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=strategy != "no",
+        metric_for_best_model=metric if strategy != "no" else None,
+        greater_is_better=metric != "loss",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        disable_tqdm=True,
+        prediction_loss_only=task == "causal-lm",
+        group_by_length=cfg.data.group_by_length,
+        dataloader_num_workers=train.num_workers,
+        gradient_checkpointing=False,  # peft-aware checkpointing is enabled in build_lora_model
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        **mixed_precision(train.precision),
+        **distributed,
+    )
+
+
+def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
+    task = cfg.model.task
+    has_eval = cfg.train.eval_strategy != "no"  # a validation split always exists (held out if not given)
+    args = training_arguments(cfg, run, has_eval)
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
+
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    check_quantization_supported(cfg.model, model_path)
+    tokenizer = load_tokenizer(model_path, task)
+    data = prepare_data(cfg, tokenizer)
+    if data.train is None or len(data.train) == 0:
+        raise DataError("data.train has no examples")
+    num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
+    base = load_base_model(cfg.model, model_path, num_labels)
+    notice = ensure_pad_token(base, tokenizer)
+    if notice:
+        console.print(f"[yellow]{notice}[/]")
+    model = build_lora_model(
+        base, cfg.lora, task, quantized=cfg.model.quantization != "none", gradient_checkpointing=cfg.train.gradient_checkpointing
+    )
+    plan = plan_from_config(cfg.dropout)
+    controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
+
+    stopper = StopOnSignal()
+    callbacks = [ProgressCallback(run.metrics_jsonl, console), stopper]
+    if cfg.train.early_stopping_patience and has_eval:
+        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    trainer = HkftTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation if has_eval else None,
+        data_collator=make_collator(task, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
+        preprocess_logits_for_metrics=None if task == "causal-lm" else reduce_logits_for(task),
+        callbacks=callbacks,
+        dropout=controller,
+        task=task,
+    )
+    checkpoint = latest_checkpoint(run) if resume else None
+    with stopper:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.received:
+        raise InterruptedRun(
+            f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
+            "continue with the same command and --resume",
+        )
+
+    split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
+    outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
+    metrics = {"split": split, **outcome.metrics}
+    if trainer.is_world_process_zero():
+        save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
+        atomic_write_json(run.metrics_json, {"train": trainer.state.log_history[-1], "eval": metrics})
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+
+
+def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+    dataset = getattr(data, split)
+    if dataset is None:
+        return EvalOutcome({}, [])
+    return evaluate_model(
+        trainer,
+        dataset,
+        cfg.model.task,
+        label_names=data.label_names,
+        raw=getattr(data, f"raw_{split}", None) if cfg.eval.generate else None,
+        generation=cfg.eval.generation,
+        tokenizer=tokenizer,
+    )
+
+
+def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controller) -> dict:
+    """hkft's own facts about the adapter; adapter_config.json stays pure peft."""
+    return {
+        "hkft_version": hkft.__version__,
+        "task": cfg.model.task,
+        "label_names": label_names,
+        "num_labels": num_labels,
+        "base_model": cfg.model.name,
+        "base_fingerprint": base_fingerprint(model_path),
+        "model": cfg.model.model_dump(mode="json"),
+        "dropout": controller.describe(),
+        "data": {"max_length": cfg.data.max_length, "template": cfg.data.template},
+    }
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict) -> None:
+    with atomic_dir(adapter_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_sidecar(staging, facts)
+
+
+def run_config_for(adapter_dir: Path) -> Path | None:
+    candidate = adapter_dir.parent / "hkft_config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def evaluate(target: Path, *, data: str | None, split: str, overrides: list[str], console: Console) -> EvalResult:
+    adapter_dir = find_adapter_dir(target)
+    facts = read_sidecar(adapter_dir)
+    config_path = run_config_for(adapter_dir)
+    if config_path is None:
+        raise ConfigError(f"{adapter_dir}: no hkft_config.yaml beside the adapter", "evaluate a run directory made by hkft train")
+    cfg = load_config(config_path, overrides)
+    if data is not None:
+        setattr(cfg.data, split, data)
+    task = cfg.model.task
+
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    if facts.get("base_fingerprint") and base_fingerprint(model_path) != facts["base_fingerprint"]:
+        raise ModelError(
+            f"the base model at {model_path} is not the one {adapter_dir} was trained on (its config.json changed)",
+            "point model.name at the original base model",
+        )
+    tokenizer = load_tokenizer(str(adapter_dir), task)
+    prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
+    if getattr(prepared, split) is None:
+        raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
+    base = load_base_model(cfg.model, model_path, facts.get("num_labels"))
+    ensure_pad_token(base, tokenizer)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+
+    root = adapter_dir.parent
+    args = TrainingArguments(
+        output_dir=str(root / "checkpoints"),
+        report_to=[],
+        per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        disable_tqdm=True,
+        prediction_loss_only=task == "causal-lm",
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=make_collator(task, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
+        preprocess_logits_for_metrics=None if task == "causal-lm" else reduce_logits_for(task),
+    )
+    outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
+    eval_path, predictions_path = root / "eval.json", root / "predictions.jsonl"
+    report = {
+        "split": split,
+        "data": str(getattr(cfg.data, split)),
+        "metrics": outcome.metrics,
+        "implementations": metric_implementations(task),
+        "generation": cfg.eval.generation.model_dump() if task == "causal-lm" else None,
+    }
+    atomic_write_json(eval_path, report)
+    atomic_write_text(predictions_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.predictions))
+    return EvalResult(outcome.metrics, eval_path, predictions_path)
+
+
+def metric_implementations(task: str) -> dict[str, str]:
+    if task == "classification":
+        return {"accuracy": "sklearn.metrics.accuracy_score", "macro_f1": "sklearn.metrics.f1_score(average='macro')",
+                "mcc": "sklearn.metrics.matthews_corrcoef"}
+    if task == "regression":
+        return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
+    return {"loss": "token-level cross-entropy on completion tokens", "perplexity": "exp(loss)",
+            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure"}
