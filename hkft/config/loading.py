@@ -30,7 +30,8 @@ def resolve_preset_path(preset: str) -> Path:
     if shipped.is_file():
         return shipped
     names = [p.stem for p in sorted(presets_dir().glob("*.yaml"))]
-    hint = _did_you_mean(path.stem, names) or f"shipped presets: {', '.join(names)}"
+    suggestion = _did_you_mean(path.stem, names)
+    hint = f"did you mean {suggestion}?" if suggestion else f"shipped presets: {', '.join(names)}"
     raise ConfigError(f"{preset}: no such preset file", hint)
 
 
