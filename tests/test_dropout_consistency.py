@@ -166,3 +166,45 @@ def test_shared_prefix_skips_the_prefix_in_the_second_pass():
     trainer.compute_loss(model, inputs)
     assert calls.count(0) == 1 and calls.count(3) == 2  # the shared layer computed once, the dropping one twice
     assert "forward" not in vars(model.model.layers[0])  # the replay is undone
+
+
+def reference_kl(a: torch.Tensor, b: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Plain autograd: log-softmax, KL per row, summed."""
+    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl_pq = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl_qp = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return (0.5 * (kl_pq + kl_qp) if symmetric else kl_pq).sum()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("target_grad", [True, False])
+def test_chunked_kl_gradients_match_autograd(monkeypatch, symmetric, target_grad):
+    import hkft.dropout.consistency as consistency
+
+    monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 40)  # several chunks of 4 rows
+    torch.manual_seed(3)
+    logits = torch.randn(2, 9, 11, requires_grad=True)
+    target = torch.randn(2, 9, 11, requires_grad=target_grad)
+    labels = torch.randint(0, 11, (2, 9))
+    labels[0, :4] = -100
+    loss = consistency.consistency_loss("causal-lm", logits, target, labels=labels, symmetric=symmetric, num_items=7)
+    loss.backward()
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_target = target.detach().clone().requires_grad_(target_grad)
+    supervised = labels[:, 1:] != -100
+    expected = reference_kl(ref_logits[:, :-1][supervised], ref_target[:, :-1][supervised], symmetric) / 7
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+    if target_grad:
+        assert torch.allclose(target.grad, ref_target.grad, atol=1e-6)
+    else:
+        assert target.grad is None
+
+
+def test_one_branch_kl_sends_no_gradient_to_the_target():
+    logits = torch.randn(4, 3, requires_grad=True)
+    target = torch.randn(4, 3, requires_grad=True)
+    consistency_loss("classification", logits, target.detach()).backward()
+    assert logits.grad is not None and target.grad is None
