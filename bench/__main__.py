@@ -67,6 +67,7 @@ def main(
     quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
     warmup: Annotated[int, typer.Option(min=0)] = 2,
     repeats: Annotated[int, typer.Option(min=1)] = 10,
+    vocab: Annotated[int, typer.Option(min=16, help="decoder vocabulary (sets the LM head's share of compute)")] = 8192,
     batch_size: Annotated[int, typer.Option(min=0, help="0 = 32 for MiniLM, 4 for the decoder")] = 0,
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
@@ -77,7 +78,7 @@ def main(
     if model in ("minilm", "all"):
         workloads.append(minilm_workload(batch_size or 32, 128))
     if model in ("llama", "all"):
-        workloads.append(llama_workload(batch_size or 4, 256, quantization))
+        workloads.append(llama_workload(batch_size or 4, 256, quantization, vocab))
     results = {"device": str(torch_device), "torch": torch.__version__, "platform": platform.platform(),
                "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "workloads": []}
     for workload in workloads:
