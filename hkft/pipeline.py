@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from rich.console import Console
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from torch.utils.tensorboard import SummaryWriter
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 
 import hkft
 from hkft.config import HkftConfig, load_config
@@ -93,8 +95,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         distributed["deepspeed"] = cfg.distributed.deepspeed_config
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
-        logging_dir=str(run.tb_dir),
-        report_to=list(cfg.output.report_to),
+        report_to=[target for target in cfg.output.report_to if target != "tensorboard"],
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
         learning_rate=train.lr,
@@ -111,7 +112,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         eval_strategy=strategy,
         eval_steps=train.eval_steps,
         save_strategy=strategy if strategy != "no" else "epoch",
-        save_steps=train.eval_steps,
+        save_steps=train.eval_steps or 500,
         save_total_limit=train.save_total_limit,
         load_best_model_at_end=strategy != "no",
         metric_for_best_model=metric if strategy != "no" else None,
@@ -120,7 +121,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         logging_first_step=True,
         disable_tqdm=True,
         prediction_loss_only=task == "causal-lm",
-        group_by_length=cfg.data.group_by_length,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         dataloader_num_workers=train.num_workers,
         gradient_checkpointing=False,  # peft-aware checkpointing is enabled in build_lora_model
         use_cpu=not torch.cuda.is_available(),
@@ -155,6 +156,8 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
 
     stopper = StopOnSignal()
     callbacks = [ProgressCallback(run.metrics_jsonl, console), stopper]
+    if "tensorboard" in cfg.output.report_to and args.process_index == 0:
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     trainer = HkftTrainer(
@@ -170,6 +173,7 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
         dropout=controller,
         task=task,
     )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
     checkpoint = latest_checkpoint(run) if resume else None
     with stopper:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -230,13 +234,16 @@ def run_config_for(adapter_dir: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def evaluate(target: Path, *, data: str | None, split: str, overrides: list[str], console: Console) -> EvalResult:
+def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     config_path = run_config_for(adapter_dir)
     if config_path is None:
         raise ConfigError(f"{adapter_dir}: no hkft_config.yaml beside the adapter", "evaluate a run directory made by hkft train")
     cfg = load_config(config_path, overrides)
+    split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
+    if split not in ("validation", "test", "train"):
+        raise ConfigError(f"--split {split!r}: choose validation, test or train")
     if data is not None:
         setattr(cfg.data, split, data)
     task = cfg.model.task

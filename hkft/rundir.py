@@ -1,0 +1,167 @@
+"""The run directory: everything a run wrote, enough to evaluate, merge, resume or reproduce it.
+
+```
+runs/<name>/
+  hkft_config.yaml    resolved config; `hkft train runs/<name>/hkft_config.yaml` reproduces the run
+  run_info.json       command line, seed, versions, device, start time
+  adapter/            peft adapter (adapter_config.json, adapter_model.safetensors), tokenizer,
+                      hkft_adapter.json (hkft's sidecar: task, labels, base model, dropout)
+  checkpoints/checkpoint-<step>/   Trainer checkpoints (optimizer, scheduler, RNG, mask generator)
+  metrics.jsonl       one JSON object per log or eval event
+  metrics.json        final metrics
+  curves.png          training loss and eval metric against steps
+  tb/                 TensorBoard event files
+  eval.json, predictions.jsonl   written by `hkft eval`
+```
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hkft.config import HkftConfig, config_to_yaml
+from hkft.errors import ModelError, TrainingError
+from hkft.io import atomic_write_json, atomic_write_text
+
+SIDECAR = "hkft_adapter.json"
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("output.", "eval.", "train.logging_steps", "train.epochs", "train.max_steps", "train.num_workers",
+                     "train.early_stopping_patience", "description")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "hkft_config.yaml"
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "run_info.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.root / "tb"
+
+
+def default_run_dir(cfg: HkftConfig, preset_path: Path) -> Path:
+    return Path(cfg.output.dir) if cfg.output.dir else Path("runs") / preset_path.stem
+
+
+def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
+    run = RunDir(Path(root))
+    holds_run = run.root.is_dir() and any(run.root.iterdir())
+    if resume:
+        if latest_checkpoint(run) is None:
+            raise TrainingError(f"{run.root} has no checkpoint to resume from", "drop --resume to start a new run")
+    elif holds_run:
+        if not overwrite:
+            raise TrainingError(
+                f"{run.root} already holds a run", "use --resume to continue it, --overwrite to replace it, or --output-dir"
+            )
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "adapter_model.safetensors").is_file()
+
+
+def latest_checkpoint(run: RunDir) -> Path | None:
+    candidates = sorted(
+        (p for p in run.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in candidates if checkpoint_is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def save_run_config(run: RunDir, cfg: HkftConfig, argv: list[str], environment: dict[str, str]) -> None:
+    atomic_write_text(run.config_path, config_to_yaml(cfg))
+    info = {"argv": argv, "seed": cfg.train.seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment}
+    atomic_write_json(run.info_path, info)
+
+
+def check_resume_compatible(saved: HkftConfig, new: HkftConfig) -> None:
+    """Resuming with a different model, data or method would silently mix two runs: refuse."""
+    old_flat, new_flat = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if key.startswith(RESUMABLE_CHANGES) or old_flat.get(key) == new_flat.get(key):
+            continue
+        raise TrainingError(
+            f"cannot resume: {key} was {old_flat.get(key)!r} in the interrupted run and is {new_flat.get(key)!r} now",
+            "resume with the run's own hkft_config.yaml, or start a new run with --overwrite",
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): data}
+
+
+def read_saved_config(run: RunDir) -> dict[str, Any]:
+    return yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
+
+
+def find_adapter_dir(target: Path) -> Path:
+    target = Path(target)
+    for candidate in (target, target / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ModelError(
+        f"{target} has no LoRA adapter (expected adapter_config.json in {target} or {target / 'adapter'})",
+        "point at a run directory made by hkft train, or at its adapter/ folder",
+    )
+
+
+def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / SIDECAR
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ModelError(f"{path} is not valid JSON", "the adapter directory is damaged; re-run training") from None
+
+
+def write_sidecar(adapter_dir: Path, data: dict[str, Any]) -> None:
+    atomic_write_json(adapter_dir / SIDECAR, data)
