@@ -79,7 +79,7 @@ def evaluate_model(
 
 
 def _is_metric(key: str) -> bool:
-    return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second"))
+    return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time"))
 
 
 @torch.no_grad()

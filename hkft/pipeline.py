@@ -123,7 +123,6 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         prediction_loss_only=task == "causal-lm",
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         dataloader_num_workers=train.num_workers,
-        gradient_checkpointing=False,  # peft-aware checkpointing is enabled in build_lora_model
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         **mixed_precision(train.precision),
