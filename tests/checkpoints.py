@@ -46,6 +46,9 @@ def save_tiny_model(arch: str, directory: Path, texts: list[str], *, with_pad: b
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id if with_pad else None
+    # Random weights at the usual 0.02 scale give a frozen LM head that cannot express a peaked
+    # distribution after the final norm; a larger scale stands in for pretrained weights.
+    config.initializer_range = 0.3
     model = AutoModelForCausalLM.from_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
