@@ -37,7 +37,7 @@ def word_tokenizer(texts: list[str], with_pad: bool = True) -> PreTrainedTokeniz
     return tokenizer
 
 
-def save_tiny_model(arch: str, directory: Path, texts: list[str], *, with_pad: bool = True) -> Path:
+def save_tiny_model(arch: str, directory: Path, texts: list[str], *, with_pad: bool = True, **config_overrides) -> Path:
     """A random tiny model of ``arch`` with a tokenizer that covers ``texts``, saved like a hub checkpoint."""
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +49,8 @@ def save_tiny_model(arch: str, directory: Path, texts: list[str], *, with_pad: b
     # Random weights at the usual 0.02 scale give a frozen LM head that cannot express a peaked
     # distribution after the final norm; a larger scale stands in for pretrained weights.
     config.initializer_range = 0.3
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
