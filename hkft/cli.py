@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
@@ -38,15 +39,29 @@ ExtraOverrides = Annotated[
 ]
 
 
+def quiet_libraries() -> None:
+    """hkft draws its own progress; library bars and warnings would bury it (and stderr is for errors)."""
+    import logging
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def user_errors(command: Callable) -> Callable:
     """HkftError -> `error: ...` on stderr and its exit code; Ctrl-C -> exit 130. Bugs keep their traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            quiet_libraries()
             return command(*args, **kwargs)
         except HkftError as err:
-            errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             errors.print("[bold red]interrupted[/]", markup=True)

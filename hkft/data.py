@@ -58,6 +58,8 @@ def _describe(source: str | HubSource) -> str:
 def _load_local(path: Path) -> Dataset:
     if not path.exists():
         raise DataError(f"data file {path} does not exist", "check data.train / data.validation / data.test")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file", "point data.* at a .jsonl, .json, .csv or .parquet file")
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_FORMATS)}")

@@ -151,7 +151,10 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
         base, cfg.lora, task, quantized=cfg.model.quantization != "none", gradient_checkpointing=cfg.train.gradient_checkpointing
     )
     plan = plan_from_config(cfg.dropout)
-    controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
+    try:
+        controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
+    except ValueError as err:
+        raise ConfigError(f"dropout: {err}") from None
 
     stopper = StopOnSignal()
     callbacks = [ProgressCallback(run.metrics_jsonl, console), stopper]
@@ -261,9 +264,9 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
     ensure_pad_token(base, tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
 
-    root = adapter_dir.parent
+    run = RunDir(adapter_dir.parent)
     args = TrainingArguments(
-        output_dir=str(root / "checkpoints"),
+        output_dir=str(run.checkpoints_dir),
         report_to=[],
         per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
         disable_tqdm=True,
@@ -279,7 +282,7 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         preprocess_logits_for_metrics=None if task == "causal-lm" else reduce_logits_for(task),
     )
     outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
-    eval_path, predictions_path = root / "eval.json", root / "predictions.jsonl"
+    eval_path, predictions_path = run.eval_json, run.predictions_jsonl
     report = {
         "split": split,
         "data": str(getattr(cfg.data, split)),

@@ -72,25 +72,47 @@ class RunDir:
     def tb_dir(self) -> Path:
         return self.root / "tb"
 
+    @property
+    def eval_json(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def predictions_jsonl(self) -> Path:
+        return self.root / "predictions.jsonl"
+
 
 def default_run_dir(cfg: HkftConfig, preset_path: Path) -> Path:
     return Path(cfg.output.dir) if cfg.output.dir else Path("runs") / preset_path.stem
 
 
+def holds_run(run: RunDir) -> bool:
+    """Results or checkpoints exist. A directory left by a start that failed before training
+    (say, a missing data file) holds only its config and is reused."""
+    return run.adapter_dir.exists() or run.metrics_json.exists() or any(run.checkpoints_dir.glob("checkpoint-*"))
+
+
 def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
     run = RunDir(Path(root))
-    holds_run = run.root.is_dir() and any(run.root.iterdir())
     if resume:
         if latest_checkpoint(run) is None:
             raise TrainingError(f"{run.root} has no checkpoint to resume from", "drop --resume to start a new run")
-    elif holds_run:
+    elif holds_run(run):
         if not overwrite:
             raise TrainingError(
                 f"{run.root} already holds a run", "use --resume to continue it, --overwrite to replace it, or --output-dir"
             )
-        shutil.rmtree(run.root)
+        remove_run_files(run)
     run.root.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def remove_run_files(run: RunDir) -> None:
+    """Only what hkft writes: --overwrite on a directory that holds other files keeps them."""
+    for path in (run.adapter_dir, run.checkpoints_dir, run.tb_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (run.config_path, run.info_path, run.metrics_json, run.metrics_jsonl, run.curves_png,
+                 run.eval_json, run.predictions_jsonl):
+        path.unlink(missing_ok=True)
 
 
 def checkpoint_is_complete(path: Path) -> bool:
