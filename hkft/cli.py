@@ -104,7 +104,7 @@ def train(
         cfg.output.dir = str(output_dir)
     root = default_run_dir(cfg, resolve_preset_path(preset))
     if dry_run:
-        console.print(config_to_yaml(cfg), highlight=False, markup=False)
+        console.print(config_to_yaml(cfg), highlight=False, markup=False, soft_wrap=True)
         console.print(summary({"run directory": root, "effective batch size": cfg.train.batch_size * cfg.train.grad_accum,
                                **{f"dropout {k}": v for k, v in describe_plan(cfg).items()}}, "plan"))
         return
@@ -176,7 +176,7 @@ def config(preset: Annotated[str, typer.Argument(help="A preset file or shipped 
            extra: ExtraOverrides = None, overrides: Overrides = None) -> None:
     """Validate a preset and print the fully resolved config (no model is loaded)."""
     cfg = load_config(preset, [*(overrides or []), *(extra or [])])
-    console.print(config_to_yaml(cfg), highlight=False, markup=False)
+    console.print(config_to_yaml(cfg), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

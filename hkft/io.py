@@ -1,6 +1,8 @@
 """Atomic file output: write beside the target under a temporary name, then rename.
 
 A crash (or a full disk) mid-write leaves the previous file intact and no partial file behind.
+Temporary names start with ``.tmp-`` and live in the target's directory, so the final rename never
+crosses a file system.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import errno
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,57 +29,76 @@ class DiskFullError(HkftError):
 def _explain(path: Path, err: OSError) -> HkftError:
     if err.errno == errno.ENOSPC:
         return DiskFullError(f"no space left on the device while writing {path}", "free some disk space; nothing was overwritten")
-    return HkftError(f"cannot write {path} ({err.strerror or err})")
+    return HkftError(f"cannot write {path} ({err.strerror or err})", "check that the directory exists and is writable")
+
+
+def _temp_beside(path: Path) -> Path:
+    """A fresh name in the same directory (created by the caller, so the umask applies, unlike mkstemp's 0600)."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    temp = _temp_beside(path)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with temp.open("x", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
     except OSError as err:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise _explain(path, err) from None
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One JSON object per line; a line is written whole with a single write call."""
+def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
+    """One JSON object per line, written whole with a single write and flushed, so readers never see half a line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as stream:
-        stream.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as stream:
+            stream.write(line)
+            stream.flush()
+    except OSError as err:
+        raise _explain(path, err) from None
 
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a staging directory that replaces ``final`` only once everything in it is written."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + final.name + "-", dir=final.parent))
+    staging = _temp_beside(final)
     try:
+        staging.mkdir(parents=True)
         yield staging
-        if final.exists():
-            retired = final.with_name(f"{TEMP_PREFIX}old-{final.name}-{os.getpid()}")
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        _swap_in(staging, final)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise _explain(final, err) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Two renames when ``final`` exists; if the second fails the old ``final`` is put back."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    retired = _temp_beside(final)
+    os.replace(final, retired)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        os.replace(retired, final)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

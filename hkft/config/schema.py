@@ -153,6 +153,12 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0)
     num_workers: int = Field(0, ge=0)
 
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_a_string(cls, value: object) -> object:
+        """YAML 1.1 reads a bare `no` as false."""
+        return "no" if value is False else value
+
     @model_validator(mode="after")
     def _steps_need_eval_steps(self) -> TrainConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
