@@ -125,6 +125,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         dataloader_num_workers=train.num_workers,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        ddp_backend=None if torch.cuda.is_available() else "gloo",
         **mixed_precision(train.precision),
         **distributed,
     )
@@ -139,7 +140,8 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
-    data = prepare_data(cfg, tokenizer)
+    with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
+        data = prepare_data(cfg, tokenizer)
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
