@@ -2,4 +2,5 @@
 
 from hkft.cli import app
 
-app(prog_name="hkft")
+if __name__ == "__main__":
+    app(prog_name="hkft")

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import hkft
 from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
+from hkft.config.loading import read_yaml_mapping
 from hkft.errors import HkftError
-from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, prepare_run_dir, save_run_config
+from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
+
+# Set before any command imports transformers: accelerate imports bitsandbytes, whose CPU backend
+# logs a warning about optional kernels on import, and stderr is reserved for hkft's one-line errors.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="hkft",
-    help="LoRA and QLoRA finetuning with HiddenKey and the unified dropout framework.",
+    help="LoRA and QLoRA finetuning of Hugging Face models with HiddenKey and the unified dropout framework.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,168 +36,213 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+RUN_PANEL = "Train and use adapters"
+INSPECT_PANEL = "Inspect"
+
 Overrides = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a preset key, e.g. --set lora.r=16 (repeatable).", show_default=False),
+    typer.Option("--set", "-s", help="Override a preset key, e.g. [bold]--set lora.r=16[/] (repeatable).", show_default=False),
 ]
 ExtraOverrides = Annotated[
-    list[str] | None, typer.Argument(help="More overrides as key=value (torchtune style).", show_default=False)
+    list[str] | None,
+    typer.Argument(metavar="KEY=VALUE", help="More overrides as key=value, e.g. train.lr=1e-4 (torchtune style).", show_default=False),
 ]
+Preset = Annotated[
+    str, typer.Argument(metavar="PRESET", help="A preset file, or the name of a shipped preset (see [bold]hkft presets[/]).")
+]
+Target = Annotated[
+    Path, typer.Argument(metavar="RUN_OR_ADAPTER_DIR", help="A run directory made by hkft train, or its adapter/ folder.")
+]
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """HkftError -> `error: ...` on stderr and its exit code; Ctrl-C -> exit 130. Bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except HkftError as err:
+            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            errors.print("[bold red]error:[/] interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def quiet_libraries() -> None:
     """hkft draws its own progress; library bars and warnings would bury it (and stderr is for errors)."""
-    import logging
-
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def user_errors(command: Callable) -> Callable:
-    """HkftError -> `error: ...` on stderr and its exit code; Ctrl-C -> exit 130. Bugs keep their traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            quiet_libraries()
-            return command(*args, **kwargs)
-        except HkftError as err:
-            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            errors.print("[bold red]interrupted[/]", markup=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a single process) owns the run directory."""
     return os.environ.get("RANK", "0") == "0"
 
 
-def describe_plan(cfg: HkftConfig) -> dict[str, Any]:
+def print_table(rows: dict[str, Any], title: str, columns: tuple[str, str] = ("metric", "value")) -> None:
+    # Imported here: hkft.progress pulls in transformers (seconds), and `hkft config` / `hkft presets` stay instant.
+    from hkft.progress import summary_table
+
+    console.print(summary_table(rows, title, columns=columns))
+
+
+def print_yaml(cfg: HkftConfig) -> None:
+    """Plain stdout, never wrapped, so `hkft config x > resolved.yaml` is a valid preset."""
+    typer.echo(config_to_yaml(cfg), nl=False)
+
+
+def run_facts(cfg: HkftConfig, root: Path) -> dict[str, Any]:
+    """What --dry-run adds to the config: derived values a reader would otherwise work out by hand."""
     from hkft.pipeline import plan_from_config
 
     plan = plan_from_config(cfg.dropout)
+    lora = cfg.lora
+    scaling = lora.alpha / lora.r**0.5 if lora.use_rslora else lora.alpha / lora.r
+    run = RunDir(root)
+    state = "holds a run (needs --resume or --overwrite)" if holds_run(run) else "new"
+    compensation = plan.compensation
+    if plan.uses_consistency_loss:
+        compensation += f" (weight {plan.kl_weight:g}, {plan.branches} branch)"
     return {
-        "positions": {name: f"{drop.pattern}, p={drop.rate:g}" for name, drop in plan.active_positions.items()} or "none",
-        "compensation": plan.compensation + (f" (weight {plan.kl_weight:g}, {plan.branches} branch)" if plan.uses_consistency_loss else ""),
-        "layers": plan.layers if plan.layers != "auto" else "auto (latter half of a decoder, all of an encoder)",
+        "run directory": f"{root} ({state})",
+        "task": cfg.model.task,
+        "effective batch size": cfg.train.batch_size * cfg.train.grad_accum,
+        "lora scaling": scaling,
+        "dropout positions": ", ".join(f"{name}: {drop.pattern} p={drop.rate:g}" for name, drop in plan.active_positions.items())
+        or "none",
+        "dropout compensation": compensation,
+        "dropout layers": plan.layers if plan.layers != "auto" else "auto (latter half of a decoder, all of an encoder)",
         "model's own dropout": plan.model_dropout or 0.0,
     }
 
 
-@app.command()
+def start_run(cfg: HkftConfig, root: Path, *, resume: bool, overwrite: bool) -> RunDir:
+    if not is_main_process():
+        return RunDir(root)
+    run = prepare_run_dir(root, resume=resume, overwrite=overwrite)
+    if resume and run.config_path.is_file():
+        check_resume_compatible(load_config(run.config_path), cfg)
+    save_run_config(run, cfg, sys.argv)
+    return run
+
+
+@app.command(rich_help_panel=RUN_PANEL)
 @user_errors
 def train(
-    preset: Annotated[str, typer.Argument(help="A preset file, or the name of a shipped preset (see `hkft presets`).")],
+    preset: Preset,
     extra: ExtraOverrides = None,
     overrides: Overrides = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Run directory (default: output.dir or runs/<preset>).")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run directory (default: output.dir, else runs/<preset name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in the run directory from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and plan, then exit without loading a model.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in the run directory.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and derived facts, then exit; loads no model.")] = False,
 ) -> None:
-    """Finetune a model with LoRA and the preset's dropout method."""
-    all_overrides = [*(overrides or []), *(extra or [])]
-    cfg = load_config(preset, all_overrides)
-    if output_dir is not None:
-        cfg.output.dir = str(output_dir)
-    root = default_run_dir(cfg, resolve_preset_path(preset))
-    if dry_run:
-        console.print(config_to_yaml(cfg), highlight=False, markup=False, soft_wrap=True)
-        console.print(summary({"run directory": root, "effective batch size": cfg.train.batch_size * cfg.train.grad_accum,
-                               **{f"dropout {k}": v for k, v in describe_plan(cfg).items()}}, "plan"))
-        return
-    if resume and RunDir(root).config_path.is_file():
-        check_resume_compatible(load_config(RunDir(root).config_path), cfg)
-    if is_main_process():
-        from hkft.envinfo import environment_report
+    """Finetune a model with LoRA and the preset's dropout method; the adapter lands in RUN_DIR/adapter.
 
-        run = prepare_run_dir(root, resume=resume, overwrite=overwrite)
-        save_run_config(run, cfg, sys.argv, environment_report())
-    else:
-        run = RunDir(root)
+    [dim]Example: hkft train quickstart --set lora.r=16 train.epochs=2[/]
+    """
+    cfg = load_config(preset, [*(overrides or []), *(extra or [])])
+    root = output_dir if output_dir is not None else default_run_dir(cfg, resolve_preset_path(preset))
+    cfg.output.dir = str(root)
+    if dry_run:
+        print_yaml(cfg)
+        print_table(run_facts(cfg, root), "derived (dry run: nothing loaded, nothing written)", ("fact", "value"))
+        return
+    quiet_libraries()
+    run = start_run(cfg, root, resume=resume, overwrite=overwrite)
 
     from hkft.pipeline import train as run_training
 
     result = run_training(cfg, run, resume=resume, console=console)
     if is_main_process():
-        console.print(summary({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}"))
+        print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel=RUN_PANEL)
 @user_errors
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A run directory (or its adapter/ folder).")],
+    target: Target,
     data: Annotated[str | None, typer.Option(help="Evaluate on this file or hub:ID[:CONFIG][:SPLIT] instead.")] = None,
-    split: Annotated[str | None, typer.Option(help="validation or test (default: the preset's eval.split).")] = None,
+    split: Annotated[str | None, typer.Option(help="validation, test or train (default: the run's eval.split).")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Metrics of a trained adapter; writes eval.json and predictions.jsonl beside it."""
+    """Score a trained adapter; writes eval.json and predictions.jsonl into the run directory."""
+    quiet_libraries()
     from hkft.pipeline import evaluate as run_evaluation
 
     result = run_evaluation(target, data=data, split=split, overrides=overrides or [], console=console)
-    console.print(summary({**result.metrics, "eval.json": str(result.eval_path), "predictions": str(result.predictions_path)},
-                          f"hkft eval: {target}"))
+    rows = {**result.metrics, "eval.json": str(result.eval_path), "predictions": str(result.predictions_path)}
+    print_table(rows, f"hkft eval: {target}")
 
 
-@app.command("merge-adapter")
+@app.command("merge-adapter", rich_help_panel=RUN_PANEL)
 @user_errors
 def merge_adapter(
-    target: Annotated[Path, typer.Argument(help="A run directory (or its adapter/ folder).")],
-    output: Annotated[Path, typer.Option(help="Directory for the standalone merged model.")],
+    target: Target,
+    output: Annotated[Path, typer.Option(help="Directory for the standalone merged model.", show_default=False)],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
-    """Merge the adapter into a full-precision copy of its base model and save it for plain transformers."""
+    """Merge the adapter into a full-precision copy of its base model, loadable by plain transformers."""
+    quiet_libraries()
     from hkft.merge import merge_adapter as merge
 
     report = merge(target, output, dtype=dtype, overwrite=overwrite)
-    console.print(summary({"output": str(report.output_dir), "dtype": report.dtype,
-                           "max |logit difference| vs adapter": report.max_abs_diff}, "hkft merge-adapter"))
+    rows = {"output": str(report.output_dir), "dtype": report.dtype, "max |Δlogit| vs adapter": report.max_abs_diff}
+    print_table(rows, "hkft merge-adapter")
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT_PANEL)
 @user_errors
 def presets() -> None:
     """List the shipped presets."""
-    table = Table(title=f"presets in {presets_dir()}")
+    table = Table(title=f"presets in {presets_dir()}", header_style="bold")
     table.add_column("name")
     table.add_column("description")
     for path in sorted(presets_dir().glob("*.yaml")):
-        description = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("description", "")
-        table.add_row(path.stem, description)
+        table.add_row(escape(path.stem), escape(preset_description(path)))
     console.print(table)
 
 
-@app.command()
+def preset_description(path: Path) -> str:
+    try:
+        return str(read_yaml_mapping(path).get("description", ""))
+    except HkftError as err:
+        return f"(unreadable: {err})"
+
+
+@app.command(rich_help_panel=INSPECT_PANEL)
 @user_errors
-def config(preset: Annotated[str, typer.Argument(help="A preset file or shipped preset name.")],
-           extra: ExtraOverrides = None, overrides: Overrides = None) -> None:
-    """Validate a preset and print the fully resolved config (no model is loaded)."""
-    cfg = load_config(preset, [*(overrides or []), *(extra or [])])
-    console.print(config_to_yaml(cfg), highlight=False, markup=False, soft_wrap=True)
+def config(preset: Preset, extra: ExtraOverrides = None, overrides: Overrides = None) -> None:
+    """Validate a preset with its overrides and print the fully resolved YAML (offline, no model load)."""
+    print_yaml(load_config(preset, [*(overrides or []), *(extra or [])]))
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT_PANEL)
 @user_errors
 def env() -> None:
     """Versions, device and bitsandbytes support, for bug reports."""
     from hkft.envinfo import environment_report
 
-    console.print(summary(environment_report(), "hkft env"))
+    print_table(environment_report(), "hkft env", ("component", "version / status"))
 
 
-def summary(rows: dict[str, Any], title: str) -> Table:
-    table = Table(title=title, header_style="bold")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    return table
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hkft {hkft.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """LoRA and QLoRA finetuning of Hugging Face models with HiddenKey and the unified dropout framework."""

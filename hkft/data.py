@@ -1,19 +1,23 @@
 """Datasets for the three tasks: load (local files or the hub), check, tokenise once (cached), collate.
 
-Tokenisation goes through `Dataset.map`, whose fingerprint covers the data, the tokenizer and every
-setting the map function closes over, so a cache is reused exactly when nothing changed.
-Padding is dynamic (per batch, in the collator).
+Tokenisation goes through `Dataset.map`, whose fingerprint hashes the input dataset (for a local
+file: its path and modification time) and the map function with everything it closes over: the
+tokenizer, the columns, the template, max_length and the label map. The cache is therefore reused
+exactly when none of those changed. Padding is dynamic (per batch, in the collator).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import Dataset
+from datasets.exceptions import DatasetGenerationError
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from hkft.config.schema import DataConfig, HkftConfig, HubSource
@@ -34,71 +38,104 @@ class PreparedData:
     raw_test: Dataset | None = None
 
 
+# --- loading ---------------------------------------------------------------------------------------
+
 def parse_hub_spec(spec: str) -> HubSource:
-    """``hub:ID[:CONFIG][:SPLIT]``, e.g. ``hub:nyu-mll/glue:rte:validation``."""
-    parts = spec.removeprefix("hub:").split(":")
-    if not parts[0] or len(parts) > 3:
+    """``hub:ID[:CONFIG][:SPLIT]``, e.g. ``hub:nyu-mll/glue:rte:validation`` (SPLIT may be a slice, ``train[:10%]``)."""
+    parts = spec.removeprefix("hub:").split(":", 2)
+    if not parts[0] or (len(parts) == 3 and not parts[2]):
         raise DataError(f"{spec!r} is not a hub dataset spec", "write hub:ID[:CONFIG][:SPLIT], e.g. hub:nyu-mll/glue:rte:train")
-    return HubSource(hub=parts[0], config=parts[1] if len(parts) > 1 and parts[1] else None, split=parts[2] if len(parts) > 2 else "train")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    return HubSource(hub=parts[0], config=config, split=parts[2] if len(parts) == 3 else "train")
 
 
 def load_source(source: str | HubSource) -> Dataset:
+    """A local .jsonl/.json/.csv/.parquet file, a ``hub:`` spec string, or a HubSource."""
     if isinstance(source, str) and source.startswith("hub:"):
         source = parse_hub_spec(source)
     dataset = _load_hub(source) if isinstance(source, HubSource) else _load_local(Path(source))
     if len(dataset) == 0:
-        raise DataError(f"{_describe(source)} has no examples", "check the file or the split name")
+        raise DataError(f"{describe_source(source)} has no examples", "check the file or the split name")
     return dataset
 
 
-def _describe(source: str | HubSource) -> str:
-    return source if isinstance(source, str) else f"hub:{source.hub}:{source.config or ''}:{source.split}"
+def describe_source(source: str | HubSource) -> str:
+    if isinstance(source, str):
+        return source
+    return ":".join(["hub", source.hub, *([source.config] if source.config else []), source.split])
+
+
+@contextmanager
+def _datasets_silenced() -> Iterator[None]:
+    """datasets logs a failed read before raising; the DataError raised instead says it once."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_local(path: Path) -> Dataset:
     if not path.exists():
         raise DataError(f"data file {path} does not exist", "check data.train / data.validation / data.test")
     if not path.is_file():
-        raise DataError(f"{path} is not a file", "point data.* at a .jsonl, .json, .csv or .parquet file")
+        raise DataError(f"{path} is not a file", f"point data.* at a {', '.join(LOCAL_FORMATS)} file")
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_FORMATS)}")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: cannot read the file (permission denied)")
-    if builder != "parquet":
-        _check_utf8(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty", "add examples to the file")
+    if builder != "parquet":
+        _require_utf8(path)  # pyarrow's JSON reader stores invalid bytes and fails only when they are read
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # datasets raises many types for malformed files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format") from None
+        with _datasets_silenced():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
+        raise _local_load_error(path, builder, err) from None
 
 
-def _check_utf8(path: Path) -> None:
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}: line {number} is not UTF-8 text (byte {err.start})",
-                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
-                ) from None
+def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
+    if "corresponds to no data" in str(err):
+        return DataError(f"{path} has no examples", "add examples to the file")
+    cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+    if isinstance(cause, PermissionError):
+        return DataError(f"{path}: cannot read the file (permission denied)", "check its permissions")
+    first_line = next(iter(str(cause).strip().splitlines()), "") or type(cause).__name__
+    return DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format")
+
+
+def _require_utf8(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}: line {number} is not UTF-8 text (byte {err.start + 1} of the line)",
+                        "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+                    ) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})", "check its permissions") from None
 
 
 def _load_hub(source: HubSource) -> Dataset:
     try:
-        return datasets.load_dataset(source.hub, source.config, split=source.split)
-    except Exception as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        reason = "the hub is offline here" if offline else str(err).strip().splitlines()[0][:200]
+        with _datasets_silenced():
+            return datasets.load_dataset(source.hub, source.config, split=source.split)
+    except ConnectionError:
         raise DataError(
-            f"cannot load hub dataset {_describe(source)}: {reason}",
-            "it needs network once (then it is cached), or point data.* at a local file",
+            f"cannot load hub dataset {describe_source(source)}: the hub cannot be reached (offline mode or no network)",
+            "it needs network once to download it (then it is cached), or point data.* at a local copy",
         ) from None
+    except Exception as err:  # unknown id, config or split: datasets' own message names the choices
+        first_line = next(iter(str(err).strip().splitlines()), "") or type(err).__name__
+        raise DataError(f"cannot load hub dataset {describe_source(source)}: {first_line[:300]}") from None
 
+
+# --- checks ------------------------------------------------------------------------------------------
 
 def render_prompt(template: str, example: dict) -> str:
     try:
@@ -108,6 +145,8 @@ def render_prompt(template: str, example: dict) -> str:
             f"data.template {template!r} uses field {err.args[0]!r}, which the data does not have",
             f"available fields: {', '.join(example)}",
         ) from None
+    except (IndexError, ValueError) as err:
+        raise DataError(f"data.template {template!r} is not a valid template ({err})", "name fields in braces: {prompt}") from None
 
 
 def _require_columns(dataset: Dataset, columns: list[str], split: str) -> None:
@@ -119,6 +158,13 @@ def _require_columns(dataset: Dataset, columns: list[str], split: str) -> None:
         )
 
 
+def _require_values(dataset: Dataset, columns: list[str], split: str) -> None:
+    for column in columns:
+        row = next((index for index, value in enumerate(dataset[column]) if value is None), None)
+        if row is not None:
+            raise DataError(f"{split} data: row {row} has no value in column {column!r}", "fill it in or drop the row")
+
+
 def label_names_from(dataset: Dataset, column: str) -> list[str]:
     """Sorted label values as strings: numerically when every label is an integer."""
     values = {str(value) for value in dataset[column]}
@@ -127,66 +173,136 @@ def label_names_from(dataset: Dataset, column: str) -> list[str]:
     return sorted(values)
 
 
-def _classification_features(data: DataConfig, tokenizer, label_names: list[str] | None, split: str):
-    columns = data.text_columns
-    index = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
+def _check_known_labels(dataset: Dataset, column: str, label_names: list[str], split: str) -> None:
+    known = set(label_names)
+    unknown = next((value for value in dataset[column] if str(value) not in known), None)
+    if unknown is not None:
+        raise DataError(
+            f"{split} data has label {unknown!r}, which training never saw",
+            f"labels seen in training: {', '.join(label_names)}",
+        )
+
+
+def _check_numeric_labels(dataset: Dataset, column: str, split: str) -> None:
+    try:
+        np.asarray(dataset[column], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DataError(f"{split} data: regression labels must be numbers", f"column {column!r} holds other values") from None
+
+
+# --- tokenisation --------------------------------------------------------------------------------
+
+def _with_length(features: dict, with_length: bool) -> dict:
+    if with_length:
+        features["length"] = [len(ids) for ids in features["input_ids"]]
+    return features
+
+
+def _classification_encoder(tokenizer, text_columns: list[str], max_length: int, label_column: str,
+                            label_index: dict[str, int] | None, with_length: bool) -> Callable[[dict], dict]:
+    """``label_index`` maps labels to class ids; None means regression (float32 targets)."""
 
     def encode(batch: dict) -> dict:
-        texts = [batch[column] for column in columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=data.max_length)
-        if index is not None:
-            labels = []
-            for value in batch[data.label_column]:
-                if str(value) not in index:
-                    raise DataError(
-                        f"{split} data has label {value!r}, which training never saw",
-                        f"labels seen in training: {', '.join(label_names)}",
-                    )
-                labels.append(index[str(value)])
+        features = dict(tokenizer(*(batch[column] for column in text_columns), truncation=True, max_length=max_length))
+        labels = batch[label_column]
+        if label_index is None:
+            features["labels"] = np.asarray(labels, dtype=np.float32)
         else:
-            try:
-                labels = [float(value) for value in batch[data.label_column]]
-            except (TypeError, ValueError):
-                raise DataError(f"{split} data: regression labels must be numbers", f"column {data.label_column!r}") from None
-        encoded["labels"] = labels
-        return encoded
+            features["labels"] = [label_index[str(label)] for label in labels]
+        return _with_length(features, with_length)
 
     return encode
 
 
-def _causal_features(data: DataConfig, tokenizer, prompted: bool):
-    eos = tokenizer.eos_token or ""
+def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _causal_features(input_ids: list[list[int]], labels: list[list[int]], with_length: bool) -> dict:
+    features = {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+    return _with_length(features, with_length)
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _prompted_encoder(tokenizer, template: str, completion_column: str, max_length: int,
+                      with_length: bool) -> Callable[[dict], dict]:
+    """Prompt and completion are tokenised apart, so the prompt's tokens are exactly those the model
+    sees at generation time; only completion tokens (and EOS) carry a loss."""
+    eos = _eos_ids(tokenizer)
 
     def encode(batch: dict) -> dict:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        input_ids, attention, labels = [], [], []
-        for row in rows:
-            if prompted:
-                prompt = tokenizer(render_prompt(data.template, row), add_special_tokens=True)["input_ids"]
-                completion = tokenizer(str(row[data.completion_column]) + eos, add_special_tokens=False)["input_ids"]
-                ids = (prompt + completion)[: data.max_length]
-                target = ([IGNORE_INDEX] * len(prompt) + completion)[: data.max_length]
-            else:
-                ids = tokenizer(str(row[data.text_columns[0]]) + eos, truncation=True, max_length=data.max_length)["input_ids"]
-                target = list(ids)
-            input_ids.append(ids)
-            attention.append([1] * len(ids))
-            labels.append(target)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        prompts = tokenizer([render_prompt(template, row) for row in _rows(batch)])["input_ids"]
+        completions = tokenizer([str(text) for text in batch[completion_column]], add_special_tokens=False)["input_ids"]
+        input_ids = [(prompt + completion + eos)[:max_length] for prompt, completion in zip(prompts, completions)]
+        labels = [([IGNORE_INDEX] * len(prompt) + completion + eos)[:max_length] for prompt, completion in zip(prompts, completions)]
+        return _causal_features(input_ids, labels, with_length)
 
     return encode
 
 
-def _with_generation_columns(raw: Dataset, data: DataConfig) -> Dataset:
-    """Prompts with all their references (E2E lists one row per reference): one row per prompt."""
+def _text_encoder(tokenizer, text_column: str, max_length: int, with_length: bool) -> Callable[[dict], dict]:
+    eos = _eos_ids(tokenizer)
+
+    def encode(batch: dict) -> dict:
+        input_ids = [(ids + eos)[:max_length] for ids in tokenizer([str(text) for text in batch[text_column]])["input_ids"]]
+        return _causal_features(input_ids, [list(ids) for ids in input_ids], with_length)
+
+    return encode
+
+
+def _generation_set(raw: Dataset, template: str, completion_column: str) -> Dataset:
+    """One row per rendered prompt with all its references (E2E lists one row per reference)."""
     grouped: dict[str, list[str]] = {}
     for row in raw:
-        grouped.setdefault(render_prompt(data.template, row), []).append(str(row[data.completion_column]))
+        grouped.setdefault(render_prompt(template, row), []).append(str(row[completion_column]))
     return Dataset.from_dict({"prompt_text": list(grouped), "reference": list(grouped.values())})
 
 
-def _select(dataset: Dataset, limit: int | None) -> Dataset:
+# --- the whole preparation -----------------------------------------------------------------------
+
+def _first(dataset: Dataset, limit: int | None) -> Dataset:
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def _hold_out(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    try:
+        parts = train.train_test_split(test_size=share, seed=seed)
+    except ValueError:
+        raise DataError(
+            f"data.train has {len(train)} examples, too few to hold out data.validation_split={share}",
+            "give data.validation or more training data",
+        ) from None
+    return parts["train"], parts["test"]
+
+
+def _load_splits(cfg: HkftConfig, splits: Sequence[str]) -> dict[str, Dataset]:
+    data = cfg.data
+    raw = {split: _first(load_source(getattr(data, split)), data.max_samples) for split in splits if getattr(data, split) is not None}
+    if "train" in raw and "validation" in splits and "validation" not in raw:
+        raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
+    return raw
+
+
+def _is_prompted(raw: dict[str, Dataset], data: DataConfig) -> bool:
+    return all({data.prompt_column, data.completion_column} <= set(dataset.column_names) for dataset in raw.values())
+
+
+def _causal_encoder(data: DataConfig, tokenizer, prompted: bool) -> Callable[[dict], dict]:
+    if prompted:
+        return _prompted_encoder(tokenizer, data.template, data.completion_column, data.max_length, data.group_by_length)
+    return _text_encoder(tokenizer, data.text_columns[0], data.max_length, data.group_by_length)
+
+
+def _build_label_names(raw: dict[str, Dataset], column: str) -> list[str]:
+    if "train" not in raw:
+        raise DataError("classification needs the training labels to build the label map", "set data.train")
+    names = label_names_from(raw["train"], column)
+    if len(names) < 2:
+        raise DataError(f"the training data has a single label ({names[0]!r})", "classification needs at least two")
+    return names
 
 
 def prepare_data(
@@ -195,53 +311,53 @@ def prepare_data(
     label_names: list[str] | None = None,
     splits: Sequence[str] = SPLITS,
 ) -> PreparedData:
+    """Tokenised splits (unpadded) with ``labels``; ``label_names`` is passed in at eval time (the
+    saved label map) and built from the training labels otherwise."""
     data, task = cfg.data, cfg.model.task
-    raw = {split: _select(load_source(getattr(data, split)), data.max_samples) for split in splits if getattr(data, split) is not None}
-    if "train" in splits and "validation" in splits and "validation" not in raw and "train" in raw:
-        held_out = raw["train"].train_test_split(test_size=data.validation_split, seed=cfg.train.seed)
-        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
-
-    prompted = task == "causal-lm" and all(
-        data.prompt_column in dataset.column_names and data.completion_column in dataset.column_names for dataset in raw.values()
-    )
+    raw = _load_splits(cfg, splits)
+    prompted = task == "causal-lm" and _is_prompted(raw, data)
+    if task == "causal-lm":
+        needed = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
+    else:
+        needed = [*data.text_columns, data.label_column]
     for split, dataset in raw.items():
-        if task == "causal-lm":
-            _require_columns(dataset, [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1], split)
-        else:
-            _require_columns(dataset, [*data.text_columns, data.label_column], split)
+        _require_columns(dataset, needed, split)
+        _require_values(dataset, needed, split)
 
-    if task == "classification" and label_names is None:
-        if "train" not in raw:
-            raise DataError("classification needs the training labels to build the label map")
-        label_names = label_names_from(raw["train"], data.label_column)
-        if len(label_names) < 2:
-            raise DataError(f"the training data has a single label ({label_names[0]!r})", "classification needs at least two")
+    if task == "classification":
+        label_names = label_names if label_names is not None else _build_label_names(raw, data.label_column)
+        for split, dataset in raw.items():
+            _check_known_labels(dataset, data.label_column, label_names, split)
+        encode = _classification_encoder(tokenizer, data.text_columns, data.max_length, data.label_column,
+                                         {name: index for index, name in enumerate(label_names)}, data.group_by_length)
+    elif task == "regression":
+        label_names = None
+        for split, dataset in raw.items():
+            _check_numeric_labels(dataset, data.label_column, split)
+        encode = _classification_encoder(tokenizer, data.text_columns, data.max_length, data.label_column, None, data.group_by_length)
+    else:
+        label_names = None
+        encode = _causal_encoder(data, tokenizer, prompted)
 
-    tokenized = {}
-    for split, dataset in raw.items():
-        if task == "causal-lm":
-            encode = _causal_features(data, tokenizer, prompted)
-        else:
-            encode = _classification_features(data, tokenizer, label_names if task == "classification" else None, split)
-        features = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenising {split}")
-        if data.group_by_length:
-            features = features.map(lambda row: {"length": len(row["input_ids"])})
-        tokenized[split] = features
-
+    tokenised = {
+        split: dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenising {split}")
+        for split, dataset in raw.items()
+    }
     generation = {}
-    if task == "causal-lm" and prompted:
-        generation = {split: _with_generation_columns(raw[split], data) for split in ("validation", "test") if split in raw}
+    if prompted:
+        generation = {split: _generation_set(raw[split], data.template, data.completion_column) for split in ("validation", "test") if split in raw}
     return PreparedData(
-        train=tokenized.get("train"),
-        validation=tokenized.get("validation"),
-        test=tokenized.get("test"),
-        label_names=label_names if task == "classification" else None,
+        train=tokenised.get("train"),
+        validation=tokenised.get("validation"),
+        test=tokenised.get("test"),
+        label_names=label_names,
         raw_validation=generation.get("validation"),
         raw_test=generation.get("test"),
     )
 
 
 def make_collator(task: str, tokenizer: PreTrainedTokenizerBase) -> Callable:
+    """Dynamic padding; causal-LM labels are padded with IGNORE_INDEX so padding carries no loss."""
     if task == "causal-lm":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     return DataCollatorWithPadding(tokenizer)

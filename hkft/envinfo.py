@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import logging
 import platform
 
 import torch
@@ -19,32 +21,43 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def device_summary() -> str:
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        count = torch.cuda.device_count()
-        return f"cuda x{count}: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
-    return "cpu only (no CUDA device visible; in Docker, run with --gpus all)"
+def cuda_report() -> dict[str, str]:
+    if not torch.cuda.is_available():
+        return {"cuda available": "no (cpu only; in Docker, run with --gpus all)"}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "cuda available": f"yes, {torch.cuda.device_count()} device(s)",
+        "cuda version": str(torch.version.cuda),
+        "gpu": f"{props.name}, {props.total_memory / 2**30:.1f} GiB",
+        "bf16 supported": "yes" if torch.cuda.is_bf16_supported() else "no",
+    }
 
 
 def bitsandbytes_support() -> str:
-    if package_version("bitsandbytes") == "not installed":
+    """Quantizes a small tensor with the backend bitsandbytes picked, rather than trusting the install."""
+    if importlib.util.find_spec("bitsandbytes") is None:
         return "not installed: 4/8-bit bases need pip install 'hkft[gpu]'"
-    if torch.cuda.is_available():
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about optional CPU kernels on import
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as err:  # a broken native library surfaces as any exception type
+        return f"installed but cannot run on {device}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    if device == "cuda":
         return "CUDA backend: 4-bit and 8-bit bases"
-    return "CPU backend: 4-bit and 8-bit Linear layers run, slowly; QLoRA proper needs a GPU"
+    return "CPU backend: 4-bit and 8-bit layers run, slowly; QLoRA proper needs a GPU"
 
 
 def environment_report() -> dict[str, str]:
-    report = {
+    return {
         "hkft": hkft.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "device": device_summary(),
-        "bf16 on GPU": str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
-        "attention kernel": "sdpa (torch.nn.functional.scaled_dot_product_attention)",
+        **cuda_report(),
+        **{name: package_version(name) for name in PACKAGES},
+        "bitsandbytes support": bitsandbytes_support(),
+        "attention kernel": "sdpa (model.attn_implementation; attention-weight dropout builds the matrix itself)",
     }
-    report.update({name: package_version(name) for name in PACKAGES})
-    report["bitsandbytes support"] = bitsandbytes_support()
-    return report

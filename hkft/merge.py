@@ -20,8 +20,11 @@ from hkft.io import atomic_dir
 from hkft.modeling import DTYPES, base_fingerprint, ensure_pad_token, load_base_model, load_tokenizer, resolve_model_path
 from hkft.rundir import find_adapter_dir, read_sidecar
 
-CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.", "A third, shorter one.")
-# Largest acceptable |logit difference| between the merged and the adapter model.
+CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
+               "A third, shorter one.")
+# Largest acceptable |logit difference| between the merged and the adapter model, per unit of the
+# largest |logit| (at least 1): a 7B model's vocabulary logits of ~20 carry proportionally larger
+# rounding differences than a classifier's logits of ~1.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
@@ -38,44 +41,82 @@ def _model_config(adapter_dir: Path, facts: dict) -> ModelConfig:
         return ModelConfig.model_validate({**facts["model"], "quantization": "none"})
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     task = "causal-lm" if peft_config.get("task_type") == "CAUSAL_LM" else "classification"
-    return ModelConfig(name=peft_config["base_model_name_or_path"], task=task)
+    return ModelConfig(name=facts.get("base_model") or peft_config["base_model_name_or_path"], task=task)
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool, keep: list[Path]) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ModelError(f"{output_dir} exists and is not a directory", "choose another --output")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ModelError(f"{output_dir} already exists and is not empty", "choose another --output or pass --overwrite")
+    for path in keep:
+        if path.resolve().is_relative_to(output_dir.resolve()):
+            raise ModelError(f"--output {output_dir} would replace {path}", "choose an output directory outside it")
 
 
 @torch.no_grad()
-def _logits(model, tokenizer, texts) -> torch.Tensor:
+def _logits(model, encoded) -> torch.Tensor:
+    """Classifier logits, or a causal LM's logits at the real (unpadded) positions."""
     model.eval()
-    encoded = tokenizer(list(texts), return_tensors="pt", padding=True)
-    return model(**encoded.to(next(model.parameters()).device)).logits.float()
+    logits = model(**encoded.to(next(model.parameters()).device)).logits.float().cpu()
+    return logits[encoded["attention_mask"].bool().cpu()] if logits.dim() == 3 else logits
 
 
-def merge_adapter(target: Path, output_dir: Path, dtype: str = "float32", *, overwrite: bool = False) -> MergeReport:
+def merge_adapter(
+    adapter_dir: Path,
+    output_dir: Path,
+    dtype: str = "float32",
+    check_inputs: list[str] | None = None,
+    tolerance: float | None = None,
+    *,
+    overwrite: bool = False,
+) -> MergeReport:
+    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not supported", f"choose one of {', '.join(DTYPES)}")
-    adapter_dir = find_adapter_dir(Path(target))
+    adapter_dir = find_adapter_dir(Path(adapter_dir))
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ModelError(f"{output_dir} already exists and is not empty", "choose another --output or pass --overwrite")
     facts = read_sidecar(adapter_dir)
     cfg = _model_config(adapter_dir, facts)
     base_path = resolve_model_path(cfg.name, cfg.revision)
+    local_base = [Path(base_path)] if Path(base_path).is_dir() else []
+    _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     if facts.get("base_fingerprint") and base_fingerprint(base_path) != facts["base_fingerprint"]:
-        raise ModelError(f"the base model at {base_path} is not the one {adapter_dir} was trained on (its config.json changed)")
+        raise ModelError(
+            f"the base model at {base_path} is not the one {adapter_dir} was trained on (its config.json changed)",
+            "merge with the original base model",
+        )
 
-    tokenizer = load_tokenizer(str(adapter_dir), cfg.task)
+    model, tokenizer = _load_adapter_model(adapter_dir, cfg, facts, base_path)
+    texts = list(check_inputs or CHECK_TEXTS)
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    expected = _logits(model, encoded)
+    merged = model.merge_and_unload(safe_merge=True).to(DTYPES[dtype])
+    difference = (_logits(merged, encoded) - expected).abs().max().item()
+    limit = tolerance if tolerance is not None else TOLERANCE[DTYPES[dtype]] * max(1.0, expected.abs().max().item())
+    if not difference <= limit:
+        raise ModelError(
+            f"the merged model differs from the adapter model by {difference:.3g} (tolerance {limit:.3g})",
+            "nothing was written" + ("; merge with --dtype float32" if dtype != "float32" else ""),
+        )
+
+    with atomic_dir(output_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return MergeReport(output_dir, difference, dtype)
+
+
+def _load_adapter_model(adapter_dir: Path, cfg: ModelConfig, facts: dict, base_path: str):
+    """The adapter on a float32 copy of its base, with the tokenizer saved beside it (else the base's)."""
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base_path, cfg.task)
     base = load_base_model(cfg, base_path, facts.get("num_labels"), full_precision=True, dtype=torch.float32)
     ensure_pad_token(base, tokenizer)
     if facts.get("label_names"):
         base.config.id2label = dict(enumerate(facts["label_names"]))
         base.config.label2id = {name: index for index, name in enumerate(facts["label_names"])}
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    expected = _logits(model, tokenizer, CHECK_TEXTS)
-    merged = model.merge_and_unload().to(DTYPES[dtype])
-    difference = (_logits(merged, tokenizer, CHECK_TEXTS) - expected).abs().max().item()
-    tolerance = TOLERANCE[DTYPES[dtype]]
-    if not difference <= tolerance:
-        raise ModelError(f"the merged model differs from the adapter model by {difference:.3g} (tolerance {tolerance:g})")
-
-    with atomic_dir(output_dir) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-    return MergeReport(output_dir, difference, dtype)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0][:300]
+        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line}") from None

@@ -1,30 +1,40 @@
-"""Task metrics from standard implementations (scikit-learn, SciPy, sacrebleu) plus ROUGE-L."""
+"""Task metrics from standard implementations: scikit-learn, SciPy, sacrebleu and rouge-score."""
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import sacrebleu
+import torch
+from rouge_score import rouge_scorer
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-# The metric that picks the best checkpoint, and whether larger is better.
+# The metric that picks the best checkpoint for each task.
 MAIN_METRIC = {"classification": "accuracy", "regression": "pearson", "causal-lm": "loss"}
+LOWER_IS_BETTER = frozenset({"loss", "mse", "perplexity"})
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric.removeprefix("eval_") not in LOWER_IS_BETTER
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predictions)),
-    }
+    """MCC is 0 for constant predictions; sklearn's warnings about one-class inputs are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "accuracy": float(accuracy_score(labels, predictions)),
+            "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+            "mcc": float(matthews_corrcoef(labels, predictions)),
+        }
 
 
 def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman are 0 (not NaN) when either side is constant."""
+    """Pearson and Spearman are 0 (not NaN, and without a warning) when either side is constant."""
     predictions, labels = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     constant = np.ptp(predictions) == 0 or np.ptp(labels) == 0
     with warnings.catch_warnings():
@@ -35,46 +45,40 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
 
 
 def perplexity(mean_loss: float) -> float:
-    return math.exp(mean_loss)
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F-measure on lower-cased alphanumeric tokens (the rouge-score package's convention)."""
-    hyp, ref = _tokens(hypothesis), _tokens(reference)
-    if not hyp or not ref:
-        return 0.0
-    lcs = _lcs_length(hyp, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(hyp), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return math.inf
 
 
 def generation_metrics(hypotheses: list[str], references: list[list[str]] | list[str]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu) and ROUGE-L (best reference per example, averaged), both 0-100.
+    """Corpus BLEU (sacrebleu) and ROUGE-L F-measure (best reference per example, averaged), both 0-100.
 
     ``references`` holds one string or a list of strings per hypothesis (E2E has several).
     """
     per_example = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
     if len(per_example) != len(hypotheses):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(per_example)} references")
-    depth = max((len(refs) for refs in per_example), default=1)
-    # sacrebleu wants one stream per reference position; pad short lists with their first reference.
-    streams = [[refs[i] if i < len(refs) else refs[0] for refs in per_example] for i in range(depth)]
-    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score if hypotheses else 0.0
-    rouge = [max(rouge_l(hyp, ref) for ref in refs) for hyp, refs in zip(hypotheses, per_example)]
-    return {"bleu": float(bleu), "rouge_l": 100.0 * float(np.mean(rouge)) if rouge else 0.0}
+    if not hypotheses:
+        return {"bleu": 0.0, "rouge_l": 0.0}
+    depth = max(len(refs) for refs in per_example)
+    # sacrebleu takes one stream per reference position; None marks a missing reference.
+    streams = [[refs[i] if i < len(refs) else None for refs in per_example] for i in range(depth)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score_multi(refs, hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, per_example)]
+    return {"bleu": float(bleu), "rouge_l": 100.0 * float(np.mean(rouge))}
+
+
+def preprocess_logits_for_metrics(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The Trainer's per-batch reduction, so evaluation keeps one value per example instead of every
+    logit: class ids for classification, the squeezed score for regression, nothing for causal LM
+    (which is scored by its loss and by generation)."""
+    if task == "causal-lm":
+        return None
+
+    def reduce(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return logits.argmax(dim=-1) if task == "classification" else logits.squeeze(-1)
+
+    return reduce

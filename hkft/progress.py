@@ -1,41 +1,69 @@
-"""Training progress on the console (a rich bar on a terminal, plain lines in logs) and metrics.jsonl."""
+"""Training progress on the console (a rich bar on a terminal, plain timestamped lines in logs),
+every log and eval event in metrics.jsonl, and the summary table the commands end with."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hkft.io import append_jsonl
+from hkft.io import append_jsonl, atomic_write_text
 
-SHOWN = ("loss", "task_loss", "kl_loss", "learning_rate", "grad_norm")
+# Shown on the console, in this order, with these names; every key still goes to metrics.jsonl.
+SHOWN = {"loss": "loss", "task_loss": "task_loss", "kl_loss": "kl_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+NOT_SHOWN_SUFFIXES = ("_runtime", "_per_second")
 
 
-def _format(logs: dict[str, Any]) -> str:
-    shown = [(key, value) for key, value in logs.items() if key in SHOWN or key.startswith("eval_")]
-    return "  ".join(
-        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in shown
-        if not key.endswith(("_runtime", "_per_second"))
-    )
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_logs(logs: dict[str, Any]) -> str:
+    """``loss=0.6931  kl_loss=0.01  lr=0.0005  eval_accuracy=0.75`` (throughput figures left out)."""
+    shown = [(SHOWN[key], logs[key]) for key in SHOWN if key in logs]
+    shown += [(key, value) for key, value in logs.items() if key.startswith("eval_") and not key.endswith(NOT_SHOWN_SUFFIXES)]
+    return "  ".join(f"{name}={format_value(value)}" for name, value in shown)
+
+
+def drop_events_after(path: Path, step: int) -> None:
+    """On resume, events logged after the checkpoint are logged again: keep only the first telling,
+    and drop a line that a kill cut short (new lines would be glued onto it)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class ProgressCallback(TrainerCallback):
     """Rank 0 only: the other ranks of a distributed run stay quiet and write nothing."""
 
     def __init__(self, metrics_path: Path, console: Console):
-        self.metrics_path = metrics_path
+        self.metrics_path = Path(metrics_path)
         self.console = console
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        if state.global_step > 0:
+            drop_events_after(self.metrics_path, state.global_step)
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -44,27 +72,43 @@ class ProgressCallback(TrainerCallback):
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step)
         else:
-            self.console.print(f"{time.strftime('%H:%M:%S')} training {state.max_steps} steps")
+            start = f" from step {state.global_step}" if state.global_step else ""
+            self._print(f"training {state.max_steps} steps{start}")
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=state.global_step)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-        append_jsonl(self.metrics_path, record)
-        line = _format(logs)
+        append_jsonl(self.metrics_path, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
+        line = format_logs(logs)
         if line:
-            prefix = f"step {state.global_step}/{state.max_steps}"
-            (self.progress.console if self.progress else self.console).print(
-                f"{time.strftime('%H:%M:%S')} {prefix}  {line}" if self.progress is None else f"{prefix}  {line}",
-                soft_wrap=True, highlight=False,
-            )
+            self._print(f"step {state.global_step}/{state.max_steps}  {line}")
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live bar (also after a failed run, so the error line is not drawn over)."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
+    def _print(self, text: str) -> None:
+        """Above the live bar on a terminal; with a timestamp in a log file."""
+        if self.progress is not None:
+            self.progress.console.print(escape(text), soft_wrap=True, highlight=False)
+        else:
+            self.console.print(escape(f"{time.strftime('%H:%M:%S')} {text}"), soft_wrap=True, highlight=False)
+
+
+def summary_table(rows: dict[str, Any], title: str, *, columns: tuple[str, str] = ("metric", "value")) -> Table:
+    table = Table(title=title, header_style="bold")
+    table.add_column(columns[0])
+    table.add_column(columns[1])
+    for key, value in rows.items():
+        table.add_row(escape(str(key)), escape(format_value(value)))
+    return table

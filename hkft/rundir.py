@@ -3,7 +3,7 @@
 ```
 runs/<name>/
   hkft_config.yaml    resolved config; `hkft train runs/<name>/hkft_config.yaml` reproduces the run
-  run_info.json       command line, seed, versions, device, start time
+  run_info.json       command line, seed, start time, versions and device (`hkft env`)
   adapter/            peft adapter (adapter_config.json, adapter_model.safetensors), tokenizer,
                       hkft_adapter.json (hkft's sidecar: task, labels, base model, dropout)
   checkpoints/checkpoint-<step>/   Trainer checkpoints (optimizer, scheduler, RNG, mask generator)
@@ -13,6 +13,9 @@ runs/<name>/
   tb/                 TensorBoard event files
   eval.json, predictions.jsonl   written by `hkft eval`
 ```
+
+A directory is a run once it holds results or checkpoints; one left by a start that failed earlier
+(say, on a missing data file) holds only its config and is silently reused.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hkft.config import HkftConfig, config_to_yaml
 from hkft.errors import ModelError, TrainingError
 from hkft.io import atomic_write_json, atomic_write_text
 
 SIDECAR = "hkft_adapter.json"
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("output.", "eval.", "train.logging_steps", "train.epochs", "train.max_steps", "train.num_workers",
-                     "train.early_stopping_patience", "description")
+# Keys that may change freely between an interrupted run and its resumption.
+HARMLESS_CHANGES = ("description", "output.", "eval.", "train.logging_steps", "train.num_workers",
+                    "train.save_total_limit", "train.early_stopping_patience")
+# Keys that may only grow: a run can be extended, not cut short behind its own checkpoints.
+MAY_GROW = ("train.epochs", "train.max_steps")
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -86,23 +90,28 @@ def default_run_dir(cfg: HkftConfig, preset_path: Path) -> Path:
 
 
 def holds_run(run: RunDir) -> bool:
-    """Results or checkpoints exist. A directory left by a start that failed before training
-    (say, a missing data file) holds only its config and is reused."""
     return run.adapter_dir.exists() or run.metrics_json.exists() or any(run.checkpoints_dir.glob("checkpoint-*"))
 
 
 def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
     run = RunDir(Path(root))
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other", "pass one of them")
+    if run.root.exists() and not run.root.is_dir():
+        raise TrainingError(f"{run.root} is a file, not a run directory", "choose another --output-dir")
     if resume:
         if latest_checkpoint(run) is None:
             raise TrainingError(f"{run.root} has no checkpoint to resume from", "drop --resume to start a new run")
-    elif holds_run(run):
-        if not overwrite:
-            raise TrainingError(
-                f"{run.root} already holds a run", "use --resume to continue it, --overwrite to replace it, or --output-dir"
-            )
-        remove_run_files(run)
-    run.root.mkdir(parents=True, exist_ok=True)
+        return run
+    if holds_run(run) and not overwrite:
+        raise TrainingError(
+            f"{run.root} already holds a run", "use --resume to continue it, --overwrite to replace it, or another --output-dir"
+        )
+    remove_run_files(run)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"cannot create the run directory {run.root} ({err.strerror})", "choose another --output-dir") from None
     return run
 
 
@@ -133,35 +142,53 @@ def latest_checkpoint(run: RunDir) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_run_config(run: RunDir, cfg: HkftConfig, argv: list[str], environment: dict[str, str]) -> None:
+def save_run_config(run: RunDir, cfg: HkftConfig, argv: list[str]) -> None:
+    from hkft.envinfo import environment_report  # imports torch: keeps `import hkft.rundir` (and the CLI) light
+
     atomic_write_text(run.config_path, config_to_yaml(cfg))
-    info = {"argv": argv, "seed": cfg.train.seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment}
+    info = {
+        "argv": list(argv),
+        "seed": cfg.train.seed,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment_report(),
+    }
     atomic_write_json(run.info_path, info)
 
 
 def check_resume_compatible(saved: HkftConfig, new: HkftConfig) -> None:
-    """Resuming with a different model, data or method would silently mix two runs: refuse."""
+    """Resuming with a different model, data or method would silently mix two runs: refuse,
+    naming the first key (in preset order) that differs."""
     old_flat, new_flat = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    for key in sorted(old_flat.keys() | new_flat.keys()):
-        if key.startswith(RESUMABLE_CHANGES) or old_flat.get(key) == new_flat.get(key):
+    for key in [*old_flat, *(k for k in new_flat if k not in old_flat)]:
+        old, now = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+        if old == now or key.startswith(HARMLESS_CHANGES) or (key in MAY_GROW and _grows(old, now)):
             continue
+        hint = f"{key} may only grow when resuming" if key in MAY_GROW else "resume with the run's own hkft_config.yaml"
         raise TrainingError(
-            f"cannot resume: {key} was {old_flat.get(key)!r} in the interrupted run and is {new_flat.get(key)!r} now",
-            "resume with the run's own hkft_config.yaml, or start a new run with --overwrite",
+            f"cannot resume: {key} was {_show(old)} in the interrupted run and is {_show(now)} now",
+            f"{hint}; or start a new run with --overwrite",
         )
 
 
+def _grows(old: Any, new: Any) -> bool:
+    """max_steps -1 means "no step limit" (epochs decide), i.e. more than any number of steps."""
+    def rank(value: Any) -> float:
+        return float("inf") if value == -1 else float(value)
+
+    return isinstance(old, int | float) and isinstance(new, int | float) and rank(new) >= rank(old)
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
+    if isinstance(data, dict) and data:
         flat: dict[str, Any] = {}
         for key, value in data.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix.rstrip("."): data}
-
-
-def read_saved_config(run: RunDir) -> dict[str, Any]:
-    return yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
 
 
 def find_adapter_dir(target: Path) -> Path:

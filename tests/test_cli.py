@@ -1,86 +1,310 @@
-"""The command line: every named method on the quickstart, listing, config, env, dry runs,
-`python -m hkft`, evaluating on other data, and the non-finite-loss stop."""
+"""The command shell: presets, config printing, env, run-directory rules, error lines and wiring.
 
+Training itself is tested end to end elsewhere; here pipeline.train / evaluate / merge_adapter are
+replaced by recorders, so each test checks what the command hands them and prints back.
+"""
+
+import importlib.metadata
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from rich.console import Console
 
-from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
+from hkft.config import load_config, presets_dir
+from hkft.rundir import RunDir, save_run_config
 
-METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
-QUICK = ("--set", "train.max_steps=3", "--set", "data.max_samples=32", "--set", "train.eval_strategy=no")
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_quickstart_runs_with_every_named_method(cli, tmp_path, method):
-    result = cli("train", "quickstart", "--output-dir", tmp_path / "run", "--set", f"dropout.method={method}", *QUICK)
-    assert result.exit_code == 0, result.stderr
-    sidecar = json.loads((tmp_path / "run/adapter/hkft_adapter.json").read_text())
-    expected_kl = 1.0 if method == "hiddenkey" else 0.0
-    assert sidecar["dropout"]["kl_weight"] == expected_kl
-    assert bool(sidecar["dropout"]["positions"]) == (method not in ("none", "dropout"))
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Tables wide enough that no path or description is wrapped inside a cell."""
+    monkeypatch.setattr("hkft.cli.console", Console(width=400))
 
+
+@pytest.fixture
+def preset(tmp_path) -> Path:
+    data = {
+        "description": "a tiny preset",
+        "model": {"name": "tiny/never-loaded", "task": "classification"},
+        "data": {"train": "/nowhere/train.jsonl", "test": "/nowhere/test.jsonl"},
+        "train": {"batch_size": 4, "grad_accum": 3, "logging_steps": 5},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """Replaces the pipeline and the merger with recorders; each call lands in the returned list."""
+    import hkft.merge
+    import hkft.pipeline
+
+    recorded: list = []
+
+    def train(cfg, run, *, resume, console):
+        recorded.append(("train", cfg, run, resume, run.config_path.read_text(), json.loads(run.info_path.read_text())))
+        return hkft.pipeline.TrainResult(run.root, run.adapter_dir, {"accuracy": 0.8333333, "macro_f1": 0.5})
+
+    def evaluate(target, *, data, split, overrides, console):
+        recorded.append(("eval", target, data, split, overrides))
+        return hkft.pipeline.EvalResult({"accuracy": 0.625}, target / "eval.json", target / "predictions.jsonl")
+
+    def merge_adapter(target, output, dtype="float32", overwrite=False):
+        recorded.append(("merge", target, output, dtype, overwrite))
+        return hkft.merge.MergeReport(output, 3.0517578125e-05, dtype)
+
+    monkeypatch.setattr(hkft.pipeline, "train", train)
+    monkeypatch.setattr(hkft.pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(hkft.merge, "merge_adapter", merge_adapter)
+    return recorded
+
+
+def make_finished_run(run: RunDir) -> None:
+    run.adapter_dir.mkdir(parents=True)
+    (run.adapter_dir / "adapter_config.json").write_text("{}")
+
+
+def make_interrupted_run(run: RunDir, preset: Path, *overrides: str) -> None:
+    checkpoint = run.checkpoints_dir / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    save_run_config(run, load_config(preset, list(overrides)), ["hkft", "train", str(preset)])
+
+
+# --- presets, config, env ------------------------------------------------------------------------
 
 def test_presets_lists_every_shipped_preset_with_its_description(cli):
     result = cli("presets")
+    assert result.exit_code == 0, result.stderr
+    shipped = sorted(presets_dir().glob("*.yaml"))
+    assert len(shipped) >= 2
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    for path in shipped:
+        description = yaml.safe_load(path.read_text())["description"]
+        assert any(path.stem in row and description in row for row in rows), path.stem
+
+
+def test_presets_survives_a_broken_preset(cli, tmp_path, monkeypatch):
+    (tmp_path / "good.yaml").write_text("description: fine\n")
+    (tmp_path / "bad.yaml").write_text("description: [\n")
+    monkeypatch.setattr("hkft.cli.presets_dir", lambda: tmp_path)
+    result = cli("presets")
     assert result.exit_code == 0
-    for name in ("quickstart", "glue-rte", "glue-stsb", "e2e-gpt2-medium", "rte-llama2-7b-qlora"):
-        assert name in result.stdout
+    assert "fine" in result.stdout and "(unreadable:" in result.stdout and "YAML syntax error" in result.stdout
 
 
-def test_config_prints_the_resolved_preset_offline(cli):
-    result = cli("config", "glue-rte", "lora.r=16")
-    resolved = yaml.safe_load(result.stdout)
-    assert resolved["lora"]["r"] == 16 and resolved["model"]["name"] == "FacebookAI/roberta-large"
-    assert resolved["train"]["weight_decay"] == 0.1 and resolved["dropout"]["method"] == "hiddenkey"
-
-
-def test_dry_run_loads_nothing_and_shows_the_plan(cli, tmp_path):
-    result = cli("train", "e2e-gpt2-medium", "--dry-run", "--output-dir", tmp_path / "run")
+def test_config_prints_the_resolved_preset_with_both_override_styles(cli, monkeypatch):
+    monkeypatch.setattr("hkft.cli.console", Console(width=40))  # a narrow terminal must not wrap YAML lines
+    result = cli("config", "quickstart", "lora.r=4", "--set", "train.lr=0.001", "-s", "dropout.rate=0.25")
     assert result.exit_code == 0, result.stderr
-    assert "latter half of a decoder" in result.stdout and "attention_logits" in result.stdout
-    assert not (tmp_path / "run").exists()
+    printed = yaml.safe_load(result.stdout)
+    raw = yaml.safe_load((presets_dir() / "quickstart.yaml").read_text())
+    assert printed["description"] == raw["description"]  # a long line, printed unwrapped
+    assert printed["lora"]["r"] == 4 and printed["train"]["lr"] == 0.001 and printed["dropout"]["rate"] == 0.25
+    assert printed["train"]["epochs"] == raw["train"]["epochs"] and printed["lora"]["alpha"] == raw["lora"]["alpha"]
+    assert printed["data"]["train"] == str((presets_dir() / raw["data"]["train"]).resolve())
+    assert printed["train"]["weight_decay"] == 0.0  # a default the preset leaves out
 
 
-def test_env_reports_versions_and_bitsandbytes(cli):
+def test_printed_config_is_a_preset_that_prints_the_same(cli, tmp_path):
+    first = cli("config", "quickstart", "lora.r=4")
+    (tmp_path / "resolved.yaml").write_text(first.stdout)
+    assert cli("config", tmp_path / "resolved.yaml").stdout == first.stdout
+
+
+def test_unknown_key_is_one_line_with_a_suggestion(cli, preset):
+    assert_one_line_error(cli("config", preset, "--set", "lora.alpah=3"), "lora.alpah: unknown key (did you mean lora.alpha?)")
+    assert_one_line_error(cli("train", preset, "trian.lr=3"), "trian: unknown key (did you mean train?)")
+
+
+def test_yaml_syntax_error_names_the_line_and_column(cli, tmp_path):
+    text = "model:\n  name: x\ndata:\n  train: [a, b\n  test: c\n"
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        expected = f"line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}"
+    (tmp_path / "broken.yaml").write_text(text)
+    assert_one_line_error(cli("config", tmp_path / "broken.yaml"), f"YAML syntax error at {expected}")
+
+
+def test_unknown_shipped_preset_suggests_one(cli):
+    assert_one_line_error(cli("config", "quickstrat"), "quickstrat: no such preset file", "did you mean quickstart?")
+
+
+def test_env_reports_the_installed_versions(cli):
     result = cli("env")
-    assert result.exit_code == 0 and "transformers" in result.stdout and "bitsandbytes support" in result.stdout
-
-
-def test_python_dash_m_is_the_same_command():
-    result = subprocess.run([sys.executable, "-m", "hkft", "config", "quickstart", "--set", "lora.r=2"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and yaml.safe_load(result.stdout)["lora"]["r"] == 2
-    bad = subprocess.run([sys.executable, "-m", "hkft", "config", "quickstart", "--set", "lora.rr=2"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "did you mean lora.r?" in bad.stderr
-
-
-def test_eval_on_another_data_file(cli, tmp_path):
-    assert cli("train", "quickstart", "--output-dir", tmp_path / "run", *QUICK).exit_code == 0
-    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "The lamp is great.", "label": "positive"},
-                                                   {"text": "The lamp is awful.", "label": "negative"}])
-    result = cli("eval", tmp_path / "run", "--data", other)
     assert result.exit_code == 0, result.stderr
-    report = json.loads((tmp_path / "run/eval.json").read_text())
-    assert report["data"] == str(other) and report["split"] == "test"
-    assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2
+    assert torch.__version__ in result.stdout
+    for package in ("transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        assert importlib.metadata.version(package) in result.stdout, package
+    assert "bitsandbytes support" in result.stdout and "sdpa" in result.stdout
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cli, tmp_path):
-    model = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
-    data = write_jsonl(tmp_path / "d.jsonl", MEMORISE)
-    preset = {"model": {"name": str(model), "task": "causal-lm"},
-              "data": {"train": str(data), "validation": str(data)},
-              "train": {"epochs": 6, "batch_size": 4, "lr": 1e12, "max_grad_norm": 0.0, "warmup_ratio": 0.0,
-                        "eval_strategy": "steps", "eval_steps": 1, "save_total_limit": 50},
-              "eval": {"generate": False}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(preset))
-    result = cli("train", tmp_path / "p.yaml", "--output-dir", tmp_path / "run")
-    assert_one_line_error(result, "the loss became", "at step", "lower train.lr", code=3)
-    checkpoints = sorted((tmp_path / "run/checkpoints").glob("checkpoint-*"))
-    assert checkpoints and not (tmp_path / "run/adapter").exists()
+def test_env_says_when_bitsandbytes_is_missing_or_broken(monkeypatch):
+    from hkft.envinfo import environment_report
+
+    expected = "CUDA backend" if torch.cuda.is_available() else "CPU backend"
+    assert environment_report()["bitsandbytes support"].startswith(expected)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    assert environment_report()["bitsandbytes support"].startswith("installed but cannot run on")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    assert environment_report()["bitsandbytes support"].startswith("not installed")
+
+
+# --- train: run directories ----------------------------------------------------------------------
+
+def test_train_refuses_an_existing_run(cli, preset, tmp_path, calls):
+    run = RunDir(tmp_path / "run")
+    make_finished_run(run)
+    result = cli("train", preset, "--output-dir", run.root)
+    assert_one_line_error(result, f"{run.root} already holds a run", "--resume", "--overwrite", code=3)
+    assert (run.adapter_dir / "adapter_config.json").is_file() and calls == []
+
+
+def test_train_overwrite_replaces_the_run(cli, preset, tmp_path, calls):
+    run = RunDir(tmp_path / "run")
+    make_finished_run(run)
+    assert cli("train", preset, "--output-dir", run.root, "--overwrite").exit_code == 0
+    assert not run.adapter_dir.exists() and [call[0] for call in calls] == ["train"]
+
+
+def test_train_resume_with_a_changed_key_is_refused(cli, preset, tmp_path, calls):
+    run = RunDir(tmp_path / "run")
+    make_interrupted_run(run, preset, "lora.r=8")
+    result = cli("train", preset, "--output-dir", run.root, "--resume", "--set", "lora.r=4")
+    assert_one_line_error(result, "cannot resume: lora.r was 8 in the interrupted run and is 4 now", code=3)
+    assert calls == []
+
+
+def test_train_resume_with_harmless_changes_continues(cli, preset, tmp_path, calls):
+    run = RunDir(tmp_path / "run")
+    make_interrupted_run(run, preset)
+    result = cli("train", preset, "--output-dir", run.root, "--resume", "train.logging_steps=1", "train.epochs=6")
+    assert result.exit_code == 0, result.stderr
+    (_, cfg, passed_run, resume, _, _), = calls
+    assert resume is True and passed_run == run and cfg.train.epochs == 6
+    assert (run.checkpoints_dir / "checkpoint-4").is_dir()
+
+
+def test_train_resume_without_a_checkpoint(cli, preset, tmp_path, calls):
+    assert_one_line_error(cli("train", preset, "--output-dir", tmp_path / "new", "--resume"),
+                          "has no checkpoint to resume from", code=3)
+    assert calls == []
+
+
+def test_train_hands_the_resolved_config_to_the_pipeline(cli, preset, tmp_path, calls):
+    run_root = tmp_path / "runs" / "first"
+    result = cli("train", preset, "lora.r=16", "--set", "train.seed=7", "--output-dir", run_root)
+    assert result.exit_code == 0, result.stderr
+    (_, cfg, run, resume, saved_yaml, info), = calls
+    assert run == RunDir(run_root) and resume is False
+    assert cfg == load_config(preset, ["lora.r=16", "train.seed=7", f"output.dir={run_root}"])
+    assert yaml.safe_load(saved_yaml) == cfg.model_dump(mode="json")  # written before training starts
+    assert info["seed"] == 7 and info["argv"] == sys.argv and info["environment"]["torch"] == torch.__version__
+    assert "0.8333" in result.stdout and str(run.adapter_dir) in result.stdout
+
+
+def test_saved_config_reproduces_the_run(cli, preset, tmp_path, calls):
+    assert cli("train", preset, "lora.r=16", "--output-dir", tmp_path / "a").exit_code == 0
+    assert cli("train", tmp_path / "a" / "hkft_config.yaml", "--output-dir", tmp_path / "b").exit_code == 0
+    first, second = calls[0][1], calls[1][1]
+    assert second.model_dump(exclude={"output"}) == first.model_dump(exclude={"output"})
+
+
+def test_default_run_dir_is_runs_slash_preset_name(cli, preset, tmp_path, calls, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("train", preset).exit_code == 0
+    assert calls[0][2].root == Path("runs") / "tiny" and (tmp_path / "runs" / "tiny" / "hkft_config.yaml").is_file()
+
+
+def test_dry_run_prints_config_and_facts_and_touches_nothing(cli, preset, tmp_path, calls):
+    run_root = tmp_path / "run"
+    result = cli("train", preset, "--dry-run", "--output-dir", run_root, "lora.r=4", "lora.alpha=32")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    table_start = next(i for i, line in enumerate(lines) if "dry run" in line)
+    assert yaml.safe_load("\n".join(lines[:table_start])) == load_config(
+        preset, ["lora.r=4", "lora.alpha=32", f"output.dir={run_root}"]).model_dump(mode="json")
+    facts = {row.split("│")[1].strip(): row.split("│")[2].strip() for row in lines[table_start:] if row.startswith("│")}
+    assert facts["effective batch size"] == "12" and facts["lora scaling"] == "8"
+    assert facts["run directory"] == f"{run_root} (new)"
+    assert not run_root.exists() and calls == []
+
+
+# --- eval and merge-adapter ----------------------------------------------------------------------
+
+def test_eval_hands_its_options_to_the_pipeline(cli, tmp_path, calls):
+    result = cli("eval", tmp_path, "--data", "extra.jsonl", "--split", "test", "--set", "eval.batch_size=2")
+    assert result.exit_code == 0, result.stderr
+    assert calls == [("eval", tmp_path, "extra.jsonl", "test", ["eval.batch_size=2"])]
+    assert "0.625" in result.stdout and str(tmp_path / "eval.json") in result.stdout
+
+
+def test_merge_adapter_prints_the_output_and_the_logit_difference(cli, tmp_path, calls):
+    result = cli("merge-adapter", tmp_path, "--output", tmp_path / "merged", "--dtype", "bfloat16", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert calls == [("merge", tmp_path, tmp_path / "merged", "bfloat16", True)]
+    assert str(tmp_path / "merged") in result.stdout and "3.052e-05" in result.stdout and "Δlogit" in result.stdout
+
+
+# --- errors that are not HkftErrors --------------------------------------------------------------
+
+def test_ctrl_c_is_one_line_and_exit_130(cli, preset, tmp_path, monkeypatch):
+    import hkft.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hkft.pipeline, "train", interrupted)
+    assert_one_line_error(cli("train", preset, "--output-dir", tmp_path / "run"), "interrupted", code=130)
+
+
+def test_a_bug_keeps_its_traceback(cli, preset, tmp_path, monkeypatch):
+    import hkft.pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(hkft.pipeline, "train", broken)
+    with pytest.raises(ZeroDivisionError):
+        cli("train", preset, "--output-dir", tmp_path / "run")
+
+
+# --- python -m hkft, in a fresh process ----------------------------------------------------------
+
+def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "hkft", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120)
+
+
+def test_python_dash_m_hkft_version(tmp_path):
+    import hkft
+
+    result = run_module("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"hkft {hkft.__version__}" and result.stderr == ""
+
+
+def test_python_dash_m_hkft_error_is_the_only_line_on_stderr(tmp_path, preset):
+    """Nothing else on stderr, although train imports every library (some warn on import): no traceback either."""
+    result = run_module("train", preset, "--set", "model.name=./no-such-model", "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_python_dash_m_hkft_env_writes_nothing_to_stderr(tmp_path):
+    result = run_module("env", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "" and torch.__version__ in result.stdout

@@ -1,13 +1,26 @@
 """Metrics against scikit-learn, SciPy, sacrebleu and hand computations."""
 
 import math
+import warnings
+from typing import get_args
 
 import numpy as np
 import pytest
 import sacrebleu
+import torch
 from scipy import stats
+from sklearn.metrics import f1_score, matthews_corrcoef
 
-from hkft.metrics import classification_metrics, generation_metrics, perplexity, regression_metrics, rouge_l
+from hkft.config.schema import Task
+from hkft.metrics import (
+    MAIN_METRIC,
+    classification_metrics,
+    generation_metrics,
+    greater_is_better,
+    perplexity,
+    preprocess_logits_for_metrics,
+    regression_metrics,
+)
 
 
 def test_classification_metrics_by_hand():
@@ -17,14 +30,29 @@ def test_classification_metrics_by_hand():
     # class 0: precision 2/2, recall 2/3 -> F1 0.8; class 1: precision 2/3, recall 1 -> F1 0.8
     assert metrics["macro_f1"] == pytest.approx(0.8)
     tp, tn, fp, fn = 2, 2, 1, 0
-    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert metrics["mcc"] == pytest.approx(mcc)
+    assert metrics["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
 
 
-def test_constant_predictions_do_not_crash():
-    metrics = classification_metrics(np.zeros(4, dtype=int), np.array([0, 1, 0, 1]))
-    assert metrics["mcc"] == 0.0 and metrics["accuracy"] == 0.5
-    assert regression_metrics(np.ones(4), np.arange(4.0))["pearson"] == 0.0
+def test_classification_metrics_match_sklearn_on_three_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=200)
+    predictions = np.where(rng.random(200) < 0.7, labels, rng.integers(0, 3, size=200))
+    metrics = classification_metrics(predictions, labels)
+    assert metrics["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"))
+    assert metrics["mcc"] == pytest.approx(matthews_corrcoef(labels, predictions))
+
+
+def test_constant_predictions_give_zero_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(np.zeros(4, dtype=int), np.array([0, 1, 0, 1]))
+        assert (metrics["mcc"], metrics["accuracy"]) == (0.0, 0.5)
+        assert classification_metrics(np.ones(3, dtype=int), np.ones(3, dtype=int))["accuracy"] == 1.0
+        for predictions, labels in ((np.ones(4), np.arange(4.0)), (np.arange(4.0), np.ones(4))):
+            metrics = regression_metrics(predictions, labels)
+            assert (metrics["pearson"], metrics["spearman"]) == (0.0, 0.0)
+            assert metrics["mse"] == pytest.approx(np.mean((predictions - labels) ** 2))
 
 
 def test_regression_metrics_match_scipy():
@@ -37,23 +65,30 @@ def test_regression_metrics_match_scipy():
     assert metrics["mse"] == pytest.approx(np.mean((predictions - labels) ** 2))
 
 
-def test_rouge_l_hand_worked_example():
-    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 tokens
-    precision, recall = 5 / 6, 5 / 6
-    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(2 * precision * recall / (precision + recall))
-    assert rouge_l("a b c d", "d c b a") == pytest.approx(2 * 0.25 * 0.25 / 0.5)
-    assert rouge_l("", "x") == 0.0
+def test_rouge_l_hand_worked_examples():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": 5 of 6 tokens each way.
+    # LCS("a b c d", "d c b a") = 1 token: precision = recall = 1/4.
+    # "x y" against "x y z w": LCS 2, precision 1, recall 1/2 -> F = 2/3.
+    hypotheses = ["The cat sat on the mat.", "a b c d", "x y"]
+    references = ["the cat is on the mat", "d c b a", "x y z w"]
+    assert generation_metrics(hypotheses, references)["rouge_l"] == pytest.approx(100 * np.mean([5 / 6, 1 / 4, 2 / 3]))
+    assert generation_metrics([""], ["x"])["rouge_l"] == 0.0
 
 
-def test_bleu_is_sacrebleu_corpus_bleu_and_takes_several_references():
+def test_rouge_l_takes_the_best_reference():
+    # F against "a b" = 0, against "x y z w" = 2/3, against "z x" (LCS 1, precision = recall = 1/2) = 1/2.
+    metrics = generation_metrics(["x y"], [["a b", "x y z w", "z x"]])
+    assert metrics["rouge_l"] == pytest.approx(100 * 2 / 3)
+
+
+def test_bleu_is_sacrebleu_corpus_bleu_with_a_variable_number_of_references():
     hypotheses = ["the cat sat on the mat", "a dog barked loudly today"]
     references = [["the cat sat on a mat", "a cat sat on the mat"], ["the dog barked loudly today"]]
-    metrics = generation_metrics(hypotheses, references)
+    # A repeated reference changes neither clipped n-gram counts nor the closest reference length.
     streams = [["the cat sat on a mat", "the dog barked loudly today"], ["a cat sat on the mat", "the dog barked loudly today"]]
-    assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, streams).score)
-    best_first = max(rouge_l(hypotheses[0], reference) for reference in references[0])
-    assert best_first == pytest.approx(5 / 6)
-    assert metrics["rouge_l"] == pytest.approx(100 * np.mean([best_first, rouge_l(hypotheses[1], references[1][0])]))
+    assert generation_metrics(hypotheses, references)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, streams).score)
+    single = [refs[0] for refs in references]
+    assert generation_metrics(hypotheses, single)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [single]).score)
 
 
 def test_generation_metrics_need_one_reference_list_per_hypothesis():
@@ -63,3 +98,21 @@ def test_generation_metrics_need_one_reference_list_per_hypothesis():
 
 def test_perplexity_is_exp_loss():
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert perplexity(0.0) == 1.0
+    assert perplexity(1e4) == math.inf
+
+
+def test_main_metric_for_every_task_and_its_direction():
+    assert set(MAIN_METRIC) == set(get_args(Task))
+    assert [greater_is_better(MAIN_METRIC[task]) for task in ("classification", "regression", "causal-lm")] == [True, True, False]
+    assert not greater_is_better("eval_mse") and not greater_is_better("perplexity") and greater_is_better("mcc")
+
+
+def test_logits_are_reduced_per_batch():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
+    classify = preprocess_logits_for_metrics("classification")
+    assert classify(logits, None).tolist() == [1, 0]
+    assert classify((logits, torch.zeros(2, 4)), None).tolist() == [1, 0]
+    scores = torch.tensor([[0.5], [-1.25]])
+    assert preprocess_logits_for_metrics("regression")(scores, None).tolist() == [0.5, -1.25]
+    assert preprocess_logits_for_metrics("causal-lm") is None

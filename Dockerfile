@@ -1,0 +1,32 @@
+# hkft on an NVIDIA GPU: the official PyTorch CUDA runtime image plus hkft and bitsandbytes.
+#   docker build -t hkft .
+#   docker run --gpus all --rm -v "$PWD":/work -v hf-cache:/cache hkft train presets/quickstart.yaml
+#   docker run --gpus all --rm hkft            # `hkft env`: versions, GPU and bitsandbytes support
+# Mount the folder holding your presets and runs at /work, and a volume at /cache (Hugging Face
+# models and datasets) so downloads survive the container. Runs in /work are written as uid 1000;
+# pass --user "$(id -u):$(id -g)" to write them as yourself.
+ARG BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/cache \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+WORKDIR /opt/hkft
+COPY pyproject.toml README.md ./
+COPY hkft ./hkft
+COPY presets ./presets
+# The base image's CUDA build of torch satisfies hkft's `torch>=2.4`, so pip keeps it.
+RUN python -m pip install --no-cache-dir "./[gpu]"
+
+RUN useradd --create-home --uid 1000 hkft \
+    && mkdir -p /cache /work \
+    && chown hkft:hkft /cache /work
+USER 1000:1000
+WORKDIR /work
+VOLUME ["/cache"]
+
+ENTRYPOINT ["hkft"]
+CMD ["env"]

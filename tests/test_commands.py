@@ -1,0 +1,67 @@
+"""Commands run for real: every named method on the quickstart, the dry-run plan, evaluating on
+other data, the non-finite-loss stop, and a single-process CPU run in a fresh interpreter."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
+from conftest import assert_one_line_error
+
+METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+QUICK = ("--set", "train.max_steps=3", "--set", "data.max_samples=32", "--set", "train.eval_strategy=no")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quickstart_runs_with_every_named_method(cli, tmp_path, method):
+    result = cli("train", "quickstart", "--output-dir", tmp_path / "run", "--set", f"dropout.method={method}", *QUICK)
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((tmp_path / "run/adapter/hkft_adapter.json").read_text())
+    expected_kl = 1.0 if method == "hiddenkey" else 0.0
+    assert sidecar["dropout"]["kl_weight"] == expected_kl
+    assert bool(sidecar["dropout"]["positions"]) == (method not in ("none", "dropout"))
+
+
+def test_dry_run_loads_nothing_and_shows_the_plan(cli, tmp_path):
+    result = cli("train", "e2e-gpt2-medium", "--dry-run", "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert "latter half of a decoder" in result.stdout and "attention_logits" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_another_data_file(cli, tmp_path):
+    assert cli("train", "quickstart", "--output-dir", tmp_path / "run", *QUICK).exit_code == 0
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "The lamp is great.", "label": "positive"},
+                                                   {"text": "The lamp is awful.", "label": "negative"}])
+    result = cli("eval", tmp_path / "run", "--data", other)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "run/eval.json").read_text())
+    assert report["data"] == str(other) and report["split"] == "test"
+    assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cli, tmp_path):
+    model = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
+    data = write_jsonl(tmp_path / "d.jsonl", MEMORISE)
+    preset = {"model": {"name": str(model), "task": "causal-lm"},
+              "data": {"train": str(data), "validation": str(data)},
+              "train": {"epochs": 6, "batch_size": 4, "lr": 1e12, "max_grad_norm": 0.0, "warmup_ratio": 0.0,
+                        "eval_strategy": "steps", "eval_steps": 1, "save_total_limit": 50},
+              "eval": {"generate": False}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(preset))
+    result = cli("train", tmp_path / "p.yaml", "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, "the loss became", "at step", "lower train.lr", code=3)
+    checkpoints = sorted((tmp_path / "run/checkpoints").glob("checkpoint-*"))
+    assert checkpoints and not (tmp_path / "run/adapter").exists()
+
+
+def test_train_in_a_fresh_process_on_the_cpu(tmp_path):
+    """In-process tests share accelerate's state; a fresh interpreter is what users run."""
+    result = subprocess.run([sys.executable, "-m", "hkft", "train", "quickstart", "--output-dir", str(tmp_path / "run"),
+                             "--set", "train.max_steps=2", "--set", "data.max_samples=16", "--set", "train.eval_strategy=no"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
