@@ -6,7 +6,6 @@ batch), causal LM keeps the mean loss and generates in its own batched loop.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from datasets import Dataset
 from transformers import Trainer
 
 from hkft.config.schema import GenerationConfig
-from hkft.metrics import classification_metrics, generation_metrics, regression_metrics
+from hkft.metrics import classification_metrics, generation_metrics, perplexity, regression_metrics
 
 
 @dataclass
@@ -37,16 +36,6 @@ def compute_metrics_for(task: str):
     return compute
 
 
-def reduce_logits_for(task: str):
-    """Per-batch reduction so evaluation stores one number per example, not a row of logits."""
-
-    def reduce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits.argmax(dim=-1) if task == "classification" else logits.squeeze(-1)
-
-    return reduce
-
-
 def evaluate_model(
     trainer: Trainer,
     dataset: Dataset,
@@ -61,7 +50,7 @@ def evaluate_model(
     output = trainer.predict(dataset, metric_key_prefix="eval")
     metrics = {key.removeprefix("eval_"): float(value) for key, value in output.metrics.items() if _is_metric(key)}
     if task == "causal-lm":
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        metrics["perplexity"] = perplexity(metrics["loss"])
         predictions: list[dict[str, Any]] = []
         if raw is not None and generation is not None:
             texts = generate(trainer.model, tokenizer, raw["prompt_text"], generation, trainer.args.per_device_eval_batch_size)

@@ -23,9 +23,9 @@ from hkft.config.schema import DropoutConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
 from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
-from hkft.evaluation import EvalOutcome, compute_metrics_for, evaluate_model, reduce_logits_for
+from hkft.evaluation import EvalOutcome, compute_metrics_for, evaluate_model
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
-from hkft.metrics import MAIN_METRIC
+from hkft.metrics import MAIN_METRIC, greater_is_better, preprocess_logits_for_metrics
 from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
@@ -116,7 +116,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         save_total_limit=train.save_total_limit,
         load_best_model_at_end=strategy != "no",
         metric_for_best_model=metric if strategy != "no" else None,
-        greater_is_better=metric != "loss",
+        greater_is_better=greater_is_better(metric),
         logging_steps=train.logging_steps,
         logging_first_step=True,
         disable_tqdm=True,
@@ -172,7 +172,7 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
         data_collator=make_collator(task, tokenizer),
         processing_class=tokenizer,
         compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
-        preprocess_logits_for_metrics=None if task == "causal-lm" else reduce_logits_for(task),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics(task),
         callbacks=callbacks,
         dropout=controller,
         task=task,
@@ -284,7 +284,7 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         data_collator=make_collator(task, tokenizer),
         processing_class=tokenizer,
         compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
-        preprocess_logits_for_metrics=None if task == "causal-lm" else reduce_logits_for(task),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics(task),
     )
     outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
     eval_path, predictions_path = run.eval_json, run.predictions_jsonl
