@@ -38,6 +38,7 @@ errors = Console(stderr=True)
 
 RUN_PANEL = "Train and use adapters"
 INSPECT_PANEL = "Inspect"
+STUDY_PANEL = "Dropout study"
 
 Overrides = Annotated[
     list[str] | None,
@@ -198,6 +199,31 @@ def merge_adapter(
     report = merge(target, output, dtype=dtype, overwrite=overwrite)
     rows = {"output": str(report.output_dir), "dtype": report.dtype, "max |Δlogit| vs adapter": report.max_abs_diff}
     print_table(rows, "hkft merge-adapter")
+
+
+@app.command(rich_help_panel=STUDY_PANEL)
+@user_errors
+def sweep(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="A study file, or the name of a shipped study (presets/studies).")],
+) -> None:
+    """Run a grid of dropout methods x rates x KL weights x seeds; finished cells are skipped on a re-run."""
+    quiet_libraries()
+    from hkft.study import load_study, run_sweep
+
+    run_sweep(load_study(study), console)
+
+
+@app.command(rich_help_panel=STUDY_PANEL)
+@user_errors
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIRS...", help="Finished runs, or folders of runs (a sweep's output).")],
+    output: Annotated[Path | None, typer.Option(help="Where to write comparison.csv/.md and the plots.")] = None,
+) -> None:
+    """Median +- std per method over seeds (like the paper's Table 1), as a table, CSV, Markdown and plots."""
+    quiet_libraries()
+    from hkft.compare import compare_runs, default_output_dir
+
+    compare_runs(run_dirs, output or default_output_dir(run_dirs), console)
 
 
 @app.command(rich_help_panel=INSPECT_PANEL)

@@ -37,13 +37,13 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     temp = _temp_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with temp.open("x", encoding="utf-8") as stream:
-            stream.write(text)
+        with temp.open("xb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
@@ -53,6 +53,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -36,6 +36,7 @@ from hkft.modeling import (
     resolve_model_path,
 )
 from hkft.interrupts import StopOnSignal
+from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
 from hkft.trainer import HkftTrainer
@@ -196,6 +197,7 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
     if trainer.is_world_process_zero():
         save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
         atomic_write_json(run.metrics_json, {"train": trainer.state.log_history[-1], "eval": metrics})
+        plot_run_curves(run.root)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics)
 
 

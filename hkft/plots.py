@@ -7,9 +7,7 @@ pyplot, so nothing global is touched) and saved atomically by the ``plot_*`` fun
 from __future__ import annotations
 
 import io
-import os
 import statistics
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from matplotlib.figure import Figure
 
 from hkft.compare import Curve, RunSummary, Row, comparison_table, read_curves
 from hkft.config import load_config
-from hkft.errors import HkftError
+from hkft.io import atomic_write_bytes
 from hkft.metrics import MAIN_METRIC
 from hkft.rundir import RunDir
 
@@ -28,16 +26,8 @@ PANEL = (5.5, 4.0)
 def save_figure(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    path = Path(path)
-    temp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:12]}")
-    try:
-        temp.write_bytes(buffer.getvalue())
-        os.replace(temp, path)
-    except OSError as err:
-        temp.unlink(missing_ok=True)
-        raise HkftError(f"cannot write {path} ({err.strerror or err})",
-                        "check that the directory is writable and has space") from None
-    return path
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def _plot(axes: Axes, curve: Curve, **style) -> None:

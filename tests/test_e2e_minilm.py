@@ -35,8 +35,9 @@ def test_quickstart_beats_the_majority_baseline_clearly(quickstart_run):
 
 def test_run_directory_has_every_documented_file(quickstart_run):
     for name in ("hkft_config.yaml", "run_info.json", "metrics.json", "metrics.jsonl", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/hkft_adapter.json", "adapter/tokenizer.json"):
+                 "adapter/adapter_model.safetensors", "adapter/hkft_adapter.json", "adapter/tokenizer.json", "curves.png"):
         assert (quickstart_run / name).is_file(), name
+    assert (quickstart_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((quickstart_run / "tb").iterdir())
     assert list((quickstart_run / "checkpoints").glob("checkpoint-*"))
     events = [json.loads(line) for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
