@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -21,9 +20,6 @@ from hkft.config.loading import read_yaml_mapping
 from hkft.errors import HkftError
 from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
 
-# Set before any command imports transformers: accelerate imports bitsandbytes, whose CPU backend
-# logs a warning about optional kernels on import, and stderr is reserved for hkft's one-line errors.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="hkft",

@@ -17,7 +17,7 @@ from peft import PeftModel
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
 from hkft.io import atomic_dir
-from hkft.modeling import DTYPES, base_fingerprint, ensure_pad_token, load_base_model, load_tokenizer, resolve_model_path
+from hkft.modeling import DTYPES, check_same_base, ensure_pad_token, load_base_model, load_tokenizer, resolve_model_path
 from hkft.rundir import find_adapter_dir, read_sidecar
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
@@ -81,11 +81,7 @@ def merge_adapter(
     base_path = resolve_model_path(cfg.name, cfg.revision)
     local_base = [Path(base_path)] if Path(base_path).is_dir() else []
     _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
-    if facts.get("base_fingerprint") and base_fingerprint(base_path) != facts["base_fingerprint"]:
-        raise ModelError(
-            f"the base model at {base_path} is not the one {adapter_dir} was trained on (its config.json changed)",
-            "merge with the original base model",
-        )
+    check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))
 
     model, tokenizer = _load_adapter_model(adapter_dir, cfg, facts, base_path)
     texts = list(check_inputs or CHECK_TEXTS)

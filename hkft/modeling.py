@@ -362,3 +362,12 @@ def base_fingerprint(path: str) -> str:
     if not local.is_file():
         local = Path(hf_hub_download(path, "config.json"))
     return hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+def check_same_base(path: str, adapter_dir: Path, recorded: str | None) -> None:
+    """Refuse to pair an adapter with a base model other than the one it was trained on."""
+    if recorded and base_fingerprint(path) != recorded:
+        raise ModelError(
+            f"the base model at {path} is not the one {adapter_dir} was trained on (its config.json changed)",
+            "point model.name at the original base model",
+        )

@@ -22,7 +22,7 @@ from hkft.config import HkftConfig, load_config
 from hkft.config.schema import DropoutConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
-from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
+from hkft.errors import ConfigError, DataError, InterruptedRun
 from hkft.evaluation import EvalOutcome, compute_metrics_for, evaluate_model
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
 from hkft.metrics import MAIN_METRIC, greater_is_better, preprocess_logits_for_metrics
@@ -30,6 +30,7 @@ from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
     check_quantization_supported,
+    check_same_base,
     ensure_pad_token,
     load_base_model,
     load_tokenizer,
@@ -258,11 +259,7 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
     task = cfg.model.task
 
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
-    if facts.get("base_fingerprint") and base_fingerprint(model_path) != facts["base_fingerprint"]:
-        raise ModelError(
-            f"the base model at {model_path} is not the one {adapter_dir} was trained on (its config.json changed)",
-            "point model.name at the original base model",
-        )
+    check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
     tokenizer = load_tokenizer(str(adapter_dir), task)
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
     if getattr(prepared, split) is None:
