@@ -133,6 +133,16 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
 
 
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
+    try:
+        return _train(cfg, run, resume=resume, console=console)
+    finally:
+        # A rank that exits with its gloo/NCCL threads still running aborts ("terminate called
+        # without an active exception") and takes the whole torchrun job down with it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
     task = cfg.model.task
     has_eval = cfg.train.eval_strategy != "no"  # a validation split always exists (held out if not given)
     args = training_arguments(cfg, run, has_eval)
