@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bench.measure import Measurement, run_interleaved, weight_bytes
+from hkft.config.schema import ModelConfig
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
+from hkft.modeling import load_base_model
 from hkft.trainer import HkftTrainer
 
 RATE = 0.1
@@ -61,40 +64,27 @@ def minilm_workload(batch_size: int, length: int) -> Workload:
 
 
 def llama_workload(batch_size: int, length: int, quantization: str, vocab: int) -> Workload:
-    """A LLaMA-style decoder. The vocabulary sets the LM head's share of the compute: 8192 gives
-    about 25% (Qwen2-0.5B: ~27%, LLaMA-3.2-1B: ~20%, LLaMA-2-7B: ~2%); 32000 makes the head 57%."""
+    """A LLaMA-style decoder, saved once and loaded through hkft's own loader (so a 4-bit base is
+    built as users get it). The vocabulary sets the LM head's share of the compute: 8192 gives about
+    25% (Qwen2-0.5B: ~27%, LLaMA-3.2-1B: ~20%, LLaMA-2-7B: ~2%); 32000 makes the head 57%. The FFN
+    width is a multiple of 64, as bitsandbytes' CPU 4-bit kernels need."""
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=8, max_position_embeddings=length,
     )
     torch.manual_seed(0)
-    reference = LlamaForCausalLM(config).state_dict()
+    checkpoint = tempfile.mkdtemp(prefix="hkft-bench-")
+    LlamaForCausalLM(config).save_pretrained(checkpoint)
+    model_config = ModelConfig(name=checkpoint, task="causal-lm", quantization=quantization)
 
     def build() -> torch.nn.Module:
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(reference)
-        model.config._attn_implementation = "sdpa"
-        if quantization == "4bit":
-            from transformers import BitsAndBytesConfig
-
-            model = LlamaForCausalLM.from_pretrained(
-                _saved(model), quantization_config=BitsAndBytesConfig(load_in_4bit=True), attn_implementation="sdpa"
-            )
-        return model
+        return load_base_model(model_config, checkpoint, None)
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, length), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     label = f"LLaMA-style decoder 4x512, vocab {vocab}, seq {length}" + (" (4-bit base)" if quantization == "4bit" else "")
     return Workload(label, "causal-lm", build, ["q_proj", "v_proj"], batch)
-
-
-def _saved(model: torch.nn.Module) -> str:
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="hkft-bench-")
-    model.save_pretrained(directory)
-    return directory
 
 
 def lora(workload: Workload, device: torch.device) -> torch.nn.Module:
