@@ -2,7 +2,7 @@
 
 ```
 runs/<name>/
-  hkft_config.yaml    resolved config; `hkft train runs/<name>/hkft_config.yaml` reproduces the run
+  hkft_config.yaml    resolved config; `hkft train runs/<name>/hkft_config.yaml --output-dir DIR` reproduces the run
   run_info.json       command line, seed, start time, versions and device (`hkft env`)
   adapter/            peft adapter (adapter_config.json, adapter_model.safetensors), tokenizer,
                       hkft_adapter.json (hkft's sidecar: task, labels, base model, dropout)
