@@ -128,3 +128,11 @@ def test_incomplete_checkpoint_is_never_taken_as_latest(tmp_path):
         else:
             (checkpoint / "trainer_state.json").write_text('{"global_st')  # cut short while saving
     assert latest_checkpoint(run).name == "checkpoint-4"
+
+
+def test_saved_config_reproduces_the_run(setup, uninterrupted):
+    command = [sys.executable, "-m", "hkft", "train", str(uninterrupted / "hkft_config.yaml"),
+               "--output-dir", str(setup / "reproduced")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert_same_run(setup / "reproduced", uninterrupted)
