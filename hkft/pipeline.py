@@ -18,7 +18,8 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traini
 from transformers.integrations import TensorBoardCallback
 
 import hkft
-from hkft.config import HkftConfig, load_config
+from hkft.config import HkftConfig, load_config, validate_config
+from hkft.config.loading import apply_overrides
 from hkft.config.schema import DropoutConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
@@ -238,7 +239,9 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
         "base_fingerprint": base_fingerprint(model_path),
         "model": cfg.model.model_dump(mode="json"),
         "dropout": controller.describe(),
-        "data": {"max_length": cfg.data.max_length, "template": cfg.data.template},
+        "data": cfg.data.model_dump(
+            mode="json", include={"text_column", "label_column", "prompt_column", "completion_column", "template", "max_length"}
+        ),
     }
 
 
@@ -254,13 +257,25 @@ def run_config_for(adapter_dir: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: list[str]) -> tuple[HkftConfig, RunDir]:
+    """The run's own config; for an adapter folder on its own, one rebuilt from its sidecar and --data.
+    Results go to the run directory, or into the adapter folder itself."""
+    config_path = run_config_for(adapter_dir)
+    if config_path is not None:
+        return load_config(config_path, overrides), RunDir(adapter_dir.parent)
+    if data is None or not facts.get("model"):
+        raise ConfigError(
+            f"{adapter_dir} has no hkft_config.yaml beside it",
+            "pass --data FILE (and --set data.text_column=... if the columns differ), or evaluate a run directory",
+        )
+    spec = {"model": facts["model"], "data": {"train": data, **facts.get("data", {})}}
+    return validate_config(apply_overrides(spec, overrides), source=str(adapter_dir)), RunDir(adapter_dir)
+
+
 def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
-    config_path = run_config_for(adapter_dir)
-    if config_path is None:
-        raise ConfigError(f"{adapter_dir}: no hkft_config.yaml beside the adapter", "evaluate a run directory made by hkft train")
-    cfg = load_config(config_path, overrides)
+    cfg, run = eval_config(adapter_dir, facts, data, overrides)
     split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
     if split not in ("validation", "test", "train"):
         raise ConfigError(f"--split {split!r}: choose validation, test or train")
@@ -278,7 +293,6 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
     ensure_pad_token(base, tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
 
-    run = RunDir(adapter_dir.parent)
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         report_to=[],

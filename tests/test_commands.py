@@ -2,6 +2,7 @@
 other data, the non-finite-loss stop, and a single-process CPU run in a fresh interpreter."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +42,13 @@ def test_eval_on_another_data_file(cli, tmp_path):
     report = json.loads((tmp_path / "run/eval.json").read_text())
     assert report["data"] == str(other) and report["split"] == "test"
     assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2
+
+    # the adapter folder on its own, copied elsewhere: its sidecar rebuilds the config
+    shutil.copytree(tmp_path / "run/adapter", tmp_path / "alone")
+    alone = cli("eval", tmp_path / "alone", "--data", other)
+    assert alone.exit_code == 0, alone.stderr
+    assert json.loads((tmp_path / "alone/eval.json").read_text())["metrics"] == report["metrics"]
+    assert_one_line_error(cli("eval", tmp_path / "alone"), "has no hkft_config.yaml beside it", "--data")
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cli, tmp_path):
