@@ -15,7 +15,13 @@ from datasets import Dataset
 from transformers import Trainer
 
 from hkft.config.schema import GenerationConfig
-from hkft.metrics import classification_metrics, generation_metrics, perplexity, regression_metrics
+from hkft.metrics import (
+    classification_metrics,
+    generation_metrics,
+    perplexity,
+    preprocess_logits_for_metrics,
+    regression_metrics,
+)
 
 
 @dataclass
@@ -34,6 +40,13 @@ def compute_metrics_for(task: str):
         return regression_metrics(np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1))
 
     return compute
+
+
+def metric_hooks(task: str) -> dict:
+    """The Trainer's metric arguments: causal LM is scored by its loss (and generation) alone."""
+    if task == "causal-lm":
+        return {"compute_metrics": None, "preprocess_logits_for_metrics": None}
+    return {"compute_metrics": compute_metrics_for(task), "preprocess_logits_for_metrics": preprocess_logits_for_metrics(task)}
 
 
 def evaluate_model(

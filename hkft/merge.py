@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
 from hkft.io import atomic_dir
-from hkft.modeling import DTYPES, check_same_base, ensure_pad_token, load_base_model, load_tokenizer, resolve_model_path
+from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
 from hkft.rundir import find_adapter_dir, read_sidecar
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
@@ -83,7 +82,8 @@ def merge_adapter(
     _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))
 
-    model, tokenizer = _load_adapter_model(adapter_dir, cfg, facts, base_path)
+    tokenizer = load_adapter_tokenizer(adapter_dir, base_path, cfg.task)
+    model = load_adapter_model(adapter_dir, cfg, facts, base_path, tokenizer, full_precision=True, dtype=torch.float32)
     texts = list(check_inputs or CHECK_TEXTS)
     encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
     expected = _logits(model, encoded)
@@ -100,19 +100,3 @@ def merge_adapter(
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return MergeReport(output_dir, difference, dtype)
-
-
-def _load_adapter_model(adapter_dir: Path, cfg: ModelConfig, facts: dict, base_path: str):
-    """The adapter on a float32 copy of its base, with the tokenizer saved beside it (else the base's)."""
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base_path, cfg.task)
-    base = load_base_model(cfg, base_path, facts.get("num_labels"), full_precision=True, dtype=torch.float32)
-    ensure_pad_token(base, tokenizer)
-    if facts.get("label_names"):
-        base.config.id2label = dict(enumerate(facts["label_names"]))
-        base.config.label2id = {name: index for index, name in enumerate(facts["label_names"])}
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
-    except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0][:300]
-        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line}") from None

@@ -371,3 +371,32 @@ def check_same_base(path: str, adapter_dir: Path, recorded: str | None) -> None:
             f"the base model at {path} is not the one {adapter_dir} was trained on (its config.json changed)",
             "point model.name at the original base model",
         )
+
+
+def load_adapter_tokenizer(adapter_dir: Path, base_path: str, task: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the adapter, else the base model's (a plain peft adapter has none)."""
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    return load_tokenizer(str(adapter_dir) if has_tokenizer else base_path, task)
+
+
+def load_adapter_model(
+    adapter_dir: Path,
+    cfg: ModelConfig,
+    facts: dict,
+    base_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    full_precision: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PeftModel:
+    """A trained adapter on its base, with the pad token and label names the run used."""
+    base = load_base_model(cfg, base_path, facts.get("num_labels"), full_precision=full_precision, dtype=dtype)
+    ensure_pad_token(base, tokenizer)
+    if facts.get("label_names"):
+        base.config.id2label = dict(enumerate(facts["label_names"]))
+        base.config.label2id = {name: index for index, name in enumerate(facts["label_names"])}
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0][:300]
+        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line}") from None

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -24,9 +23,9 @@ from hkft.config.schema import DropoutConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
 from hkft.errors import ConfigError, DataError, InterruptedRun
-from hkft.evaluation import EvalOutcome, compute_metrics_for, evaluate_model
+from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
-from hkft.metrics import MAIN_METRIC, greater_is_better, preprocess_logits_for_metrics
+from hkft.metrics import MAIN_METRIC, greater_is_better
 from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
@@ -34,6 +33,8 @@ from hkft.modeling import (
     check_same_base,
     ensure_pad_token,
     load_base_model,
+    load_adapter_model,
+    load_adapter_tokenizer,
     load_tokenizer,
     resolve_model_path,
 )
@@ -184,8 +185,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         eval_dataset=data.validation if has_eval else None,
         data_collator=make_collator(task, tokenizer),
         processing_class=tokenizer,
-        compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics(task),
+        **metric_hooks(task),
         callbacks=callbacks,
         dropout=controller,
         task=task,
@@ -285,13 +285,11 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
 
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
     check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
-    tokenizer = load_tokenizer(str(adapter_dir), task)
+    tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task)
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
     if getattr(prepared, split) is None:
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
-    base = load_base_model(cfg.model, model_path, facts.get("num_labels"))
-    ensure_pad_token(base, tokenizer)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
 
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
@@ -306,8 +304,7 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         args=args,
         data_collator=make_collator(task, tokenizer),
         processing_class=tokenizer,
-        compute_metrics=None if task == "causal-lm" else compute_metrics_for(task),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics(task),
+        **metric_hooks(task),
     )
     outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
     eval_path, predictions_path = run.eval_json, run.predictions_jsonl
