@@ -7,12 +7,14 @@ checkpoints, resume) is the stock Trainer.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
+from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_token_count
 from hkft.errors import TrainingError
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
@@ -30,37 +32,72 @@ class HkftTrainer(Trainer):
         if not (model.training and plan.uses_consistency_loss):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+        # A causal LM's task loss is folded into the chunked KL pass (one log-softmax, one gradient
+        # over the logits); other tasks have small logits and keep the Trainer's own loss.
+        fused = self.task == "causal-lm" and self.compute_loss_func is None
         forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        with self.dropout.shared_prefix() as replay:
-            task_loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
-            if plan.compensation == "js":
-                with torch.no_grad(), self.dropout.paused(), replay():
-                    target = model(**forward_inputs).logits
-                symmetric = False
-            elif plan.branches == "one":
-                # The paper's one-branch KL: the second pass is a target only, so it builds no graph.
-                with torch.no_grad(), replay():
-                    target = model(**forward_inputs).logits
-                symmetric = True
-            else:
-                with replay():
-                    second_loss, second = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
-                task_loss = 0.5 * (task_loss + second_loss)
-                target, symmetric = second.logits, True
+        both = plan.compensation == "kl" and plan.branches == "both"
 
-        term = consistency_loss(
-            self.task,
-            outputs.logits,
-            target,
-            labels=inputs.get("labels"),
-            symmetric=symmetric,
-            num_items=num_items_in_batch if self.model_accepts_loss_kwargs else None,
-        )
-        term = term * self._loss_scale(num_items_in_batch)
+        def forward_pass() -> tuple[torch.Tensor | None, Any]:
+            if fused:
+                return None, model(**forward_inputs)
+            return super(HkftTrainer, self).compute_loss(model, dict(inputs), True, num_items_in_batch)
+
+        with self.dropout.shared_prefix() as replay:
+            task_loss, outputs = forward_pass()
+            with self._second_pass_context(both), replay():
+                # Both branches: a second training pass (R-Drop). One branch (the paper's) and js:
+                # the second pass is a target only and builds no graph; js's target is unmasked.
+                second_loss, second = forward_pass() if both else (None, model(**forward_inputs))
+
+        if fused:
+            loss, task_loss, term = causal_lm_objective(
+                outputs.logits, second.logits, inputs["labels"], self._objective_weights(inputs["labels"], num_items_in_batch, both)
+            )
+            outputs["loss"] = loss
+        else:
+            if both:
+                task_loss = 0.5 * (task_loss + second_loss)
+            term = consistency_loss(
+                self.task,
+                outputs.logits,
+                second.logits,
+                labels=inputs.get("labels"),
+                symmetric=plan.compensation == "kl",
+                num_items=num_items_in_batch if self.model_accepts_loss_kwargs else None,
+            )
+            term = term * self._loss_scale(num_items_in_batch)
+            loss = task_loss + plan.kl_weight * term
         self._logged_terms["task_loss"].append(task_loss.detach().item())
         self._logged_terms["kl_loss"].append(term.detach().item())
-        loss = task_loss + plan.kl_weight * term
         return (loss, outputs) if return_outputs else loss
+
+    def _second_pass_context(self, both: bool) -> ExitStack:
+        stack = ExitStack()
+        if not both:
+            stack.enter_context(torch.no_grad())
+        if self.dropout.plan.compensation == "js":
+            stack.enter_context(self.dropout.paused())
+        return stack
+
+    def _objective_weights(self, labels: torch.Tensor, num_items_in_batch: Any, both: bool) -> ObjectiveWeights:
+        """The normalisation the Trainer gives the model's loss (or its label smoother) and
+        `consistency_loss`, so that the fused objective equals the unfused one."""
+        count = max(supervised_token_count(labels), 1)
+        smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
+        per_window = num_items_in_batch is not None and (self.model_accepts_loss_kwargs or smoothing)
+        task = self._loss_scale(num_items_in_batch) / float(num_items_in_batch if per_window else count)
+        kl_per_window = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        kl = self._loss_scale(num_items_in_batch) / float(num_items_in_batch if kl_per_window else count)
+        plan = self.dropout.plan
+        return ObjectiveWeights(
+            kl=kl,
+            kl_weight=plan.kl_weight,
+            task_a=0.5 * task if both else task,
+            task_b=0.5 * task if both else 0.0,
+            smoothing=smoothing,
+            symmetric=plan.compensation == "kl",
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

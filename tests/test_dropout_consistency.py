@@ -1,6 +1,7 @@
 """The compensation losses against hand computations, and the trainer's use of them."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -208,3 +209,76 @@ def test_one_branch_kl_sends_no_gradient_to_the_target():
     target = torch.randn(4, 3, requires_grad=True)
     consistency_loss("classification", logits, target.detach()).backward()
     assert logits.grad is not None and target.grad is None
+
+
+def reference_task_and_kl(model, inputs, controller, branches, compensation, smoothing, num_items):
+    """The unfused objective with plain autograd: the model's own loss (or transformers'
+    LabelSmoother), a second pass with the masks the trainer drew next, and `reference_kl`."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    labels = inputs["labels"]
+    forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    first = model(**forward_inputs)
+    smoother = LabelSmoother(epsilon=smoothing)
+
+    def task(logits):
+        return smoother({"logits": logits}, labels, shift_labels=True, num_items_in_batch=num_items)
+
+    if branches == "both":
+        second = model(**forward_inputs).logits
+        task_loss = 0.5 * (task(first.logits) + task(second))
+    else:
+        with torch.no_grad(), (controller.paused() if compensation == "js" else nullcontext()):
+            second = model(**forward_inputs).logits
+        task_loss = task(first.logits)
+    supervised = labels[:, 1:] != -100
+    kl = reference_kl(first.logits[:, :-1][supervised], second[:, :-1][supervised], compensation == "kl") / num_items
+    return task_loss, kl
+
+
+@pytest.mark.parametrize(
+    "branches,compensation,smoothing",
+    [("one", "kl", 0.0), ("both", "kl", 0.0), ("one", "js", 0.0), ("one", "kl", 0.1), ("both", "kl", 0.1)],
+)
+def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeypatch, branches, compensation, smoothing):
+    import hkft.dropout.consistency as consistency
+
+    monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)  # chunks of 3 rows of the 128-token vocabulary
+    model = tiny_model("llama")
+    plan = build_plan("hiddenkey", 0.2, 0.7, branches=branches, compensation=compensation)
+    controller = instrument(model, plan, seed=0)
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    model.train()
+    state = controller.state_dict()
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(7))
+    loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    controller.load_state_dict(state)
+    task_loss, kl = reference_task_and_kl(model, inputs, controller, branches, compensation, smoothing, 7)
+    expected = task_loss + 0.7 * kl
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._logged_terms["task_loss"][-1] == pytest.approx(task_loss.item(), rel=1e-5)
+    assert trainer._logged_terms["kl_loss"][-1] == pytest.approx(kl.item(), rel=1e-5)
+    reference_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert fused_grads.keys() == reference_grads.keys() and fused_grads
+    for name, grad in fused_grads.items():
+        assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
+    model = tiny_model("llama")
+    controller = instrument(model, build_plan("hiddenkey", 0.0, 1.0), seed=0)  # rate 0: both passes equal, KL 0
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+              "labels": torch.tensor([[-100, 6, 7, 8]])}
+    model.train()
+    loss = trainer.compute_loss(model, dict(inputs))
+    assert loss.item() == pytest.approx(model(**inputs).loss.item(), rel=1e-6)  # the mean over supervised tokens
+    assert trainer._logged_terms["kl_loss"][-1] == pytest.approx(0.0, abs=1e-7)
