@@ -23,6 +23,7 @@ from bench.measure import Measurement, run_interleaved, weight_bytes
 from hkft.config.schema import ModelConfig
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
+from hkft.first_token import compute_first_token_only
 from hkft.modeling import load_base_model
 from hkft.trainer import HkftTrainer
 
@@ -151,6 +152,7 @@ def training_configurations(workload: Workload, device: torch.device) -> dict[st
     for name, plan in plans.items():
         model = lora(workload, device)
         controller = instrument(model, plan, seed=0)
+        compute_first_token_only(model, workload.task)  # as `hkft train` does
         trainer = HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
         steps[name] = trainer_step(model, trainer, batch)
     AttentionInterface.register("naive_dropkey", naive_column_dropkey)

@@ -24,6 +24,7 @@ from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
 from hkft.errors import ConfigError, DataError, InterruptedRun
 from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
+from hkft.first_token import compute_first_token_only
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
 from hkft.metrics import MAIN_METRIC, greater_is_better
 from hkft.modeling import (
@@ -170,6 +171,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
+    compute_first_token_only(model, task)
 
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)

@@ -282,3 +282,15 @@ def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
     loss = trainer.compute_loss(model, dict(inputs))
     assert loss.item() == pytest.approx(model(**inputs).loss.item(), rel=1e-6)  # the mean over supervised tokens
     assert trainer._logged_terms["kl_loss"][-1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_segments_are_runs_of_consecutive_rows_cut_at_the_chunk_size():
+    from hkft.dropout.consistency import _segments
+
+    rows = torch.tensor([0, 1, 2, 3, 4, 7, 8, 10])
+    segments = _segments(rows, step=2)
+    assert segments == [(0, 0, 2), (2, 2, 4), (4, 4, 5), (5, 7, 9), (7, 10, 11)]
+    covered = torch.cat([torch.arange(first, end) for _, first, end in segments])
+    assert torch.equal(covered, rows)
+    assert [rows[offset].item() for offset, _, _ in segments] == [first for _, first, _ in segments]
+    assert _segments(torch.tensor([], dtype=torch.long), step=2) == []

@@ -66,12 +66,10 @@ class _ChunkedObjective(torch.autograd.Function):
         task = torch.zeros((), dtype=torch.float32, device=logits_a.device)
         kl = torch.zeros((), dtype=torch.float32, device=logits_a.device)
         c = weights.kl * weights.kl_weight
-        step = max(1, CHUNK_ELEMENTS // logits_a.shape[-1])
-        for start in range(0, len(rows), step):
-            index = rows[start : start + step]
-            chunk_targets = targets[start : start + step] if targets is not None else None
-            log_p = F.log_softmax(logits_a.index_select(0, index).float(), dim=-1)
-            log_q = F.log_softmax(logits_b.index_select(0, index).float(), dim=-1)
+        for offset, first, last in _segments(rows, max(1, CHUNK_ELEMENTS // logits_a.shape[-1])):
+            chunk_targets = targets[offset : offset + last - first] if targets is not None else None
+            log_p = F.log_softmax(logits_a[first:last].float(), dim=-1)
+            log_q = F.log_softmax(logits_b[first:last].float(), dim=-1)
             task += weights.task_a * _cross_entropy(log_p, chunk_targets, weights) if weights.task_a else 0.0
             task += weights.task_b * _cross_entropy(log_q, chunk_targets, weights) if weights.task_b else 0.0
             p, q = log_p.exp(), log_q.exp()
@@ -88,8 +86,11 @@ class _ChunkedObjective(torch.autograd.Function):
                          (grad_b, q, p, d, 0.0, c, c, weights.task_b))
             for grad, own, other, diff, alpha, beta, gamma, task_weight in sides:
                 if grad is not None:
-                    grad.index_copy_(0, index, _assemble(own, other, diff, alpha, beta + task_weight, gamma,
-                                                         task_weight, chunk_targets, weights.smoothing).to(grad.dtype))
+                    out = grad[first:last]
+                    result = _assemble(own, other, diff, alpha, beta + task_weight, gamma, task_weight, chunk_targets,
+                                       weights.smoothing, out=out if out.dtype == torch.float32 else None)
+                    if result is not out:
+                        out.copy_(result)
         ctx.save_for_backward(grad_a, grad_b)
         kl = kl * weights.kl
         ctx.mark_non_differentiable(task, kl)
@@ -114,9 +115,12 @@ def _cross_entropy(log_probs: torch.Tensor, targets: torch.Tensor, weights: Obje
     return loss
 
 
-def _assemble(own, other, diff, alpha, beta, gamma, task_weight, targets, smoothing) -> torch.Tensor:
-    """own * (alpha * diff + beta) - gamma * other, then the cross-entropy's -t*((1-e)*onehot + e/V)."""
-    grad = diff * alpha if alpha else torch.zeros_like(own)
+def _assemble(own, other, diff, alpha, beta, gamma, task_weight, targets, smoothing, out=None) -> torch.Tensor:
+    """own * (alpha * diff + beta) - gamma * other, then the cross-entropy's -t*((1-e)*onehot + e/V).
+
+    Written into ``out`` when given (a float32 view of the gradient buffer: no temporary, no copy).
+    """
+    grad = torch.mul(diff, alpha, out=out) if alpha else (torch.zeros_like(own) if out is None else out.zero_())
     grad.add_(beta).mul_(own)
     if gamma:
         grad.sub_(other, alpha=gamma)
@@ -125,6 +129,22 @@ def _assemble(own, other, diff, alpha, beta, gamma, task_weight, targets, smooth
             grad.sub_(task_weight * smoothing / own.shape[-1])
         grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -task_weight * (1.0 - smoothing)))
     return grad
+
+
+def _segments(rows: torch.Tensor, step: int) -> list[tuple[int, int, int]]:
+    """Split sorted ``rows`` into runs of consecutive indices of at most ``step`` rows, as
+    (offset into rows, first row, end row): each run is a slice of the logits, a view, where
+    gathering rows by index would copy them (and scattering the gradient back copy again)."""
+    if len(rows) == 0:
+        return []
+    breaks = (torch.diff(rows) != 1).nonzero().flatten().add_(1).tolist()
+    segments = []
+    for begin, end in zip([0, *breaks], [*breaks, len(rows)]):
+        first = int(rows[begin])
+        for offset in range(begin, end, step):
+            count = min(step, end - offset)
+            segments.append((offset, first + offset - begin, first + offset - begin + count))
+    return segments
 
 
 def _gradient_buffer(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

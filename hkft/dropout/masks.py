@@ -80,15 +80,19 @@ def feature_multiplier(
     """
     batch, tokens, features = hidden.shape if hidden.dim() == 3 else (hidden.shape[0], 1, hidden.shape[-1])
     device = hidden.device
-    if pattern == "element":
-        dropped = bernoulli(sampler, (batch, tokens, features), rate, device)
-    elif pattern == "column":
-        dropped = bernoulli(sampler, (batch, 1, features), rate, device)
-    else:
-        dropped = span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
-        rescale = False
-    scale = 1.0 / (1.0 - rate) if rescale else 1.0
-    multiplier = (~dropped).to(hidden.dtype) * scale
+    if pattern == "span":
+        kept = ~span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
+        return _as_multiplier(kept, 1.0, hidden)
+    shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
+    # u >= rate is "not dropped" for the same draws `bernoulli` compares with u < rate. Built in
+    # place on the noise tensor: the mask costs one pass over the activation after the draw.
+    kept = sampler.uniform(shape, device).ge_(rate)
+    return _as_multiplier(kept, 1.0 / (1.0 - rate) if rescale else 1.0, hidden)
+
+
+def _as_multiplier(kept: torch.Tensor, scale: float, hidden: torch.Tensor) -> torch.Tensor:
+    multiplier = kept.mul_(scale) if scale != 1.0 else kept
+    multiplier = multiplier.to(hidden.dtype)
     return multiplier if hidden.dim() == 3 else multiplier.squeeze(1)
 
 
