@@ -127,31 +127,41 @@ def test_dropout_rng_state_travels_with_checkpoints(tmp_path):
     assert torch.equal(model(**inputs).logits, expected)
 
 
-def decoder_trainer(branches: str, share: bool):
-    model = tiny_model("llama")
+def decoder_trainer(branches: str, share: bool, arch: str = "llama"):
+    task = "causal-lm" if arch == "llama" else "classification"
+    model = tiny_model(arch, task)
     controller = instrument(model, build_plan("hiddenkey", 0.2, 1.0, branches=branches), seed=0)
     if not share:
-        controller.prefix = []
-    data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]], "attention_mask": [[1] * 4], "labels": [[5, 6, 7, 8]]})
+        controller.shared = []
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task="causal-lm")
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task)
     return trainer, model, controller
 
 
+# Decoder: latter-half dropout in 4 layers shares layers 0 and 1 and layer 2's input projections.
+# Encoder: dropout in every layer still shares layer 0's input projections (its input is the embeddings).
+SHARED = {
+    "llama": ["model.layers.0", "model.layers.1", *(f"model.layers.2.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))],
+    "bert": [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")],
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
 @pytest.mark.parametrize("branches", ["one", "both"])
-def test_shared_prefix_gives_the_same_loss_and_gradients(branches):
+def test_shared_prefix_gives_the_same_loss_and_gradients(branches, arch):
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
-    inputs["labels"] = inputs["input_ids"].clone()
+    inputs["labels"] = inputs["input_ids"].clone() if arch == "llama" else torch.tensor([0, 2])
     results = []
     for share in (True, False):
-        trainer, model, controller = decoder_trainer(branches, share)
+        trainer, model, controller = decoder_trainer(branches, share, arch)
         model.train()
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        results.append((loss.detach(), grads, len(controller.prefix)))
-    (shared_loss, shared_grads, prefix), (plain_loss, plain_grads, _) = results
-    assert prefix == 2  # latter-half dropout in a 4-layer decoder: layers 0 and 1 are shared
+        shared = [name for name, module in model.named_modules() if any(module is m for m in controller.shared)]
+        results.append((loss.detach(), grads, shared))
+    (shared_loss, shared_grads, shared), (plain_loss, plain_grads, _) = results
+    assert shared == SHARED[arch]
     assert torch.allclose(shared_loss, plain_loss, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_grads, plain_grads))
 
@@ -161,12 +171,16 @@ def test_shared_prefix_skips_the_prefix_in_the_second_pass():
     calls = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append(0))
     model.model.layers[3].mlp.register_forward_pre_hook(lambda m, a: calls.append(3))
+    keys = []
+    model.model.layers[2].self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.append(out))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
               "labels": torch.tensor([[5, 6, 7, 8]])}
     model.train()
     trainer.compute_loss(model, inputs)
     assert calls.count(0) == 1 and calls.count(3) == 2  # the shared layer computed once, the dropping one twice
+    assert len(keys) == 2 and keys[1] is keys[0]  # the first dropping layer's keys: replayed, not recomputed
     assert "forward" not in vars(model.model.layers[0])  # the replay is undone
+    assert "forward" not in vars(model.model.layers[2].self_attn.k_proj)
 
 
 def reference_kl(a: torch.Tensor, b: torch.Tensor, symmetric: bool) -> torch.Tensor:

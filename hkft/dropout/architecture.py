@@ -13,6 +13,9 @@ from hkft.errors import ModelError
 
 # A layer's attention module is the child that owns one of these projections.
 ATTENTION_PROJECTIONS = ("q_proj", "query", "c_attn", "qkv_proj", "Wqkv", "q_lin")
+# The projections that read an attention module's input (query, key, value; fused or not).
+ATTENTION_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "Wqkv",
+                               "q_lin", "k_lin", "v_lin")
 # The FFN's second linear layer, relative to a layer (before the residual add).
 FFN_OUTPUT_PATHS = ("mlp.down_proj", "output.dense", "mlp.c_proj", "mlp.fc2", "fc2", "ffn.lin2", "mlp.dense_4h_to_h")
 # The module fed by the final representation.
@@ -50,6 +53,11 @@ def attention_module(layer: nn.Module) -> nn.Module:
         f"cannot find the attention module in {type(layer).__name__}",
         f"expected a submodule with one of {', '.join(ATTENTION_PROJECTIONS)}",
     )
+
+
+def attention_input_projections(layer: nn.Module) -> list[nn.Module]:
+    attention = attention_module(layer)
+    return [getattr(attention, name) for name in ATTENTION_INPUT_PROJECTIONS if isinstance(getattr(attention, name, None), nn.Module)]
 
 
 def ffn_output_module(layer: nn.Module) -> nn.Module:

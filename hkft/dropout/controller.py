@@ -49,7 +49,7 @@ class DropoutController:
     sampler: MaskSampler
     enabled: bool = True
     layers: tuple[int, ...] = ()
-    prefix: list[nn.Module] = field(default_factory=list, repr=False)
+    shared: list[nn.Module] = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
@@ -64,35 +64,45 @@ class DropoutController:
 
     @contextmanager
     def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
-        """Compute the layers before the first dropping layer once for two forward passes.
+        """Compute what precedes the first random operation once for two forward passes.
 
-        With dropout confined to a decoder's latter half (the paper's setting), the first half is
-        deterministic and identical in both passes of the KL compensation. Inside this context the
-        first pass records the output of the last shared layer; the returned context manager
-        replays it in the second pass, whose shared layers then do no work. Gradients flow into
-        the shared layers from both passes when both build graphs.
+        Everything up to the first dropping layer's attention scores is deterministic and identical
+        in both passes of the KL compensation: the layers before it (half a decoder when dropout is
+        confined to its latter half, the paper's setting) and that layer's query/key/value
+        projections. Inside this context the first pass records each shared module's output; the
+        returned context manager replays them in the second pass, whose shared modules then do no
+        work. Gradients flow into the shared modules from both passes when both build graphs.
         """
-        if not self.prefix:
+        if not self.shared:
             yield nullcontext
             return
-        recorded: list = []
-        handle = self.prefix[-1].register_forward_hook(lambda module, args, output: recorded.append(output))
+        recorded: dict[nn.Module, object] = {}
+        handles = [module.register_forward_hook(lambda m, args, out: recorded.__setitem__(m, out)) for module in self.shared]
+
+        def remove_hooks() -> None:
+            for handle in handles:
+                handle.remove()
 
         @contextmanager
         def replay() -> Iterator[None]:
-            handle.remove()
-            for layer in self.prefix:
-                layer.forward = lambda *args, **kwargs: recorded[-1]
+            remove_hooks()
+            # An instance-level forward (accelerate's device hooks set one) is put back afterwards.
+            own_forwards = {module: vars(module).get("forward") for module in recorded}
+            for module, output in recorded.items():
+                module.forward = lambda *args, _output=output, **kwargs: _output
             try:
                 yield
             finally:
-                for layer in self.prefix:
-                    del layer.forward
+                for module, forward in own_forwards.items():
+                    if forward is None:
+                        del module.forward
+                    else:
+                        module.forward = forward
 
         try:
             yield replay
         finally:
-            handle.remove()
+            remove_hooks()
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -136,7 +146,8 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
     controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
     positions = plan.active_positions
     if shareable_prefix(model, plan) and controller.layers:
-        controller.prefix = list(layers[: controller.layers[0]])
+        first = controller.layers[0]
+        controller.shared = [*layers[:first], *architecture.attention_input_projections(layers[first])]
 
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
     if attention_position is not None:
