@@ -7,14 +7,16 @@ checkpoints, resume) is the stock Trainer.
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
-from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_token_count
+from hkft.dropout.architecture import head_module
+from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
@@ -37,13 +39,14 @@ class HkftTrainer(Trainer):
         fused = self.task == "causal-lm" and self.compute_loss_func is None
         forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         both = plan.compensation == "kl" and plan.branches == "both"
+        rows = supervised_rows(inputs["labels"]) if fused else None
 
         def forward_pass() -> tuple[torch.Tensor | None, Any]:
             if fused:
                 return None, model(**forward_inputs)
             return super(HkftTrainer, self).compute_loss(model, dict(inputs), True, num_items_in_batch)
 
-        with self.dropout.shared_prefix() as replay:
+        with self.dropout.shared_prefix() as replay, _head_on_rows(model, rows):
             task_loss, outputs = forward_pass()
             with self._second_pass_context(both), replay():
                 # Both branches: a second training pass (R-Drop). One branch (the paper's) and js:
@@ -51,9 +54,10 @@ class HkftTrainer(Trainer):
                 second_loss, second = forward_pass() if both else (None, model(**forward_inputs))
 
         if fused:
-            loss, task_loss, term = causal_lm_objective(
-                outputs.logits, second.logits, inputs["labels"], self._objective_weights(inputs["labels"], num_items_in_batch, both)
-            )
+            labels = inputs["labels"]
+            weights = self._objective_weights(labels, num_items_in_batch, both)
+            next_tokens = labels.reshape(-1)[rows + 1]
+            loss, task_loss, term = causal_lm_objective(outputs.logits, second.logits, next_tokens, weights)
             outputs["loss"] = loss
         else:
             if both:
@@ -136,3 +140,24 @@ class HkftTrainer(Trainer):
         path = os.path.join(checkpoint, DROPOUT_RNG_FILE.format(rank=self.args.process_index))
         if os.path.isfile(path):
             self.dropout.load_state_dict(torch.load(path, weights_only=True))
+
+
+@contextmanager
+def _head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> Iterator[None]:
+    """Run the LM head on the supervised positions only: its input [B, T, D] becomes [R, D] and
+    the logits [R, V]. Prompt and padding positions carry no loss, so their logits (and, in the
+    training pass, their share of the head's backward) are work the stock model does for nothing:
+    in instruction tuning, where prompts are often half the tokens, that is half the head."""
+    if rows is None:
+        yield
+        return
+
+    def select(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *args[1:])
+
+    handle = head_module(model).register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()

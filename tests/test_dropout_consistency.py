@@ -308,3 +308,16 @@ def test_segments_are_runs_of_consecutive_rows_cut_at_the_chunk_size():
     assert torch.equal(covered, rows)
     assert [rows[offset].item() for offset, _, _ in segments] == [first for _, first, _ in segments]
     assert _segments(torch.tensor([], dtype=torch.long), step=2) == []
+
+
+def test_the_lm_head_runs_on_supervised_positions_only():
+    trainer, model, _ = decoder_trainer("one", share=True)
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape))
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).bool(), -100)
+    model.train()
+    trainer.compute_loss(model, inputs)
+    assert head_rows == [torch.Size([5, 128])] * 2  # next tokens 3, 4 of the first row and 2, 3, 4 of the second
+    model(**inputs)
+    assert head_rows[-1] == torch.Size([2, 5, 128])  # the hook is gone after the step

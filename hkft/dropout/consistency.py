@@ -175,18 +175,18 @@ def supervised_token_count(labels: torch.Tensor) -> int:
 
 
 def causal_lm_objective(
-    logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor, weights: ObjectiveWeights
+    logits: torch.Tensor, target_logits: torch.Tensor, targets: torch.Tensor, weights: ObjectiveWeights
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, task, kl) of a causal LM's two passes, computed in one chunked pass over the logits.
 
-    Rows are the supervised next-token positions; ``weights`` carry every normalisation (divide by
-    the item count there). Detach ``target_logits`` for one-branch KL and the `js` target.
+    ``logits`` and ``target_logits`` are [R, V]: the rows of the supervised positions only (see
+    `supervised_rows`); ``targets`` [R] holds each row's next token. ``weights`` carry every
+    normalisation (divide by the item count there). Detach ``target_logits`` for one-branch KL and
+    the `js` target.
     """
-    rows = supervised_rows(labels)
-    targets = labels.reshape(-1)[rows + 1] if weights.task_a or weights.task_b else None
-    flat_a = logits.reshape(-1, logits.shape[-1])
-    flat_b = target_logits.reshape(-1, target_logits.shape[-1])
-    return _ChunkedObjective.apply(flat_a, flat_b, rows, targets, weights)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    task_targets = targets if weights.task_a or weights.task_b else None
+    return _ChunkedObjective.apply(logits, target_logits, rows, task_targets, weights)
 
 
 def consistency_loss(
