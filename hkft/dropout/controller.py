@@ -104,6 +104,34 @@ class DropoutController:
         finally:
             remove_hooks()
 
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+        """``context_fn`` for `torch.utils.checkpoint`: a recomputed layer redraws the masks its
+        forward drew.
+
+        Checkpointing restores torch's default generators before it recomputes a layer in the
+        backward pass, but not hkft's own; without this the recomputation would draw fresh masks and
+        the gradient would belong to a different network than the loss. The forward context notes
+        the generator state where the layer starts; the recompute context replays from there and
+        then puts the stream back where it was.
+        """
+        start: dict = {}
+
+        @contextmanager
+        def forward() -> Iterator[None]:
+            start.update(self.sampler.state_dict())
+            yield
+
+        @contextmanager
+        def recompute() -> Iterator[None]:
+            current = self.sampler.state_dict()
+            self.sampler.load_state_dict(start)
+            try:
+                yield
+            finally:
+                self.sampler.load_state_dict(current)
+
+        return forward(), recompute()
+
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
 
@@ -145,9 +173,17 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
     controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
     controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
     positions = plan.active_positions
+    base = architecture.transformers_model(model)
+    checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
+    if checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False, "context_fn": controller.checkpoint_contexts})
     if shareable_prefix(model, plan) and controller.layers:
         first = controller.layers[0]
-        controller.shared = [*layers[:first], *architecture.attention_input_projections(layers[first])]
+        controller.shared = list(layers[:first])
+        if not checkpointing:
+            # Inside a checkpointed layer a replayed projection would be recomputed for real in the
+            # backward pass, which checkpointing rejects (the saved tensors differ).
+            controller.shared += architecture.attention_input_projections(layers[first])
 
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
     if attention_position is not None:
