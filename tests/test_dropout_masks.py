@@ -9,6 +9,7 @@ from hkft.dropout.masks import (
     causal_mask,
     feature_multiplier,
     guarded_keep_mask,
+    own_position,
 )
 
 CPU = torch.device("cpu")
@@ -114,3 +115,13 @@ def test_column_mask_is_identical_across_queries_without_padding():
     keep = guarded_keep_mask(None, dropped, causal=False)
     assert keep.shape == (4, 2, 1, 16)  # stays a [B, H, 1, K] mask, no [B, H, Q, K] materialised
     assert torch.equal(keep, ~dropped | ~(~dropped).any(-1, keepdim=True))
+
+
+def test_a_causal_query_that_cannot_see_itself_keeps_its_undropped_row():
+    visible = causal_mask(5, 5, CPU).repeat(2, 1, 1, 1)
+    visible[1, :, 3:, 3:] = False  # example 1: positions 3, 4 are padding (keys masked)
+    dropped = torch.ones(2, 3, 1, 5, dtype=torch.bool)  # every key dropped
+    keep = guarded_keep_mask(visible, dropped, causal=True)
+    assert torch.equal(keep[0], own_position(5, 5, CPU)[0].expand(3, 5, 5))  # real queries: only themselves
+    assert torch.equal(keep[1, :, 3:], visible[1, :, 3:].expand(3, 2, 5))  # padded queries: undropped
+    assert torch.equal(keep[1, :, :3], own_position(5, 5, CPU)[0, :, :3].expand(3, 3, 5))

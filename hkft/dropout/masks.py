@@ -117,16 +117,21 @@ def guarded_keep_mask(visible: torch.Tensor | None, dropped: torch.Tensor, causa
     the dropped keys, such that no row ends up empty.
 
     Causal attention never drops a query's own position: token 0 sees only key 0, and column
-    dropping would otherwise leave it nothing to attend to (softmax over an empty row is NaN).
-    Any row that is still empty (a padded query, or every key of an encoder row dropped) gets its
-    undropped row back: dropping never re-admits a key the model itself masked.
-    Callers pass the explicit causal triangle as ``visible`` for causal attention.
+    dropping would otherwise leave it nothing to attend to (softmax over an empty row is NaN). A
+    causal query that does not see its own position (a padded query, whose output no loss reads)
+    keeps its undropped row. Both are decided on the visibility mask, which has no head dimension,
+    so the guard costs two passes over the [B, H, Q, K] mask and no search for empty rows in it.
+    Any other row left empty (every key of an encoder row dropped) gets its undropped row back:
+    dropping never re-admits a key the model itself masked. Callers pass the explicit causal
+    triangle as ``visible`` for causal attention.
     """
     keep = ~dropped
     if causal:
         if visible is None:
             raise ValueError("causal attention needs its visibility mask")
-        keep = keep | own_position(visible.shape[-2], dropped.shape[-1], dropped.device)
+        own = own_position(visible.shape[-2], dropped.shape[-1], dropped.device)
+        sees_itself = (visible & own).any(dim=-1, keepdim=True)
+        return (keep | (own | ~sees_itself)) & visible
     combined = keep if visible is None else keep & visible
     empty_row = ~combined.any(dim=-1, keepdim=True)
     if visible is None:
