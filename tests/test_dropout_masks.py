@@ -7,7 +7,9 @@ from hkft.dropout.masks import (
     MaskSampler,
     attention_drop_mask,
     causal_mask,
-    feature_multiplier,
+    apply_feature_mask,
+    feature_keep_mask,
+    feature_scale,
     guarded_keep_mask,
     own_position,
 )
@@ -30,7 +32,7 @@ def test_attention_drop_fraction_matches_rate(pattern, rate):
 def test_feature_drop_fraction_and_rescale(pattern, rate):
     sampler = MaskSampler(seed=2)
     hidden = torch.ones(64, 50, 96)
-    multiplier = feature_multiplier(sampler, pattern, rate, hidden, rescale=True)
+    multiplier = apply_feature_mask(hidden, feature_keep_mask(sampler, pattern, rate, hidden), feature_scale(pattern, rate, True))
     dropped = multiplier == 0
     expected = round(rate * 50) / 50 if pattern == "span" else rate
     assert abs(dropped.float().mean().item() - expected) < 0.01
@@ -44,9 +46,9 @@ def test_shapes_per_pattern():
     assert attention_drop_mask(sampler, "column", 0.1, 2, 3, 5, 7, CPU).shape == (2, 3, 1, 7)
     assert attention_drop_mask(sampler, "span", 0.1, 2, 3, 5, 7, CPU).shape == (2, 3, 1, 7)
     hidden = torch.ones(2, 5, 7)
-    assert feature_multiplier(sampler, "column", 0.5, hidden, True).shape == (2, 1, 7)
-    assert feature_multiplier(sampler, "span", 0.5, hidden, True).shape == (2, 5, 1)
-    assert feature_multiplier(sampler, "element", 0.5, torch.ones(2, 7), True).shape == (2, 7)
+    assert feature_keep_mask(sampler, "column", 0.5, hidden).shape == (2, 1, 7)
+    assert feature_keep_mask(sampler, "span", 0.5, hidden).shape == (2, 5, 1)
+    assert feature_keep_mask(sampler, "element", 0.5, torch.ones(2, 7)).shape == (2, 7)
 
 
 def test_spans_are_contiguous_runs_of_the_right_length():
@@ -125,3 +127,17 @@ def test_a_causal_query_that_cannot_see_itself_keeps_its_undropped_row():
     assert torch.equal(keep[0], own_position(5, 5, CPU)[0].expand(3, 5, 5))  # real queries: only themselves
     assert torch.equal(keep[1, :, 3:], visible[1, :, 3:].expand(3, 2, 5))  # padded queries: undropped
     assert torch.equal(keep[1, :, :3], own_position(5, 5, CPU)[0, :, :3].expand(3, 3, 5))
+
+
+def test_feature_mask_gradient_is_the_masked_product_and_only_the_boolean_mask_is_saved():
+    sampler = MaskSampler(8)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    keep = feature_keep_mask(sampler, "element", 0.3, hidden)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = apply_feature_mask(hidden, keep, 1 / 0.7)
+    out.square().sum().backward()
+    reference = hidden.detach().clone().requires_grad_()
+    (reference * keep.float() / 0.7).square().sum().backward()
+    assert torch.allclose(out, reference * keep.float() / 0.7) and torch.allclose(hidden.grad, reference.grad)
+    assert [t.dtype for t in saved] == [torch.bool]  # no float multiplier kept for the backward pass

@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
 from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, register_attention
-from hkft.dropout.masks import MaskSampler, feature_multiplier
+from hkft.dropout.masks import MaskSampler, apply_feature_mask, feature_keep_mask, feature_scale
 from hkft.dropout.plan import DropoutPlan, PositionDrop
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
@@ -34,7 +34,8 @@ class FeatureDrop:
     def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if not (module.training and self.controller.enabled and self.drop.rate > 0):
             return hidden
-        return hidden * feature_multiplier(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden, self.rescale)
+        keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden)
+        return apply_feature_mask(hidden, keep, feature_scale(self.drop.pattern, self.drop.rate, self.rescale))
 
     def output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.apply(module, output)

@@ -70,30 +70,50 @@ def attention_drop_mask(
     return span(sampler, (batch, heads), keys, rate, device).unsqueeze(2)
 
 
-def feature_multiplier(
-    sampler: MaskSampler, pattern: Pattern, rate: float, hidden: torch.Tensor, rescale: bool
-) -> torch.Tensor:
-    """Multiplier for a [B, T, D] (or [B, D]) activation: 0 where dropped, 1/(1-p) or 1 elsewhere.
+def feature_keep_mask(sampler: MaskSampler, pattern: Pattern, rate: float, hidden: torch.Tensor) -> torch.Tensor:
+    """Boolean mask, True = kept, broadcastable to a [B, T, D] (or [B, D]) activation.
 
-    element drops entries, column drops feature dimensions for all tokens, span drops a contiguous
-    run of tokens (all features). Span is never rescaled (HiddenCut); the others are when asked.
+    element drops entries ([B, T, D]), column drops feature dimensions for all tokens ([B, 1, D]),
+    span drops a contiguous run of tokens, all features ([B, T, 1]).
     """
     batch, tokens, features = hidden.shape if hidden.dim() == 3 else (hidden.shape[0], 1, hidden.shape[-1])
     device = hidden.device
     if pattern == "span":
         kept = ~span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
-        return _as_multiplier(kept, 1.0, hidden)
-    shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
-    # u >= rate is "not dropped" for the same draws `bernoulli` compares with u < rate. Built in
-    # place on the noise tensor: the mask costs one pass over the activation after the draw.
-    kept = sampler.uniform(shape, device).ge_(rate)
-    return _as_multiplier(kept, 1.0 / (1.0 - rate) if rescale else 1.0, hidden)
+    else:
+        shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
+        kept = sampler.uniform(shape, device) >= rate  # the same draws `bernoulli` compares with u < rate
+    return kept if hidden.dim() == 3 else kept.squeeze(1)
 
 
-def _as_multiplier(kept: torch.Tensor, scale: float, hidden: torch.Tensor) -> torch.Tensor:
-    multiplier = kept.mul_(scale) if scale != 1.0 else kept
-    multiplier = multiplier.to(hidden.dtype)
-    return multiplier if hidden.dim() == 3 else multiplier.squeeze(1)
+def feature_scale(pattern: Pattern, rate: float, rescale: bool) -> float:
+    """What kept entries are multiplied by: 1/(1-p) when rescaled, never for span (HiddenCut)."""
+    return 1.0 / (1.0 - rate) if rescale and pattern != "span" else 1.0
+
+
+class _MaskedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, keep, scale):  # type: ignore[override]
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return _masked_scale(hidden, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return _masked_scale(grad, keep, ctx.scale), None, None
+
+
+def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    out = x * keep
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def apply_feature_mask(hidden: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``hidden * keep * scale``. The backward pass keeps the boolean mask (1 byte an entry) where
+    ``hidden * multiplier`` would keep a float multiplier as large as the activation (4 bytes in
+    float32): for an element mask in every layer that is a layer's worth of activation memory."""
+    return _MaskedScale.apply(hidden, keep, scale)
 
 
 def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
