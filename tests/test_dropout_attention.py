@@ -163,3 +163,66 @@ def test_no_nan_for_causal_attention_at_p_0_9_with_padding(arch, method, pattern
         assert torch.isfinite(logits).all()
         logits.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def masked_reference(query, key, value, visible, dropped, groups):
+    """Attention written out: dropped keys removed from what each query sees; a row left with no
+    key gets its undropped row back."""
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    keep = ~dropped & visible
+    keep = torch.where(keep.any(-1, keepdim=True), keep, visible)
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return (weights @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal,padded", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_key_bias_dropkey_equals_the_masked_reference(causal, padded, groups):
+    module = FakeAttention(causal=causal).train()
+    module.num_key_value_groups = groups
+    generator = torch.Generator().manual_seed(4)
+    batch_size, heads, length, dim = 2, 4, 9, 8
+    query = torch.randn(batch_size, heads, length, dim, generator=generator, requires_grad=True)
+    key, value = (torch.randn(batch_size, heads // groups, length, dim, generator=generator, requires_grad=True) for _ in range(2))
+    dropped = torch.rand(batch_size, heads, 1, length, generator=generator) < 0.4
+    dropped[0, 1] = True  # every key of one head dropped: rows fall back to their undropped keys
+    visible = torch.ones(batch_size, 1, length, length, dtype=torch.bool)
+    if causal:
+        visible &= torch.ones(length, length, dtype=torch.bool).tril()
+    if padded:
+        visible[1, :, :, length - 3 :] = False  # the last 3 keys of example 1 are padding
+    output, _ = attention.dropkey_by_key_bias(module, query, key, value, visible if padded else None, dropped)
+    output.square().sum().backward()
+    got = [t.grad.clone() for t in (query, key, value)]
+
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (query, key, value))
+    expected = masked_reference(ref_q, ref_k, ref_v, visible, dropped, groups)
+    expected.square().sum().backward()
+    # A row whose keys are all dropped has float32 logits near -1000 (resolution ~6e-5): its weights
+    # carry errors of ~1e-4, and so do the gradients that flow through it; every other row is exact.
+    assert torch.allclose(output, expected, atol=1e-4)
+    for mine, ref in zip(got, (ref_q.grad, ref_k.grad, ref_v.grad)):
+        assert torch.allclose(mine, ref, atol=5e-4)
+    rows_with_a_kept_key = (~dropped & visible).any(-1)  # [B, H, Q]: these are exact
+    assert torch.allclose(output.transpose(1, 2)[rows_with_a_kept_key], expected.transpose(1, 2)[rows_with_a_kept_key], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_whole_key_dropkey_never_hands_sdpa_a_per_head_query_by_key_mask(arch, monkeypatch):
+    """Column DropKey: SDPA gets the model's own mask (no head dimension), none, or on an unpadded
+    encoder batch the [B, H, 1, K] drop mask; never a [B, H, Q, K] one."""
+    model = tiny_model(arch, task="causal-lm" if arch == "llama" else "classification")
+    instrument(model, named_method("dropkey", 0.3), seed=0)
+    model.train()
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for padded in (False, True):
+        model(**batch(arch, padded, size=3, length=10))
+    assert masks and all(shape is None or 1 in shape[1:3] for shape in masks), masks

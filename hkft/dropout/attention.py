@@ -5,8 +5,12 @@ The model runs with ``attn_implementation="hkft"``. An attention module that car
 call in eval mode, goes straight to transformers' own SDPA function, so the uninstrumented path
 and inference are exactly the stock model.
 
-- DropKey (``attention_logits``) stays on SDPA: dropped keys are removed from the boolean mask
-  that SDPA takes, shaped [B, H, 1, K] for column and span patterns (broadcast over queries).
+- DropKey (``attention_logits``) stays on SDPA. Column and span patterns drop whole keys: without
+  a causal triangle or padding they go into the boolean mask SDPA takes as [B, H, 1, K]
+  (broadcast over queries); otherwise that mask would combine with the model's into [B, H, Q, K]
+  (which SDPA converts to float and keeps for the backward pass: quadratic in the sequence), so
+  they ride on the keys instead (`dropkey_by_key_bias`) and the model's own mask, or SDPA's
+  causal flag, is passed through unchanged. The element pattern needs a [B, H, Q, K] mask.
 - DropAttention (``attention_weights``) needs the attention matrix: softmax, zero the dropped
   weights, divide each row by the sum of its surviving weights taken without gradient.
 """
@@ -57,20 +61,28 @@ def as_visibility(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask == 0
 
 
+def dropped_keys(site: AttentionDrop, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    batch, heads, queries, _ = query.shape
+    return attention_drop_mask(
+        site.controller.sampler, site.drop.pattern, site.drop.rate, batch, heads, queries, key.shape[2], query.device
+    )
+
+
 def keep_mask(
     site: AttentionDrop, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """The boolean mask (True = attend) after dropping keys, guarded against empty rows."""
-    batch, heads, queries, _ = query.shape
-    keys = key.shape[2]
-    causal = bool(getattr(module, "is_causal", False)) and queries > 1
+    causal = _causal(module, query)
     visible = as_visibility(attention_mask)
     if visible is None and causal:
-        visible = causal_mask(queries, keys, query.device)
-    dropped = attention_drop_mask(
-        site.controller.sampler, site.drop.pattern, site.drop.rate, batch, heads, queries, keys, query.device
-    )
-    return guarded_keep_mask(visible, dropped, causal)
+        visible = causal_mask(query.shape[2], key.shape[2], query.device)
+    return guarded_keep_mask(visible, dropped_keys(site, query, key), causal)
+
+
+def rides_on_keys(site: AttentionDrop, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whole-key DropKey whose mask would otherwise become [B, H, Q, K] (causal or padded)."""
+    per_key = site.position == "attention_logits" and site.drop.pattern != "element"
+    return per_key and (attention_mask is not None or _causal(module, query))
 
 
 def hkft_attention_forward(
@@ -86,6 +98,9 @@ def hkft_attention_forward(
     site: AttentionDrop | None = getattr(module, "hkft_attention_drop", None)
     if site is None or not site.active(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if rides_on_keys(site, module, query, attention_mask):
+        dropped = dropped_keys(site, query, key)
+        return dropkey_by_key_bias(module, query, key, value, attention_mask, dropped, dropout=dropout, scaling=scaling)
     keep = keep_mask(site, module, query, key, attention_mask)
     if site.position == "attention_logits":
         kwargs.pop("is_causal", None)  # causality is inside the mask now
@@ -93,6 +108,57 @@ def hkft_attention_forward(
             module, query, key, value, keep, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
         )
     return drop_attention_forward(module, query, key, value, attention_mask, keep, dropout=dropout, scaling=scaling)
+
+
+# Added to a dropped key's logit: exp(-1000) is 0 in float32 (below e^-104), and the two factors that
+# carry it (about 90 each for a head size of 64) are finite in fp16 and bf16. A larger shift would
+# cost precision in the rare rows whose keys are all dropped (float32 logits near -shift).
+DROPPED_LOGIT_SHIFT = 1.0e3
+# Extra head dimensions that carry the key bias; 8 keeps the head size a multiple of 8 for fused kernels.
+BIAS_DIMS = 8
+
+
+def _causal(module: torch.nn.Module, query: torch.Tensor) -> bool:
+    return bool(getattr(module, "is_causal", False)) and query.shape[2] > 1
+
+
+def dropkey_by_key_bias(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropped: torch.Tensor,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Column/span DropKey as a bias on the keys, so that no [B, H, Q, K] mask exists.
+
+    Each head gets extra dimensions: the query carries a constant ``a`` and a dropped key carries
+    ``-DROPPED_LOGIT_SHIFT / (scale * a)``, so the logit of query i and key j becomes
+    ``s_ij - DROPPED_LOGIT_SHIFT * dropped_j`` (kept keys exactly ``s_ij``) and softmax gives dropped
+    keys weight 0. The model's mask, or SDPA's causal flag, applies unchanged and keeps the fused
+    kernels. A row whose visible keys are all dropped has all of them shifted by the same amount,
+    and softmax is shift-invariant: it falls back to its undropped row (token 0 of a causal model,
+    which sees only itself, or a padded query), never to an empty row or NaN. Values are padded
+    with zeros to the same head size and the padding is cut from the output.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # the bias differs per query head
+    batch, heads, queries, dim = query.shape
+    keys = key.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    carrier = (DROPPED_LOGIT_SHIFT / scale) ** 0.5  # equal magnitudes on both sides: finite in fp16
+    bias = dropped.reshape(batch, heads, keys, 1).to(key.dtype) * -carrier
+    query = torch.cat([query, query.new_full((batch, heads, queries, 1), carrier),
+                       query.new_zeros(batch, heads, queries, BIAS_DIMS - 1)], dim=-1)
+    key = torch.cat([key, bias, key.new_zeros(batch, heads, keys, BIAS_DIMS - 1)], dim=-1)
+    value = torch.nn.functional.pad(value, (0, BIAS_DIMS))
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scale,
+        is_causal=attention_mask is None and _causal(module, query),
+    )
+    return output[..., :dim].transpose(1, 2).contiguous(), None
 
 
 def drop_attention_forward(
