@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
-from hkft.dropout.architecture import head_module
+from hkft.dropout.architecture import transformers_model
 from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
 
@@ -156,7 +156,7 @@ def _head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> Iterator
         hidden = args[0]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *args[1:])
 
-    handle = head_module(model).register_forward_pre_hook(select)
+    handle = transformers_model(model).get_output_embeddings().register_forward_pre_hook(select)
     try:
         yield
     finally:
