@@ -31,13 +31,17 @@ class HkftTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plan = self.dropout.plan
+        # A causal LM's training loss is computed in row chunks over the supervised positions only:
+        # one log-softmax per chunk and the gradient written in the same pass (with KL, the task loss
+        # is folded into the KL pass), where the model's own loss keeps several logit-sized copies.
+        # Other tasks have small logits and keep the Trainer's own loss.
+        fused = model.training and self.task == "causal-lm" and self.compute_loss_func is None and "labels" in inputs
         if not (model.training and plan.uses_consistency_loss):
+            if fused:
+                return self._chunked_causal_lm_loss(model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        # A causal LM's task loss is folded into the chunked KL pass (one log-softmax, one gradient
-        # over the logits); other tasks have small logits and keep the Trainer's own loss.
-        fused = self.task == "causal-lm" and self.compute_loss_func is None
-        forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        forward_inputs = _without_labels(inputs)
         both = plan.compensation == "kl" and plan.branches == "both"
         rows = supervised_rows(inputs["labels"]) if fused else None
 
@@ -74,6 +78,16 @@ class HkftTrainer(Trainer):
             loss = task_loss + plan.kl_weight * term
         self._logged_terms["task_loss"].append(task_loss.detach().item())
         self._logged_terms["kl_loss"].append(term.detach().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def _chunked_causal_lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        labels = inputs["labels"]
+        rows = supervised_rows(labels)
+        with _head_on_rows(model, rows):
+            outputs = model(**_without_labels(inputs))
+        weights = self._objective_weights(labels, num_items_in_batch, both=False)
+        loss, _, _ = causal_lm_objective(outputs.logits, None, labels.reshape(-1)[rows + 1], weights)
+        outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
     def _second_pass_context(self, both: bool) -> ExitStack:
@@ -140,6 +154,10 @@ class HkftTrainer(Trainer):
         path = os.path.join(checkpoint, DROPOUT_RNG_FILE.format(rank=self.args.process_index))
         if os.path.isfile(path):
             self.dropout.load_state_dict(torch.load(path, weights_only=True))
+
+
+def _without_labels(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in inputs.items() if key != "labels"}
 
 
 @contextmanager

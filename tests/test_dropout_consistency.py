@@ -321,3 +321,40 @@ def test_the_lm_head_runs_on_supervised_positions_only():
     assert head_rows == [torch.Size([5, 128])] * 2  # next tokens 3, 4 of the first row and 2, 3, 4 of the second
     model(**inputs)
     assert head_rows[-1] == torch.Size([2, 5, 128])  # the hook is gone after the step
+
+
+@pytest.mark.parametrize("method,smoothing,num_items", [("none", 0.0, 7), ("hiddenkey-", 0.0, None), ("hiddenkey-", 0.1, 7)])
+def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(monkeypatch, method, smoothing, num_items):
+    """Without a compensation term a causal LM still gets the chunked cross-entropy (head on the
+    supervised rows, gradient written in the forward pass): same loss and gradients as the Trainer's."""
+    import hkft.dropout.consistency as consistency
+    from transformers import Trainer
+
+    monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)
+    model = tiny_model("llama")
+    controller = instrument(model, build_plan(method, 0.2, 0.0), seed=0)
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    model.train()
+    count = None if num_items is None else torch.tensor(num_items)
+
+    def loss_and_grads(trainer):
+        controller.load_state_dict(state)
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=count)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return loss, grads
+
+    state = controller.state_dict()
+    head_rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[0]))
+    loss, grads = loss_and_grads(HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"))
+    assert head_rows == [8]  # the supervised next tokens, not the 2 x 6 positions
+    handle.remove()
+    expected, expected_grads = loss_and_grads(Trainer(model=model, args=args))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-6), name
