@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.measure import Measurement
+from hkft.io import atomic_write_json
 from bench.run import DECODER_ONE_BRANCH_TARGET, EVAL_TARGETS, TRAIN_TARGETS, benchmark, llama_workload, minilm_workload
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -41,20 +41,21 @@ def report(title: str, measurements: dict[str, Measurement], targets: dict, memo
     baseline_name = next(iter(measurements))
     baseline = measurements[baseline_name]
     table = Table(title=title)
-    for column in ("configuration", "step ms (median)", "time ratio", "target", f"{memory_label} ratio", "target", "tokens/s"):
+    columns = ("configuration", "step ms (median)", "time ratio", "quartiles", "target", f"{memory_label} ratio", "target", "tokens/s")
+    for column in columns:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     rows = []
     for name, measured in measurements.items():
-        time_ratio = measured.median / baseline.median
+        time_ratio, low, high = measured.time_ratio(baseline)
         memory_ratio = measured.memory_bytes / baseline.memory_bytes if baseline.memory_bytes else float("nan")
         time_target, memory_target = targets.get(name, (None, None))
         table.add_row(
-            name, f"{measured.median * 1000:.1f}", f"{time_ratio:.2f}x", verdict(time_ratio, time_target),
+            name, f"{measured.median * 1000:.1f}", f"{time_ratio:.2f}x", f"{low:.2f}-{high:.2f}", verdict(time_ratio, time_target),
             f"{memory_ratio:.2f}x", verdict(memory_ratio, memory_target), f"{measured.tokens_per_second:,.0f}",
         )
         rows.append({
             "configuration": name, "median_seconds": measured.median, "seconds": measured.seconds,
-            "time_ratio": time_ratio, "memory_bytes": measured.memory_bytes, "memory_ratio": memory_ratio,
+            "time_ratio": time_ratio, "time_ratio_quartiles": [low, high], "memory_bytes": measured.memory_bytes, "memory_ratio": memory_ratio,
             "tokens_per_second": measured.tokens_per_second, "time_target": time_target, "memory_target": memory_target,
         })
     return table, rows
@@ -92,8 +93,7 @@ def main(
         console.print(train_table, eval_table)
         results["workloads"].append({"name": workload.name, "batch": {k: list(v.shape) for k, v in workload.batch.items()},
                                      "train": train_rows, "eval": eval_rows})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    atomic_write_json(output, results)
     console.print(f"results written to {output}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +26,16 @@ class Measurement:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.median
+
+    def time_ratio(self, baseline: Measurement) -> tuple[float, float, float]:
+        """Median and quartiles of the per-round ratios to ``baseline``: each round's two steps ran
+        seconds apart, so a slow stretch of the machine cancels out of their ratio (where a ratio of
+        medians taken over the whole run keeps it)."""
+        ratios = [mine / theirs for mine, theirs in zip(self.seconds, baseline.seconds, strict=True)]
+        if len(ratios) == 1:
+            return ratios[0], ratios[0], ratios[0]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        return statistics.median(ratios), low, high
 
 
 @contextmanager
@@ -72,14 +83,19 @@ def run_interleaved(
     device: torch.device,
     memory: dict[str, int] | None = None,
 ) -> dict[str, Measurement]:
-    """Median step time over interleaved rounds; memory as measured by `peak_memory` unless given."""
+    """Step times over interleaved rounds, each round in its own shuffled order (seeded) so that no
+    configuration always runs right after the same one; memory as measured by `peak_memory` unless given."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     memory = memory or {name: peak_memory(step, device) for name, step in steps.items()}
     seconds: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    shuffler = random.Random(0)
     for _ in range(repeats):
-        for name, step in steps.items():
+        shuffler.shuffle(order)
+        for name in order:
+            step = steps[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -22,3 +22,15 @@ def test_bench_reports_every_configuration(tmp_path):
     assert train["hiddenkey KL both branches"]["memory_ratio"] > train["hiddenkey-"]["memory_ratio"]
     assert [row["configuration"] for row in workload["eval"]] == [
         "base + plain adapter (eval)", "hkft adapter (eval)", "merged model (eval)"]
+
+
+def test_time_ratio_pairs_each_round_with_the_baseline_of_the_same_round():
+    from bench.measure import Measurement
+
+    # Round 2 ran on a machine twice as slow: both steps doubled, their ratio did not.
+    baseline = Measurement("baseline", [1.0, 2.0, 1.0, 1.0, 1.0], 0, 1)
+    config = Measurement("config", [1.2, 2.4, 1.2, 1.3, 1.1], 0, 1)
+    ratio, low, high = config.time_ratio(baseline)
+    assert ratio == pytest.approx(1.2)
+    assert low <= ratio <= high and high <= 1.3
+    assert baseline.time_ratio(baseline) == (1.0, 1.0, 1.0)
