@@ -34,6 +34,15 @@ def test_unknown_key_suggests_the_closest_valid_key(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("key,message", [
+    ("A", r"A: unknown key \(valid keys: description, model"),  # a capitalised key is the user's, not a pydantic union tag
+    ("Lora", r"Lora: unknown key \(did you mean lora\?\)"),
+])
+def test_unknown_top_level_key_is_named_whatever_its_case(tmp_path, key, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**MINIMAL, key: 1}))
+
+
 def test_unknown_section_suggests_the_closest_section(tmp_path):
     with pytest.raises(ConfigError, match=r"dropuot: unknown key \(did you mean dropout\?\)"):
         load_config(write(tmp_path, {**MINIMAL, "dropuot": {}}))

@@ -9,8 +9,11 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hkft.config import schema
 from hkft.config.schema import HkftConfig
 from hkft.errors import ConfigError
+
+_SCHEMA_MODEL_NAMES = {name for name, value in vars(schema).items() if isinstance(value, type) and issubclass(value, BaseModel)}
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -115,7 +118,9 @@ def describe_validation_error(err: ValidationError) -> str:
     """The first problem, as ``section.key: what is wrong (did you mean ...)``; more are counted."""
     errors = err.errors()
     first = errors[0]
-    loc = [str(part) for part in first["loc"] if not _is_union_branch(part)]
+    *path, last = first["loc"] or ("",)
+    # The last entry is the offending key itself (whatever its spelling); union tags sit before it.
+    loc = [str(part) for part in path if not _is_union_branch(part)] + [str(last)]
     where = ".".join(loc) or "top level"
     if first["type"] == "extra_forbidden":
         valid = _field_names_at(HkftConfig, loc[:-1])
@@ -135,7 +140,7 @@ def describe_validation_error(err: ValidationError) -> str:
 
 def _is_union_branch(part: Any) -> bool:
     """pydantic inserts the union member's name into ``loc`` (e.g. ``str`` or ``HubSource``)."""
-    return isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "bool", "list[int]", "list[str]"))
+    return isinstance(part, str) and (part in _SCHEMA_MODEL_NAMES or part in ("str", "int", "float", "bool", "list[int]", "list[str]"))
 
 
 def _field_names_at(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -162,8 +167,9 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _did_you_mean(word: str, candidates: list[str]) -> str | None:
-    matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
-    return matches[0] if matches else None
+    by_lower = {candidate.lower(): candidate for candidate in candidates}
+    matches = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return by_lower[matches[0]] if matches else None
 
 
 def config_to_yaml(config: HkftConfig) -> str:
