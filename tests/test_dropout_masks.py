@@ -6,6 +6,7 @@ import torch
 from hkft.dropout.masks import (
     MaskSampler,
     attention_drop_mask,
+    bernoulli,
     causal_mask,
     apply_feature_mask,
     feature_keep_mask,
@@ -35,9 +36,21 @@ def test_feature_drop_fraction_and_rescale(pattern, rate):
     multiplier = apply_feature_mask(hidden, feature_keep_mask(sampler, pattern, rate, hidden), feature_scale(pattern, rate, True))
     dropped = multiplier == 0
     expected = round(rate * 50) / 50 if pattern == "span" else rate
-    assert abs(dropped.float().mean().item() - expected) < 0.01
+    independent_draws = {"element": 64 * 50 * 96, "column": 64 * 96, "span": 64}[pattern]
+    tolerance = 4 * (rate * (1 - rate) / independent_draws) ** 0.5 if pattern != "span" else 1e-6  # span: exact count
+    assert abs(dropped.float().mean().item() - expected) < tolerance
     kept_value = 1.0 if pattern == "span" else 1.0 / (1.0 - rate)
     assert torch.allclose(multiplier[~dropped], torch.tensor(kept_value))
+
+
+def test_bernoulli_masks_have_the_rate_and_independent_entries():
+    sampler = MaskSampler(seed=11)
+    masks = torch.stack([bernoulli(sampler, (3, 5, 7), 0.25, CPU) for _ in range(8000)]).float()  # 105 entries each
+    assert torch.allclose(masks.mean(0), torch.tensor(0.25), atol=5 * (0.25 * 0.75 / 8000) ** 0.5)
+    flat = masks.flatten(1)
+    correlation = torch.corrcoef(flat.T)  # neighbouring 16-bit words come from one 64-bit draw
+    assert (correlation - torch.eye(flat.shape[1])).abs().max() < 0.08
+    assert not bernoulli(sampler, (10,), 0.0, CPU).any() and bernoulli(sampler, (10,), 1.0, CPU).all()
 
 
 def test_shapes_per_pattern():

