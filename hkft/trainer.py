@@ -62,6 +62,8 @@ class HkftTrainer(Trainer):
             weights = self._objective_weights(labels, num_items_in_batch, both)
             next_tokens = labels.reshape(-1)[rows + 1]
             loss, task_loss, term = causal_lm_objective(outputs.logits, second.logits, next_tokens, weights)
+            router_loss = self._router_aux_loss(model, num_items_in_batch, outputs, *([second] if both else []))
+            loss, task_loss = loss + router_loss, task_loss + router_loss
             outputs["loss"] = loss
         else:
             if both:
@@ -87,8 +89,19 @@ class HkftTrainer(Trainer):
             outputs = model(**_without_labels(inputs))
         weights = self._objective_weights(labels, num_items_in_batch, both=False)
         loss, _, _ = causal_lm_objective(outputs.logits, None, labels.reshape(-1)[rows + 1], weights)
+        loss = loss + self._router_aux_loss(model, num_items_in_batch, outputs)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _router_aux_loss(self, model, num_items_in_batch, *passes) -> torch.Tensor | float:
+        """A mixture-of-experts model adds its load-balancing loss to its own loss when it is given
+        labels; the chunked loss calls it without labels, so the term is added here (the mean over
+        the training passes, scaled as the Trainer scales the model's loss)."""
+        terms = [outputs.aux_loss for outputs in passes if getattr(outputs, "aux_loss", None) is not None]
+        if not terms:
+            return 0.0
+        coefficient = getattr(transformers_model(model).config, "router_aux_loss_coef", 0.0)
+        return coefficient * sum(terms) / len(terms) * self._loss_scale(num_items_in_batch)
 
     def _second_pass_context(self, both: bool) -> ExitStack:
         stack = ExitStack()

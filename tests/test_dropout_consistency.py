@@ -358,3 +358,32 @@ def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(
     assert grads.keys() == expected_grads.keys() and grads
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["hiddenkey-", "hiddenkey"])
+def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method):
+    """The chunked loss calls the model without labels, so the model does not add its router loss
+    itself; the trainer must (at rate 0 the KL term is 0 and the loss is the model's own)."""
+    from transformers import Trainer
+
+    model = tiny_model("mixtral")
+    controller = instrument(model, build_plan(method, 0.0, 1.0), seed=0)
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    model.train()
+
+    def loss_and_grads(trainer):
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(8))
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return loss, grads
+
+    loss, grads = loss_and_grads(HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"))
+    expected, expected_grads = loss_and_grads(Trainer(model=model, args=args))
+    assert model(**inputs).aux_loss > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-6), name

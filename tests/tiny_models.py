@@ -10,6 +10,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
     RobertaConfig,
 )
@@ -28,13 +29,16 @@ def tiny_config(arch: str):
         return LlamaConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=64)
     if arch == "mistral":
         return MistralConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "mixtral":  # mixture of experts with its load-balancing loss on
+        return MixtralConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
+                             num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.05)
     if arch == "qwen2":
         return Qwen2Config(**SMALL, num_key_value_heads=2, max_position_embeddings=64)
     raise ValueError(arch)
 
 
 ENCODERS = ("bert", "roberta")
-DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
 
 
 def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0, attn: str = "sdpa"):

@@ -1,7 +1,7 @@
 """Where the dropout positions live in a transformers model, found by structure, not by class name.
 
 Supported out of the box: BERT, RoBERTa (and other BERT-style encoders), GPT-2, LLaMA, Mistral,
-Qwen2 (and other LLaMA-style decoders). To add an architecture, add its names to the tuples below.
+Qwen2 (and other LLaMA-style decoders), Mixtral-style mixture-of-experts decoders. To add an architecture, add its names to the tuples below.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ ATTENTION_PROJECTIONS = ("q_proj", "query", "c_attn", "qkv_proj", "Wqkv", "q_lin
 # The projections that read an attention module's input (query, key, value; fused or not).
 ATTENTION_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "Wqkv",
                                "q_lin", "k_lin", "v_lin")
-# The FFN's second linear layer, relative to a layer (before the residual add).
-FFN_OUTPUT_PATHS = ("mlp.down_proj", "output.dense", "mlp.c_proj", "mlp.fc2", "fc2", "ffn.lin2", "mlp.dense_4h_to_h")
+# The FFN's output, relative to a layer (before the residual add): its second linear layer, or last
+# a whole `mlp` block, which is how a mixture-of-experts block (Mixtral, Qwen-MoE) is found: its
+# output is the routed experts' weighted sum.
+FFN_OUTPUT_PATHS = ("mlp.down_proj", "output.dense", "mlp.c_proj", "mlp.fc2", "fc2", "ffn.lin2", "mlp.dense_4h_to_h", "mlp")
 # The module fed by the final representation.
 HEAD_NAMES = ("classifier", "score", "lm_head")
 # Float attributes some attention modules read instead of an nn.Dropout module.
