@@ -1,7 +1,8 @@
 """Where the dropout positions live in a transformers model, found by structure, not by class name.
 
 Supported out of the box: BERT, RoBERTa (and other BERT-style encoders), GPT-2, LLaMA, Mistral,
-Qwen2 (and other LLaMA-style decoders), Mixtral-style mixture-of-experts decoders. To add an architecture, add its names to the tuples below.
+Qwen2 (and other LLaMA-style decoders), Mixtral-style mixture-of-experts decoders. To add an
+architecture, add its names to the tuples below.
 """
 
 from __future__ import annotations
