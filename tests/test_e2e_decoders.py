@@ -25,7 +25,7 @@ def causal_preset(tmp_path, arch: str, method: str = "hiddenkey", **train) -> "P
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_causal_lm_training_memorises_and_scores_generations(tmp_path, cli, arch):
     preset = causal_preset(tmp_path, arch)
     result = cli("train", preset, "--output-dir", tmp_path / "run")
