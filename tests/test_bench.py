@@ -10,13 +10,15 @@ import pytest
 
 
 @pytest.mark.slow
-def test_bench_reports_every_configuration(tmp_path):
+@pytest.mark.parametrize("quantization", ["none", "4bit"])  # 4-bit: the path a GPU run takes, on bitsandbytes' CPU kernels
+def test_bench_reports_every_configuration(tmp_path, quantization):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "bench", "--model", "llama", "--repeats", "1", "--warmup", "0",
-               "--batch-size", "1", "--vocab", "512", "--output", str(out)]
+    command = [sys.executable, "-m", "bench", "--model", "llama", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+               "--batch-size", "1", "--vocab", "512", "--quantization", quantization, "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     (workload,) = json.loads(out.read_text())["workloads"]
+    assert ("4-bit base" in workload["name"]) == (quantization == "4bit")
     train = {row["configuration"]: row for row in workload["train"]}
     assert len(train) == 7 and train["plain peft LoRA (baseline)"]["time_ratio"] == 1.0
     assert train["hiddenkey KL both branches"]["memory_ratio"] > train["hiddenkey-"]["memory_ratio"]
