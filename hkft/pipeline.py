@@ -124,6 +124,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         greater_is_better=greater_is_better(metric),
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",  # logs tokens seen and tokens per second
         disable_tqdm=True,
         prediction_loss_only=task == "causal-lm",
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
@@ -133,6 +134,16 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         **mixed_precision(train.precision),
         **distributed,
     )
+
+
+def train_summary(log_history: list[dict]) -> dict:
+    """The Trainer's final summary plus the throughput of the last training log (non-padding tokens
+    per second since this session started: the final summary has none)."""
+    summary = dict(log_history[-1])
+    throughput = [event["train_tokens_per_second"] for event in log_history if "train_tokens_per_second" in event]
+    if throughput:
+        summary["train_tokens_per_second"] = throughput[-1]
+    return summary
 
 
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
@@ -210,7 +221,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     metrics = {"split": split, **outcome.metrics}
     if trainer.is_world_process_zero():
         save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
-        atomic_write_json(run.metrics_json, {"train": trainer.state.log_history[-1], "eval": metrics})
+        atomic_write_json(run.metrics_json, {"train": train_summary(trainer.state.log_history), "eval": metrics})
         plot_run_curves(run.root)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics)
 

@@ -17,16 +17,21 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hkft.io import append_jsonl, atomic_write_text
 
 # Shown on the console, in this order, with these names; every key still goes to metrics.jsonl.
-SHOWN = {"loss": "loss", "task_loss": "task_loss", "kl_loss": "kl_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+SHOWN = {"loss": "loss", "task_loss": "task_loss", "kl_loss": "kl_loss", "learning_rate": "lr", "grad_norm": "grad_norm",
+         "train_tokens_per_second": "tok/s"}
 NOT_SHOWN_SUFFIXES = ("_runtime", "_per_second")
 
 
 def format_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """Floats to 4 significant digits, large ones (throughput) as whole numbers: 12,345 not 1.234e+04."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 def format_logs(logs: dict[str, Any]) -> str:
-    """``loss=0.6931  kl_loss=0.01  lr=0.0005  eval_accuracy=0.75`` (throughput figures left out)."""
+    """``loss=0.6931  kl_loss=0.01  lr=0.0005  tok/s=4,210  eval_accuracy=0.75`` (training throughput
+    is the non-padding tokens per second since the run (or its resumption) started)."""
     shown = [(SHOWN[key], logs[key]) for key in SHOWN if key in logs]
     shown += [(key, value) for key, value in logs.items() if key.startswith("eval_") and not key.endswith(NOT_SHOWN_SUFFIXES)]
     return "  ".join(f"{name}={format_value(value)}" for name, value in shown)

@@ -42,6 +42,11 @@ def test_run_directory_has_every_documented_file(quickstart_run):
     assert list((quickstart_run / "checkpoints").glob("checkpoint-*"))
     events = [json.loads(line) for line in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
     assert any("kl_loss" in event for event in events) and any("eval_accuracy" in event for event in events)
+    throughput = [event for event in events if "train_tokens_per_second" in event]
+    assert throughput and all(event["train_tokens_per_second"] > 0 for event in throughput)
+    assert throughput[-1]["num_input_tokens_seen"] > throughput[0]["num_input_tokens_seen"]
+    summary = json.loads((quickstart_run / "metrics.json").read_text())["train"]
+    assert summary["train_tokens_per_second"] == throughput[-1]["train_tokens_per_second"]
     peft_config = json.loads((quickstart_run / "adapter/adapter_config.json").read_text())
     assert "dropout" not in json.dumps(peft_config).replace("lora_dropout", "")  # hkft's settings live in the sidecar
     info = json.loads((quickstart_run / "run_info.json").read_text())

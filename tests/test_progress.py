@@ -40,17 +40,18 @@ def test_log_events_go_to_metrics_jsonl_and_plain_timestamped_lines(tmp_path):
     args, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerControl()
     callback.on_train_begin(args, state(0), control)
     callback.on_log(args, state(3, epoch=0.3), control, logs={"loss": 0.5, "kl_loss": 0.0125, "learning_rate": 1e-3,
-                                                               "grad_norm": 2.0})
+                                                               "grad_norm": 2.0, "train_tokens_per_second": 12345.6})
     callback.on_log(args, state(4, epoch=0.4), control, logs={"eval_loss": 0.25, "eval_accuracy": 0.75,
                                                                "eval_runtime": 1.5, "eval_samples_per_second": 9.0})
     callback.on_train_end(args, state(4), control)
     assert read_jsonl(tmp_path / "metrics.jsonl") == [
-        {"step": 3, "epoch": 0.3, "loss": 0.5, "kl_loss": 0.0125, "learning_rate": 1e-3, "grad_norm": 2.0},
+        {"step": 3, "epoch": 0.3, "loss": 0.5, "kl_loss": 0.0125, "learning_rate": 1e-3, "grad_norm": 2.0,
+         "train_tokens_per_second": 12345.6},
         {"step": 4, "epoch": 0.4, "eval_loss": 0.25, "eval_accuracy": 0.75, "eval_runtime": 1.5, "eval_samples_per_second": 9.0},
     ]
     lines = buffer.getvalue().splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d training 10 steps", lines[0])
-    assert re.fullmatch(r"\d\d:\d\d:\d\d step 3/10  loss=0\.5  kl_loss=0\.0125  lr=0\.001  grad_norm=2", lines[1])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d step 3/10  loss=0\.5  kl_loss=0\.0125  lr=0\.001  grad_norm=2  tok/s=12,346", lines[1])
     assert re.fullmatch(r"\d\d:\d\d:\d\d step 4/10  eval_loss=0\.25  eval_accuracy=0\.75", lines[2])
     assert len(lines) == 3
 
