@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
-from hkft.dropout.architecture import transformers_model
+from hkft.dropout.architecture import head_module, transformers_model
 from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
 
@@ -58,13 +58,7 @@ class HkftTrainer(Trainer):
                 second_loss, second = forward_pass() if both else (None, model(**forward_inputs))
 
         if fused:
-            labels = inputs["labels"]
-            weights = self._objective_weights(labels, num_items_in_batch, both)
-            next_tokens = labels.reshape(-1)[rows + 1]
-            loss, task_loss, term = causal_lm_objective(outputs.logits, second.logits, next_tokens, weights)
-            router_loss = self._router_aux_loss(model, num_items_in_batch, outputs, *([second] if both else []))
-            loss, task_loss = loss + router_loss, task_loss + router_loss
-            outputs["loss"] = loss
+            loss, task_loss, term = self._chunked_objective(model, inputs["labels"], rows, outputs, second, both, num_items_in_batch)
         else:
             if both:
                 task_loss = 0.5 * (task_loss + second_loss)
@@ -83,15 +77,23 @@ class HkftTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_causal_lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        labels = inputs["labels"]
-        rows = supervised_rows(labels)
+        rows = supervised_rows(inputs["labels"])
         with _head_on_rows(model, rows):
             outputs = model(**_without_labels(inputs))
-        weights = self._objective_weights(labels, num_items_in_batch, both=False)
-        loss, _, _ = causal_lm_objective(outputs.logits, None, labels.reshape(-1)[rows + 1], weights)
-        loss = loss + self._router_aux_loss(model, num_items_in_batch, outputs)
-        outputs["loss"] = loss
+        loss, _, _ = self._chunked_objective(model, inputs["labels"], rows, outputs, None, False, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_objective(self, model, labels, rows, outputs, second, both, num_items_in_batch):
+        """(total, task, kl) of a causal LM from the logits of the supervised ``rows``: the training
+        pass ``outputs`` and, with a compensation term, the ``second`` pass (None without one).
+        Sets ``outputs["loss"]``."""
+        weights = self._objective_weights(labels, num_items_in_batch, both)
+        target_logits = None if second is None else second.logits
+        loss, task_loss, term = causal_lm_objective(outputs.logits, target_logits, labels.reshape(-1)[rows + 1], weights)
+        router_loss = self._router_aux_loss(model, num_items_in_batch, outputs, *([second] if both else []))
+        loss, task_loss = loss + router_loss, task_loss + router_loss
+        outputs["loss"] = loss
+        return loss, task_loss, term
 
     def _router_aux_loss(self, model, num_items_in_batch, *passes) -> torch.Tensor | float:
         """A mixture-of-experts model adds its load-balancing loss to its own loss when it is given
@@ -187,7 +189,7 @@ def _head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> Iterator
         hidden = args[0]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *args[1:])
 
-    handle = transformers_model(model).get_output_embeddings().register_forward_pre_hook(select)
+    handle = head_module(model).register_forward_pre_hook(select)
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ ATTENTION_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "query", "key", "va
 # a whole `mlp` block, which is how a mixture-of-experts block (Mixtral, Qwen-MoE) is found: its
 # output is the routed experts' weighted sum.
 FFN_OUTPUT_PATHS = ("mlp.down_proj", "output.dense", "mlp.c_proj", "mlp.fc2", "fc2", "ffn.lin2", "mlp.dense_4h_to_h", "mlp")
-# The module fed by the final representation.
+# The module fed by the final representation, when the model names no output embeddings.
 HEAD_NAMES = ("classifier", "score", "lm_head")
 # Float attributes some attention modules read instead of an nn.Dropout module.
 DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout")
@@ -76,7 +76,12 @@ def ffn_output_module(layer: nn.Module) -> nn.Module:
 
 
 def head_module(model: nn.Module) -> nn.Module:
+    """The output head: a language model's own answer (`get_output_embeddings`, whatever the
+    attribute is called, e.g. GPT-NeoX's `embed_out`), else a classifier or regression head by name."""
     base = transformers_model(model)
+    output_embeddings = base.get_output_embeddings()
+    if isinstance(output_embeddings, nn.Module):
+        return output_embeddings
     for name in HEAD_NAMES:
         if isinstance(getattr(base, name, None), nn.Module):
             return getattr(base, name)
