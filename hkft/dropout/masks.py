@@ -40,16 +40,6 @@ class MaskSampler:
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator(device), device=device)
 
-    def below(self, shape: tuple[int, ...], rate: float, device: torch.device) -> torch.Tensor:
-        """Boolean tensor, each entry True independently with probability ``rate`` (to 1/65536)."""
-        threshold = round(rate * _LEVELS)
-        if threshold <= 0 or threshold >= _LEVELS:
-            return torch.full(shape, threshold > 0, dtype=torch.bool, device=device)
-        count = math.prod(shape)
-        words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
-        words.random_(-(1 << 63), None, generator=self.generator(device))  # all 64 bits random
-        return words.view(torch.int16)[:count].view(shape) < threshold - _LEVELS // 2
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {device: generator.get_state() for device, generator in self._generators.items()}
 
@@ -61,8 +51,14 @@ class MaskSampler:
 
 
 def bernoulli(sampler: MaskSampler, shape: tuple[int, ...], rate: float, device: torch.device) -> torch.Tensor:
-    """True where dropped, each entry independently with probability ``rate``."""
-    return sampler.below(shape, rate, device)
+    """True where dropped, each entry independently with probability ``rate`` (to 1/65536)."""
+    threshold = round(rate * _LEVELS)
+    if threshold <= 0 or threshold >= _LEVELS:
+        return torch.full(shape, threshold > 0, dtype=torch.bool, device=device)
+    count = math.prod(shape)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None, generator=sampler.generator(device))  # all 64 bits random
+    return words.view(torch.int16)[:count].view(shape) < threshold - _LEVELS // 2
 
 
 def span(sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device) -> torch.Tensor:
@@ -99,7 +95,7 @@ def feature_keep_mask(sampler: MaskSampler, pattern: Pattern, rate: float, hidde
         kept = ~span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
     else:
         shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
-        kept = ~sampler.below(shape, rate, device)
+        kept = ~bernoulli(sampler, shape, rate, device)
     return kept if hidden.dim() == 3 else kept.squeeze(1)
 
 
