@@ -250,6 +250,27 @@ def reference_task_and_kl(model, inputs, controller, branches, compensation, smo
     return task_loss, kl
 
 
+def decoder_batch_with_prompts() -> dict[str, torch.Tensor]:
+    """Two rows of six tokens whose first tokens (and one last token) are unsupervised: 8 next tokens carry a label."""
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    return inputs
+
+
+def loss_and_gradients(trainer, model, inputs, num_items) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss, grads
+
+
+def assert_same_gradients(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert grads.keys() == expected.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize(
     "branches,compensation,smoothing",
     [("one", "kl", 0.0), ("both", "kl", 0.0), ("one", "js", 0.0), ("one", "kl", 0.1), ("both", "kl", 0.1)],
@@ -263,14 +284,10 @@ def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeyp
     controller = instrument(model, plan, seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
-    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    inputs = decoder_batch_with_prompts()
     model.train()
     state = controller.state_dict()
-    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(7))
-    loss.backward()
-    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    loss, fused_grads = loss_and_gradients(trainer, model, inputs, torch.tensor(7))
 
     controller.load_state_dict(state)
     task_loss, kl = reference_task_and_kl(model, inputs, controller, branches, compensation, smoothing, 7)
@@ -279,10 +296,7 @@ def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeyp
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert trainer._logged_terms["task_loss"][-1] == pytest.approx(task_loss.item(), rel=1e-5)
     assert trainer._logged_terms["kl_loss"][-1] == pytest.approx(kl.item(), rel=1e-5)
-    reference_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert fused_grads.keys() == reference_grads.keys() and fused_grads
-    for name, grad in fused_grads.items():
-        assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-6), name
+    assert_same_gradients(fused_grads, {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
 
 
 def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
@@ -334,30 +348,21 @@ def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(
     model = tiny_model("llama")
     controller = instrument(model, build_plan(method, 0.2, 0.0), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
-    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    inputs = decoder_batch_with_prompts()
     model.train()
     count = None if num_items is None else torch.tensor(num_items)
-
-    def loss_and_grads(trainer):
-        controller.load_state_dict(state)
-        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=count)
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        return loss, grads
 
     state = controller.state_dict()
     head_rows = []
     handle = model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[0]))
-    loss, grads = loss_and_grads(HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"))
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    loss, grads = loss_and_gradients(hkft_trainer, model, inputs, count)
     assert head_rows == [8]  # the supervised next tokens, not the 2 x 6 positions
     handle.remove()
-    expected, expected_grads = loss_and_grads(Trainer(model=model, args=args))
+    controller.load_state_dict(state)  # the stock Trainer's pass draws the same masks
+    expected, expected_grads = loss_and_gradients(Trainer(model=model, args=args), model, inputs, count)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert grads.keys() == expected_grads.keys() and grads
-    for name, grad in grads.items():
-        assert torch.allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-6), name
+    assert_same_gradients(grads, expected_grads)
 
 
 @pytest.mark.parametrize("method", ["hiddenkey-", "hiddenkey"])
@@ -369,21 +374,12 @@ def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method):
     model = tiny_model("mixtral")
     controller = instrument(model, build_plan(method, 0.0, 1.0), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    inputs["labels"] = inputs["input_ids"].masked_fill(torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]]).bool(), -100)
+    inputs = decoder_batch_with_prompts()
     model.train()
-
-    def loss_and_grads(trainer):
-        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(8))
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        return loss, grads
-
-    loss, grads = loss_and_grads(HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"))
-    expected, expected_grads = loss_and_grads(Trainer(model=model, args=args))
+    count = torch.tensor(8)
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    loss, grads = loss_and_gradients(hkft_trainer, model, inputs, count)
+    expected, expected_grads = loss_and_gradients(Trainer(model=model, args=args), model, inputs, count)
     assert model(**inputs).aux_loss > 0
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert grads.keys() == expected_grads.keys() and grads
-    for name, grad in grads.items():
-        assert torch.allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-6), name
+    assert_same_gradients(grads, expected_grads)
