@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.measure import Measurement
-from hkft.io import atomic_write_json
 from bench.run import DECODER_ONE_BRANCH_TARGET, EVAL_TARGETS, TRAIN_TARGETS, benchmark, llama_workload, minilm_workload
+from hkft.io import atomic_write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
