@@ -343,3 +343,15 @@ def test_cache_follows_the_template(tmp_path):
     assert plain._fingerprint == again._fingerprint != prefixed._fingerprint
     assert prefixed[0]["input_ids"][:2] == tokenizer("Q:")["input_ids"]
     assert np.count_nonzero(np.array(prefixed[0]["labels"]) == IGNORE_INDEX) == np.count_nonzero(np.array(plain[0]["labels"]) == IGNORE_INDEX) + 2
+
+
+@pytest.mark.parametrize("group_by_length,strategy", [(True, "group_by_length"), (False, "random")])
+def test_training_arguments_use_the_length_grouped_sampler_and_count_tokens(tmp_path, group_by_length, strategy):
+    from hkft.config import load_config
+    from hkft.pipeline import training_arguments
+    from hkft.rundir import RunDir
+
+    cfg = load_config("quickstart", [f"data.group_by_length={str(group_by_length).lower()}"])
+    args = training_arguments(cfg, RunDir(tmp_path / "run"), has_eval=True)
+    assert args.train_sampling_strategy == strategy
+    assert args.include_num_input_tokens_seen == "non_padding"  # tokens per second in the logs
