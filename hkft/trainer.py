@@ -25,6 +25,13 @@ DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 class HkftTrainer(Trainer):
     def __init__(self, *args: Any, dropout: DropoutController, task: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if task != "causal-lm":
+            # Sequence-classification and regression heads take **kwargs, so the Trainer assumes they
+            # divide their loss by the accumulation window's item count; they return the mean over the
+            # micro-batch. Said as it is, the Trainer divides that mean by the accumulation steps (as
+            # the KL term is divided) instead of summing micro-batch means: otherwise the update grows
+            # with grad_accum and the device count, and the KL weight shrinks by the same factor.
+            self.model_accepts_loss_kwargs = False
         self.dropout = dropout
         self.task = task
         self._logged_terms: dict[str, list[float]] = {"task_loss": [], "kl_loss": []}

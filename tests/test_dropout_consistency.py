@@ -108,6 +108,23 @@ def test_js_target_is_the_pass_without_masks():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["hiddenkey", "hiddenkey-"])
+def test_accumulation_divides_the_task_loss_and_the_kl_alike(method):
+    """Classification heads accept **kwargs but return the mean over their micro-batch, not a sum
+    over the accumulation window: each of two accumulated micro-batches must count half of its task
+    loss and half of its KL, so that kl_weight means the same at any grad_accum and device count."""
+    trainer, model, controller, inputs = make_trainer(method, kl_weight=0.7)
+    model.train()
+    state = controller.state_dict()
+    _, whole_window = loss_and_gradients(trainer, model, inputs, None)
+    controller.load_state_dict(state)
+    trainer.current_gradient_accumulation_steps = 2
+    _, num_items = trainer.get_batch_samples(iter([inputs, inputs]), 2, torch.device("cpu"))
+    trainer.training_step(model, dict(inputs), num_items)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert_same_gradients(grads, {name: grad / 2 for name, grad in whole_window.items()})
+
+
 def test_rescale_methods_use_the_plain_loss():
     trainer, model, _, inputs = make_trainer("hiddenkey-")
     calls = count_grad_forwards(model)
