@@ -61,6 +61,24 @@ def test_dropkey_and_dropattention_same_forward_different_gradients():
     assert (grads["attention_logits"] - grads["attention_weights"]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arch,padded", [("llama", False), ("llama", True), ("gpt2", False), ("bert", True)])
+@pytest.mark.parametrize("pattern", ["column", "span"])
+def test_dropkey_and_dropattention_same_forward_on_causal_and_padded_batches(arch, padded, pattern):
+    """Here whole-key DropKey rides on the keys while DropAttention builds the attention matrix:
+    with the same masks (same seed) the two still give the same logits."""
+    task = "classification" if arch in ENCODERS else "causal-lm"
+    logits = []
+    for method, position in (("dropkey", "attention_logits"), ("dropattention", "attention_weights")):
+        model = tiny_model(arch, task)
+        plan = build_plan(method, 0.3, 0.0, layers="all", position_overrides={position: (pattern, 0.3)})
+        instrument(model, plan, seed=7)
+        model.train()
+        logits.append(model(**batch(arch, padded)).logits)
+    # Rows whose visible keys are all dropped carry ~1e-4 float32 error on the key-bias path (see
+    # test_key_bias_dropkey_equals_the_masked_reference); a dropped own position would differ by 1e-1.
+    assert torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("position", ["attention_logits", "attention_weights"])
 def test_attention_matches_hand_written_reference_values_and_gradients(position):
     module = FakeAttention(causal=False).train()
@@ -106,9 +124,21 @@ def eager_reference(module, query, key, value, attention_mask, dropout=0.0, scal
     return (torch.softmax(scores, -1) @ value).transpose(1, 2).contiguous(), None
 
 
+def eager_key_bias_reference(module, query, key, value, attention_mask, dropped, dropout=0.0, scaling=None):
+    """Whole-key DropKey written out, standing in for the key-bias path: the dropped keys removed
+    from what each query sees (the causal triangle when the model passes no mask)."""
+    visible = attention_mask
+    if visible is None:
+        visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril()
+    output = masked_reference(query, key, value, visible, dropped, getattr(module, "num_key_value_groups", 1))
+    return output.contiguous(), None
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypatch):
+    """Every dropping layer, whichever path it takes (a boolean mask into SDPA on an unpadded
+    encoder batch, the key bias otherwise), against attention written out with the same masks."""
     model = tiny_model(arch, task="causal-lm" if arch == "llama" else "classification")
     controller = instrument(model, named_method("dropkey", 0.3), seed=5)
     model.train()
@@ -116,9 +146,17 @@ def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypa
     state = controller.state_dict()
     fast = model(**inputs).logits
     controller.load_state_dict(state)
-    monkeypatch.setattr(attention, "sdpa_attention_forward", eager_reference)
+    reference_calls = []
+
+    def counted(reference):
+        return lambda *args, **kwargs: reference_calls.append(reference) or reference(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", counted(eager_reference))
+    monkeypatch.setattr(attention, "dropkey_by_key_bias", counted(eager_key_bias_reference))
     slow = model(**inputs).logits
-    assert torch.allclose(fast, slow, atol=1e-5)
+    assert len(reference_calls) == len(model.base_model.encoder.layer if arch == "bert" else model.model.layers)
+    # Rows whose visible keys are all dropped carry ~1e-4 float32 error on the key-bias path.
+    assert torch.allclose(fast, slow, atol=1e-3 if reference_calls[-1] is eager_key_bias_reference else 1e-5)
     controller.load_state_dict(state)
     monkeypatch.undo()
     assert torch.equal(model(**inputs).logits, fast)  # same seed state, same masks

@@ -103,15 +103,21 @@ def test_sampler_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("pattern", ["column", "element", "span"])
-def test_causal_guard_never_leaves_an_empty_row_at_high_rate(pattern):
+@pytest.mark.parametrize("keep_own_position", [True, False])
+def test_causal_guard_never_leaves_an_empty_row_at_high_rate(pattern, keep_own_position):
     sampler = MaskSampler(5)
     visible = causal_mask(24, 24, CPU).expand(8, 1, 24, 24)
     for _ in range(20):
         dropped = attention_drop_mask(sampler, pattern, 0.9, 8, 4, 24, 24, CPU)
-        keep = guarded_keep_mask(visible, dropped, causal=True)
+        keep = guarded_keep_mask(visible, dropped, keep_own_position)
         assert keep.any(dim=-1).all()
         assert not (keep & ~visible).any()  # never re-admits a future key
-        assert keep.diagonal(dim1=-2, dim2=-1).all()  # a query always sees itself
+        if keep_own_position:
+            assert keep.diagonal(dim1=-2, dim2=-1).all()  # a query always sees itself
+        else:  # whole keys: a dropped key is gone for every query, unless that empties the row
+            for row, (kept, allowed, drop) in enumerate(zip(keep[0, 0], visible[0, 0], dropped[0, 0].expand(24, 24))):
+                survivors = allowed & ~drop
+                assert torch.equal(kept, survivors if survivors.any() else allowed), row
 
 
 def test_padded_rows_keep_only_keys_the_model_allowed():
@@ -119,7 +125,7 @@ def test_padded_rows_keep_only_keys_the_model_allowed():
     visible[1, :, :, 3:] = False  # keys 3.. are padding in example 1
     dropped = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
     dropped[1, 0, 0, :3] = True  # every real key of example 1 dropped
-    keep = guarded_keep_mask(visible, dropped, causal=False)
+    keep = guarded_keep_mask(visible, dropped, keep_own_position=False)
     assert torch.equal(keep[1], visible[1])  # the row falls back to what the model allowed
     assert torch.equal(keep[0, 0, 0], torch.ones(6, dtype=torch.bool))
 
@@ -127,7 +133,7 @@ def test_padded_rows_keep_only_keys_the_model_allowed():
 def test_column_mask_is_identical_across_queries_without_padding():
     sampler = MaskSampler(6)
     dropped = attention_drop_mask(sampler, "column", 0.3, 4, 2, 1, 16, CPU)
-    keep = guarded_keep_mask(None, dropped, causal=False)
+    keep = guarded_keep_mask(None, dropped, keep_own_position=False)
     assert keep.shape == (4, 2, 1, 16)  # stays a [B, H, 1, K] mask, no [B, H, Q, K] materialised
     assert torch.equal(keep, ~dropped | ~(~dropped).any(-1, keepdim=True))
 
@@ -136,7 +142,7 @@ def test_a_causal_query_that_cannot_see_itself_keeps_its_undropped_row():
     visible = causal_mask(5, 5, CPU).repeat(2, 1, 1, 1)
     visible[1, :, 3:, 3:] = False  # example 1: positions 3, 4 are padding (keys masked)
     dropped = torch.ones(2, 3, 1, 5, dtype=torch.bool)  # every key dropped
-    keep = guarded_keep_mask(visible, dropped, causal=True)
+    keep = guarded_keep_mask(visible, dropped, keep_own_position=True)
     assert torch.equal(keep[0], own_position(5, 5, CPU)[0].expand(3, 5, 5))  # real queries: only themselves
     assert torch.equal(keep[1, :, 3:], visible[1, :, 3:].expand(3, 2, 5))  # padded queries: undropped
     assert torch.equal(keep[1, :, :3], own_position(5, 5, CPU)[0, :, :3].expand(3, 3, 5))

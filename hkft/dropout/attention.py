@@ -76,7 +76,8 @@ def keep_mask(
     visible = as_visibility(attention_mask)
     if visible is None and causal:
         visible = causal_mask(query.shape[2], key.shape[2], query.device)
-    return guarded_keep_mask(visible, dropped_keys(site, query, key), causal)
+    keep_own_position = causal and site.drop.pattern == "element"
+    return guarded_keep_mask(visible, dropped_keys(site, query, key), keep_own_position)
 
 
 def rides_on_keys(site: AttentionDrop, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:

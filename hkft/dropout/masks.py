@@ -145,21 +145,26 @@ def own_position(queries: int, keys: int, device: torch.device) -> torch.Tensor:
     )
 
 
-def guarded_keep_mask(visible: torch.Tensor | None, dropped: torch.Tensor, causal: bool) -> torch.Tensor:
+def guarded_keep_mask(visible: torch.Tensor | None, dropped: torch.Tensor, keep_own_position: bool) -> torch.Tensor:
     """Combine what each query may see (``visible``: bool, True = attend, None = every key) with
     the dropped keys, such that no row ends up empty.
 
-    Causal attention never drops a query's own position: token 0 sees only key 0, and column
-    dropping would otherwise leave it nothing to attend to (softmax over an empty row is NaN). A
-    causal query that does not see its own position (a padded query, whose output no loss reads)
-    keeps its undropped row. Both are decided on the visibility mask, which has no head dimension,
-    so the guard costs two passes over the [B, H, Q, K] mask and no search for empty rows in it.
-    Any other row left empty (every key of an encoder row dropped) gets its undropped row back:
-    dropping never re-admits a key the model itself masked. Callers pass the explicit causal
-    triangle as ``visible`` for causal attention.
+    ``keep_own_position`` (the element pattern under causal attention) never drops a query's own
+    position: token 0 sees only key 0, and each of its entries is dropped independently, so its row
+    would otherwise be empty at the rate p. A causal query that does not see its own position (a
+    padded query, whose output no loss reads) keeps its undropped row. Both are decided on the
+    visibility mask, which has no head dimension, so the guard costs two passes over the
+    [B, H, Q, K] mask and no search for empty rows in it. Callers pass the explicit causal triangle
+    as ``visible`` for causal attention.
+
+    Otherwise (whole keys: column and span) a dropped key is dropped for every query, its own
+    position included, and a row left empty gets its undropped row back. That is what the key-bias
+    DropKey computes (exempting one query per key would take the [B, H, Q, K] mask it avoids), so
+    DropKey and DropAttention give the same forward pass. Dropping never re-admits a key the model
+    itself masked.
     """
     keep = ~dropped
-    if causal:
+    if keep_own_position:
         if visible is None:
             raise ValueError("causal attention needs its visibility mask")
         own = own_position(visible.shape[-2], dropped.shape[-1], dropped.device)
