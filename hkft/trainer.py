@@ -59,9 +59,9 @@ class HkftTrainer(Trainer):
 
         with self.dropout.shared_prefix() as replay, _head_on_rows(model, rows):
             task_loss, outputs = forward_pass()
-            with self._second_pass_context(both), replay():
+            with self._second_pass_context(model, both), replay():
                 # Both branches: a second training pass (R-Drop). One branch (the paper's) and js:
-                # the second pass is a target only and builds no graph; js's target is unmasked.
+                # the second pass is a target only and builds no graph; js's target is the eval-mode model.
                 second_loss, second = forward_pass() if both else (None, model(**forward_inputs))
 
         if fused:
@@ -112,12 +112,12 @@ class HkftTrainer(Trainer):
         coefficient = getattr(transformers_model(model).config, "router_aux_loss_coef", 0.0)
         return coefficient * sum(terms) / len(terms) * self._loss_scale(num_items_in_batch)
 
-    def _second_pass_context(self, both: bool) -> ExitStack:
+    def _second_pass_context(self, model: torch.nn.Module, both: bool) -> ExitStack:
         stack = ExitStack()
         if not both:
             stack.enter_context(torch.no_grad())
         if self.dropout.plan.compensation == "js":
-            stack.enter_context(self.dropout.paused())
+            stack.enter_context(_eval_mode(model))
         return stack
 
     def _objective_weights(self, labels: torch.Tensor, num_items_in_batch: Any, both: bool) -> ObjectiveWeights:
@@ -180,6 +180,19 @@ class HkftTrainer(Trainer):
 
 def _without_labels(inputs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in inputs.items() if key != "labels"}
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The `js` target is the eval-mode model: hkft's masks, the model's own dropout and peft's
+    lora_dropout all off. Each module's mode is put back afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @contextmanager

@@ -1,7 +1,6 @@
 """The compensation losses against hand computations, and the trainer's use of them."""
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -101,6 +100,27 @@ def test_js_target_is_the_pass_without_masks():
     state = controller.state_dict()
     loss = trainer.compute_loss(model, inputs)
     controller.load_state_dict(state)
+    first = model(**inputs)
+    model.eval()
+    clean = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    expected = first.loss + consistency_loss("classification", first.logits, clean, symmetric=False)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout():
+    """`js` compares the dropout pass with the eval-mode pass: the model's own dropout (the
+    `dropout` method, or peft's lora_dropout) must be off in the target too, not only hkft's masks."""
+    model = tiny_model("bert", "classification")
+    controller = instrument(model, build_plan("dropout", 0.3, 1.0, compensation="js"), seed=0)
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="classification")
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
+              "labels": torch.tensor([0, 1, 2, 0])}
+    model.train()
+    torch.manual_seed(3)  # the model's own dropout draws from torch's generator
+    loss = trainer.compute_loss(model, inputs)
+    assert model.training
+    torch.manual_seed(3)
     first = model(**inputs)
     model.eval()
     clean = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -259,8 +279,10 @@ def reference_task_and_kl(model, inputs, controller, branches, compensation, smo
         second = model(**forward_inputs).logits
         task_loss = 0.5 * (task(first.logits) + task(second))
     else:
-        with torch.no_grad(), (controller.paused() if compensation == "js" else nullcontext()):
+        model.train(compensation != "js")  # the js target is the eval-mode model
+        with torch.no_grad():
             second = model(**forward_inputs).logits
+        model.train()
         task_loss = task(first.logits)
     supervised = labels[:, 1:] != -100
     kl = reference_kl(first.logits[:, :-1][supervised], second[:, :-1][supervised], compensation == "kl") / num_items

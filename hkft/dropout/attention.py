@@ -41,7 +41,7 @@ class AttentionDrop:
     controller: DropoutController
 
     def active(self, module: torch.nn.Module) -> bool:
-        return module.training and self.controller.enabled and self.drop.rate > 0
+        return module.training and self.drop.rate > 0
 
 
 def register_attention() -> None:

@@ -2,7 +2,7 @@
 
 Order of work: switch the model's own dropout off (or to ``plan.model_dropout`` for the method
 `dropout`), then attach the plan's positions to the selected layers. Masks apply only while the
-module is training and the controller is enabled, so eval mode is the plain model.
+module is training, so eval mode is the plain model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class FeatureDrop:
     rescale: bool
 
     def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if not (module.training and self.controller.enabled and self.drop.rate > 0):
+        if not (module.training and self.drop.rate > 0):
             return hidden
         keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden)
         return apply_feature_mask(hidden, keep, feature_scale(self.drop.pattern, self.drop.rate, self.rescale))
@@ -48,20 +48,10 @@ class FeatureDrop:
 class DropoutController:
     plan: DropoutPlan
     sampler: MaskSampler
-    enabled: bool = True
     layers: tuple[int, ...] = ()
     shared: list[nn.Module] = field(default_factory=list, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Run without hkft's masks (the eval-mode target of the `js` compensation)."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
 
     @contextmanager
     def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
