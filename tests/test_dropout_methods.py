@@ -158,3 +158,40 @@ def test_output_and_input_positions_change_training_outputs_only():
     clean = model(**inputs).logits
     model.train()
     assert not torch.equal(model(**inputs).logits, clean)
+
+
+# The method notes' table of named methods, written out: (attention logits, attention weights,
+# hidden, compensation); the `dropout` method keeps the model's own dropout at the rate instead.
+PAPER_TABLE = {
+    "none": (None, None, None, "rescale"),
+    "dropout": (None, None, None, "rescale"),
+    "dropkey": ("column", None, None, "rescale"),
+    "dropattention": (None, "column", None, "rescale"),
+    "hiddencut": (None, None, "element", "rescale"),
+    "hiddenkey-": ("column", None, "element", "rescale"),
+    "hiddenkey": ("column", None, "element", "kl"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_named_methods_are_the_papers_table(method):
+    plan = named_method(method, 0.15, kl_weight=0.5)
+    logits, weights, hidden, compensation = PAPER_TABLE[method]
+    expected = {name: pattern for name, pattern in
+                (("attention_logits", logits), ("attention_weights", weights), ("hidden", hidden)) if pattern}
+    assert {name: drop.pattern for name, drop in plan.positions.items()} == expected
+    assert all(drop.rate == 0.15 for drop in plan.positions.values())
+    assert plan.compensation == compensation
+    assert plan.kl_weight == (0.5 if compensation == "kl" else 0.0)
+    assert plan.model_dropout == (0.15 if method == "dropout" else None)
+
+
+def test_config_defaults_are_the_papers_defaults():
+    """HiddenKey with p = 0.1 at both positions, KL weight 1.0, one branch, auto layers."""
+    from hkft.config.schema import DropoutConfig
+    from hkft.pipeline import plan_from_config
+
+    plan = plan_from_config(DropoutConfig())
+    assert plan == named_method("hiddenkey", 0.1, kl_weight=1.0)
+    assert {name: drop.rate for name, drop in plan.positions.items()} == {"attention_logits": 0.1, "hidden": 0.1}
+    assert (plan.compensation, plan.kl_weight, plan.branches, plan.layers) == ("kl", 1.0, "one", "auto")
