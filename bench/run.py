@@ -152,7 +152,7 @@ def training_configurations(workload: Workload, device: torch.device) -> dict[st
     for name, plan in plans.items():
         model = lora(workload, device)
         controller = instrument(model, plan, seed=0)
-        compute_first_token_only(model, workload.task)  # as `hkft train` does
+        compute_first_token_only(model, workload.task, controller)  # as `hkft train` does
         trainer = HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
         steps[name] = trainer_step(model, trainer, batch)
     AttentionInterface.register("naive_dropkey", naive_column_dropkey)

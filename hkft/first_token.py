@@ -11,7 +11,9 @@ this is a real saving for an encoder classifier, about 10% of a MiniLM-L6 step.
 
 Only model types whose heads are known to read the first token are sliced; everything else, and
 token-level tasks, run unchanged. The last hidden state then has length 1, which nothing in
-training or evaluation reads.
+training or evaluation reads. Entry-wise and feature-wise dropout of the sliced feed-forward
+output draws the first token's mask as before; a token span is drawn over the whole sequence, so
+a plan that drops hidden spans in the last layer leaves that layer whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from hkft.dropout import DropoutController
 from hkft.dropout.architecture import transformer_layers, transformers_model
 
 # Model types whose sequence-classification head reads hidden[:, 0] of the last layer, and
@@ -31,7 +34,7 @@ def _first_token_only(module: nn.Module, args: tuple) -> tuple:
     return tuple(arg[:, :1] for arg in args)
 
 
-def compute_first_token_only(model: nn.Module, task: str) -> RemovableHandle | None:
+def compute_first_token_only(model: nn.Module, task: str, dropout: DropoutController) -> RemovableHandle | None:
     """Make the last layer compute its output for the first token only, where that is exact.
 
     Returns the hook's handle (remove it to restore full outputs), or None where not applicable.
@@ -39,8 +42,11 @@ def compute_first_token_only(model: nn.Module, task: str) -> RemovableHandle | N
     base = transformers_model(model)
     if task not in SEQUENCE_TASKS or getattr(base.config, "model_type", None) not in FIRST_TOKEN_HEADS:
         return None
+    layers = transformer_layers(model)
+    if dropout.drops_token_spans(len(layers) - 1):
+        return None
     try:
-        output = transformer_layers(model)[-1].get_submodule("attention.output")
+        output = layers[-1].get_submodule("attention.output")
     except AttributeError:
         return None
     return output.register_forward_pre_hook(_first_token_only)

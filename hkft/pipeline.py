@@ -182,7 +182,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
-    compute_first_token_only(model, task)
+    compute_first_token_only(model, task, controller)
 
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)

@@ -21,8 +21,8 @@ def lora_classifier(arch: str):
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # a trained adapter: B is zero at initialisation, which hides gradient errors
             torch.nn.init.normal_(parameter, std=0.1)
-    instrument(model, build_plan("none", 0.0, 0.0), seed=0)  # the model's own dropout off
-    return model
+    controller = instrument(model, build_plan("none", 0.0, 0.0), seed=0)  # the model's own dropout off
+    return model, controller
 
 
 def logits_and_gradients(model, inputs):
@@ -36,11 +36,11 @@ def logits_and_gradients(model, inputs):
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_first_token_only_gives_the_stock_logits_and_gradients(arch):
-    model = lora_classifier(arch)
+    model, controller = lora_classifier(arch)
     inputs = {**batch(arch, padded=True), "labels": torch.tensor([0, 2, 1])}
     logits, grads = logits_and_gradients(model, inputs)
 
-    handle = compute_first_token_only(model, "classification")
+    handle = compute_first_token_only(model, "classification", controller)
     assert handle is not None
     feed_forward_tokens = []
     transformer_layers(model)[-1].intermediate.register_forward_hook(lambda module, args, out: feed_forward_tokens.append(out.shape[1]))
@@ -59,4 +59,15 @@ def test_first_token_only_gives_the_stock_logits_and_gradients(arch):
 @pytest.mark.parametrize("arch,task", [("llama", "classification"), ("gpt2", "classification"), ("bert", "causal-lm")])
 def test_models_whose_head_reads_other_tokens_are_left_alone(arch, task):
     model = tiny_model(arch, task=task if task != "causal-lm" else "classification")
-    assert compute_first_token_only(model, task) is None
+    controller = instrument(model, build_plan("hiddenkey", 0.1, 1.0), seed=0)
+    assert compute_first_token_only(model, task, controller) is None
+
+
+@pytest.mark.parametrize("pattern,layers,sliced", [("element", "all", True), ("column", "all", True), ("span", "all", False), ("span", [0], True)])
+def test_a_hidden_token_span_in_the_last_layer_keeps_the_layer_whole(pattern, layers, sliced):
+    """A span is drawn over the layer's tokens: on the first token alone its length would round to
+    0 and nothing would be dropped. Element and column masks of the first token are unchanged."""
+    model = tiny_model("bert", task="classification")
+    plan = build_plan("hiddencut", 0.3, 0.0, layers=layers, position_overrides={"hidden": (pattern, 0.3)})
+    controller = instrument(model, plan, seed=0)
+    assert (compute_first_token_only(model, "classification", controller) is not None) == sliced

@@ -95,6 +95,11 @@ class DropoutController:
         finally:
             remove_hooks()
 
+    def drops_token_spans(self, layer: int) -> bool:
+        """Whether ``layer``'s feed-forward output loses a span of tokens, drawn over its length."""
+        hidden = self.plan.active_positions.get("hidden")
+        return hidden is not None and hidden.pattern == "span" and layer in self.layers
+
     def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
         """``context_fn`` for `torch.utils.checkpoint`: a recomputed layer redraws the masks its
         forward drew.
