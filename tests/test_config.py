@@ -62,6 +62,7 @@ def test_unknown_section_suggests_the_closest_section(tmp_path):
         ("model.quantization=3bit", "model.quantization: Input should be 'none', '8bit' or '4bit'"),
         ("model.task=translation", "model.task: Input should be"),
         ("data.text_column=[a, b, c]", "give one text column, or two for text pairs"),
+        ("dropout.positions.output.pattern=span", "span drops tokens, but a classification or regression head reads one vector"),
     ],
 )
 def test_bad_values_are_named_with_their_key(tmp_path, override, message):
@@ -84,10 +85,10 @@ def test_non_utf8_preset_is_a_clear_error(tmp_path):
 
 def test_overrides_are_typed_and_nested(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["lora.r=16", "train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]",
-                                                     "dropout.positions.output.pattern=span"])
+                                                     "dropout.positions.hidden.pattern=span"])
     assert config.lora.r == 16 and config.train.lr == pytest.approx(1e-4)
     assert config.lora.target_modules == ["q_proj", "v_proj"]
-    assert config.dropout.positions["output"].pattern == "span"
+    assert config.dropout.positions["hidden"].pattern == "span"
 
 
 def test_malformed_override_is_rejected():
@@ -152,3 +153,13 @@ def test_arbitrary_text_never_gives_a_traceback(tmp_path, text):
         load_config(write(tmp_path, text))
     except ConfigError as err:
         assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dropout.compensation=kl", "dropout.kl_weight=0"], "dropout.compensation kl/js needs dropout.kl_weight > 0"),
+    (["train.eval_strategy=steps"], "train: eval_strategy 'steps' needs train.eval_steps"),
+])
+def test_a_rule_across_keys_is_one_line_without_the_whole_section(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), overrides)
+    assert str(caught.value).endswith(f": {message}")  # no "(got {...})" echo of the preset or section

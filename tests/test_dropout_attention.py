@@ -265,3 +265,20 @@ def test_whole_key_dropkey_never_hands_sdpa_a_per_head_query_by_key_mask(arch, m
     for padded in (False, True):
         model(**batch(arch, padded, size=3, length=10))
     assert masks and all(shape is None or 1 in shape[1:3] for shape in masks), masks
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_key_spans_of_a_padded_batch_lie_in_each_examples_tokens(arch, monkeypatch):
+    model = tiny_model(arch, task="causal-lm" if arch == "llama" else "classification")
+    instrument(model, build_plan("dropkey", 0.3, 0.0, position_overrides={"attention_logits": ("span", 0.3)}), seed=0)
+    drawn = []
+    draw = attention.attention_drop_mask
+    monkeypatch.setattr(attention, "attention_drop_mask", lambda *args, **kwargs: drawn.append(draw(*args, **kwargs)) or drawn[-1])
+    model.train()
+    inputs = batch(arch, padded=True, size=3, length=10)  # 10, 7 and 5 real tokens
+    model(**inputs)
+    real = inputs["attention_mask"].bool()
+    assert drawn
+    for dropped in drawn:  # [B, H, 1, K]
+        assert not (dropped[:, :, 0] & ~real[:, None]).any()
+        assert (dropped[:, :, 0].sum(-1) == torch.tensor([round(0.3 * n) for n in real.sum(-1).tolist()])[:, None]).all()

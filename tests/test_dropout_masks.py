@@ -13,6 +13,7 @@ from hkft.dropout.masks import (
     feature_scale,
     guarded_keep_mask,
     own_position,
+    token_extent,
 )
 
 CPU = torch.device("cpu")
@@ -74,6 +75,23 @@ def test_spans_are_contiguous_runs_of_the_right_length():
         assert (positions.diff() == 1).all()
     starts = dropped.float().argmax(dim=-1)
     assert starts.unique().numel() > 5  # the start is drawn, not fixed
+
+
+def test_spans_of_a_padded_batch_lie_in_each_examples_tokens_and_scale_with_its_length():
+    sampler = MaskSampler(seed=9)
+    padding = torch.zeros(3, 20, dtype=torch.long)
+    padding[0, :] = 1  # full
+    padding[1, :10] = 1  # right-padded, 10 tokens
+    padding[2, 12:] = 1  # left-padded, 8 tokens
+    extent = token_extent(padding)
+    assert extent[0].tolist() == [0, 0, 12] and extent[1].tolist() == [20, 10, 8]
+    for _ in range(50):
+        keys = attention_drop_mask(sampler, "span", 0.3, 3, 2, 1, 20, CPU, extent)[:, :, 0]
+        tokens = ~feature_keep_mask(sampler, "span", 0.3, torch.ones(3, 20, 4), extent)[:, :, 0]
+        for example, real in enumerate(padding.bool()):
+            for row in (*keys[example], tokens[example]):
+                assert not (row & ~real).any()  # never on padding
+                assert row.sum() == round(0.3 * int(real.sum()))  # 6, 3 and 2 positions
 
 
 def test_same_seed_same_masks_and_ranks_differ():

@@ -110,6 +110,23 @@ def test_hidden_drop_hits_the_ffn_output_at_the_rate():
     assert abs(fraction - 0.5) < 0.03
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_hidden_spans_of_a_padded_batch_drop_each_examples_share_of_its_own_tokens(arch):
+    """The model's [B, T] padding mask reaches the span draw: 30% of each example's real tokens,
+    never a padding position."""
+    model = tiny_model(arch, task_for(arch))
+    instrument(model, build_plan("hiddencut", 0.3, 0.0, position_overrides={"hidden": ("span", 0.3)}), seed=0)
+    seen = []
+    ffn_output_module(transformer_layers(model)[-1]).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    model.train()
+    inputs = batch(arch, padded=True, size=3, length=10)  # 10, 7 and 5 real tokens
+    model(**inputs)
+    dropped_tokens = (seen[0] == 0).all(dim=-1)
+    real = inputs["attention_mask"].bool()
+    assert not (dropped_tokens & ~real).any()
+    assert dropped_tokens.sum(dim=-1).tolist() == [round(0.3 * n) for n in real.sum(dim=-1).tolist()]
+
+
 @pytest.mark.parametrize("arch,expected", [("llama", (2, 3)), ("gpt2", (2, 3)), ("bert", (0, 1, 2, 3))])
 def test_default_layers_latter_half_for_decoders_all_for_encoders(arch, expected):
     controller = instrument(tiny_model(arch, task_for(arch)), named_method("hiddenkey", 0.1), seed=0)

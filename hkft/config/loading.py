@@ -132,7 +132,13 @@ def describe_validation_error(err: ValidationError) -> str:
         message = f"{where}: required key is missing"
     else:
         text = first["msg"].removeprefix("Value error, ")
-        message = f"{where}: {text} (got {first.get('input')!r})"
+        value = first.get("input")
+        # A rule across keys (a model validator) names its keys itself and gets a whole section as
+        # input: echoing that section back would bury the message.
+        if isinstance(value, dict):
+            message = text if where == "top level" else f"{where}: {text}"
+        else:
+            message = f"{where}: {text} (got {value!r})"
     if len(errors) > 1:
         message += f" [and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}]"
     return message

@@ -211,4 +211,9 @@ class HkftConfig(Section):
             raise ValueError("causal-lm takes one text column (or prompt_column/completion_column)")
         if self.dropout.compensation in ("kl", "js") and self.dropout.kl_weight == 0:
             raise ValueError("dropout.compensation kl/js needs dropout.kl_weight > 0")
+        output = self.dropout.positions.get("output")
+        if self.model.task != "causal-lm" and output is not None and output.pattern == "span":
+            # A sequence head reads one vector per example (pooled or first token): no tokens to span.
+            raise ValueError("dropout.positions.output: span drops tokens, but a classification or regression "
+                             "head reads one vector per example; use pattern element or column")
         return self

@@ -63,8 +63,10 @@ def as_visibility(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def dropped_keys(site: AttentionDrop, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     batch, heads, queries, _ = query.shape
+    keys = key.shape[2]
+    extent = site.controller.token_extent(batch, keys) if site.drop.pattern == "span" else None
     return attention_drop_mask(
-        site.controller.sampler, site.drop.pattern, site.drop.rate, batch, heads, queries, key.shape[2], query.device
+        site.controller.sampler, site.drop.pattern, site.drop.rate, batch, heads, queries, keys, query.device, extent
     )
 
 

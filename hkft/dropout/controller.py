@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
 from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, register_attention
-from hkft.dropout.masks import MaskSampler, apply_feature_mask, feature_keep_mask, feature_scale
+from hkft.dropout.masks import Extent, MaskSampler, apply_feature_mask, feature_keep_mask, feature_scale, token_extent
 from hkft.dropout.plan import DropoutPlan, PositionDrop
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
@@ -34,7 +34,8 @@ class FeatureDrop:
     def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if not (module.training and self.drop.rate > 0):
             return hidden
-        keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden)
+        extent = self.controller.token_extent(hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else None
+        keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden, extent)
         return apply_feature_mask(hidden, keep, feature_scale(self.drop.pattern, self.drop.rate, self.rescale))
 
     def output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,7 @@ class DropoutController:
     sampler: MaskSampler
     layers: tuple[int, ...] = ()
     shared: list[nn.Module] = field(default_factory=list, repr=False)
+    padding: torch.Tensor | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
@@ -94,6 +96,18 @@ class DropoutController:
             yield replay
         finally:
             remove_hooks()
+
+    def token_extent(self, batch: int, length: int) -> Extent | None:
+        """Where each example's real tokens are in the current forward's [batch, length] activations,
+        when the batch is padded (spans are drawn inside them); None when every position is a token."""
+        if self.padding is None or tuple(self.padding.shape) != (batch, length):
+            return None
+        return token_extent(self.padding)
+
+    def note_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: keep the call's [B, T] padding mask for the span patterns."""
+        mask = kwargs.get("attention_mask")
+        self.padding = mask if mask is not None and mask.dim() == 2 else None
 
     def drops_token_spans(self, layer: int) -> bool:
         """Whether ``layer``'s feed-forward output loses a span of tokens, drawn over its length."""
@@ -180,6 +194,9 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
             # Inside a checkpointed layer a replayed projection would be recomputed for real in the
             # backward pass, which checkpointing rejects (the saved tensors differ).
             controller.shared += architecture.attention_input_projections(layers[first])
+
+    if any(drop.pattern == "span" for drop in positions.values()):
+        controller._handles.append(base.register_forward_pre_hook(controller.note_padding, with_kwargs=True))
 
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
     if attention_position is not None:

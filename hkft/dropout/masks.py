@@ -13,6 +13,8 @@ import torch
 
 from hkft.dropout.plan import Pattern
 
+# (first real position, number of real tokens) per example: see `token_extent`.
+Extent = tuple[torch.Tensor, torch.Tensor]
 # Large odd multiplier so that (seed, rank) pairs map to well-separated generator seeds.
 _RANK_STRIDE = 1_000_003
 # Bernoulli masks compare 16-bit random integers with a threshold, four from each 64-bit draw. On a
@@ -61,38 +63,65 @@ def bernoulli(sampler: MaskSampler, shape: tuple[int, ...], rate: float, device:
     return words.view(torch.int16)[:count].view(shape) < threshold - _LEVELS // 2
 
 
-def span(sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device) -> torch.Tensor:
-    """True on one contiguous run of round(rate * length) positions per row, start uniform.
+def span(
+    sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device, extent: Extent | None = None
+) -> torch.Tensor:
+    """True on one contiguous run of round(rate * n) positions per row, start uniform, where n is
+    the row's sequence length: its real tokens when ``extent`` is given, else all ``length``.
 
-    Returns shape ``rows + (length,)``.
+    Returns shape ``rows + (length,)``. A padded example's span lies inside its own tokens and
+    scales with its own length, so every example loses the same share of its tokens.
     """
-    span_length = round(rate * length)
-    starts = (sampler.uniform(rows, device) * (length - span_length + 1)).floor().long().unsqueeze(-1)
+    if extent is None:
+        first, count = torch.zeros((), device=device), torch.tensor(float(length), device=device)
+    else:
+        first, count = (t.reshape(t.shape + (1,) * (len(rows) - t.dim())).double() for t in extent)
+    span_length = torch.round(rate * count)
+    starts = first + (sampler.uniform(rows, device) * (count - span_length + 1)).floor()
     positions = torch.arange(length, device=device)
-    return (positions >= starts) & (positions < starts + span_length)
+    return (positions >= starts.unsqueeze(-1)) & (positions < (starts + span_length).unsqueeze(-1))
+
+
+def token_extent(attention_mask: torch.Tensor) -> Extent:
+    """(first real position, number of real tokens) per example of a [B, T] padding mask whose real
+    tokens are contiguous (left or right padding, as tokenizers and collators pad)."""
+    real = attention_mask.bool()
+    return real.int().argmax(dim=-1), real.sum(dim=-1)
 
 
 def attention_drop_mask(
-    sampler: MaskSampler, pattern: Pattern, rate: float, batch: int, heads: int, queries: int, keys: int, device: torch.device
+    sampler: MaskSampler,
+    pattern: Pattern,
+    rate: float,
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    device: torch.device,
+    extent: Extent | None = None,
 ) -> torch.Tensor:
-    """Dropped keys per (example, head): [B, H, Q, K] for element, [B, H, 1, K] for column and span."""
+    """Dropped keys per (example, head): [B, H, Q, K] for element, [B, H, 1, K] for column and span
+    (a span of each example's real keys, ``extent``, when the batch is padded)."""
     if pattern == "element":
         return bernoulli(sampler, (batch, heads, queries, keys), rate, device)
     if pattern == "column":
         return bernoulli(sampler, (batch, heads, 1, keys), rate, device)
-    return span(sampler, (batch, heads), keys, rate, device).unsqueeze(2)
+    return span(sampler, (batch, heads), keys, rate, device, extent).unsqueeze(2)
 
 
-def feature_keep_mask(sampler: MaskSampler, pattern: Pattern, rate: float, hidden: torch.Tensor) -> torch.Tensor:
+def feature_keep_mask(
+    sampler: MaskSampler, pattern: Pattern, rate: float, hidden: torch.Tensor, extent: Extent | None = None
+) -> torch.Tensor:
     """Boolean mask, True = kept, broadcastable to a [B, T, D] (or [B, D]) activation.
 
     element drops entries ([B, T, D]), column drops feature dimensions for all tokens ([B, 1, D]),
-    span drops a contiguous run of tokens, all features ([B, T, 1]).
+    span drops a contiguous run of tokens, all features ([B, T, 1]), inside each example's real
+    tokens (``extent``) when the batch is padded.
     """
     batch, tokens, features = hidden.shape if hidden.dim() == 3 else (hidden.shape[0], 1, hidden.shape[-1])
     device = hidden.device
     if pattern == "span":
-        kept = ~span(sampler, (batch,), tokens, rate, device).unsqueeze(-1)
+        kept = ~span(sampler, (batch,), tokens, rate, device, extent).unsqueeze(-1)
     else:
         shape = (batch, tokens, features) if pattern == "element" else (batch, 1, features)
         kept = ~bernoulli(sampler, shape, rate, device)
