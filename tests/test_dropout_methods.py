@@ -51,13 +51,17 @@ def test_none_equals_plain_model_with_dropout_zero_in_train_mode(arch):
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_dropout_method_is_the_models_own_dropout(arch):
+    """Everywhere the model has dropout for an encoder (all layers); in a decoder's latter half only."""
     rate = 0.2
     reference, model = tiny_model(arch, task_for(arch)), tiny_model(arch, task_for(arch))
-    for module in reference.modules():  # the model's own dropout, every rate set to `rate`
-        if isinstance(module, nn.Dropout):
-            module.p = rate
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = rate
+    zero_dropout(reference)
+    layers = transformer_layers(reference)
+    for scope in [reference] if arch in ENCODERS else layers[len(layers) // 2 :]:
+        for module in scope.modules():  # the model's own dropout, every rate set to `rate`
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = rate
     instrument(model, named_method("dropout", rate), seed=0)
     reference.train(), model.train()
     inputs = batch(arch, padded=True)

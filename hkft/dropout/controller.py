@@ -1,7 +1,7 @@
 """Instrument a model with a `DropoutPlan` and keep its mask generator.
 
-Order of work: switch the model's own dropout off (or to ``plan.model_dropout`` for the method
-`dropout`), then attach the plan's positions to the selected layers. Masks apply only while the
+Order of work: switch the model's own dropout off (for the method `dropout`, set it to
+``plan.model_dropout`` in the selected layers), then attach the plan's positions to the selected layers. Masks apply only while the
 module is training, so eval mode is the plain model.
 """
 
@@ -178,10 +178,16 @@ def shareable_prefix(model: nn.Module, plan: DropoutPlan) -> bool:
 def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) -> DropoutController:
     """Apply ``plan`` to ``model`` (plain or peft-wrapped; wrap with LoRA first so hooks see the
     LoRA-adapted FFN output)."""
-    architecture.set_builtin_dropout(model, plan.model_dropout or 0.0)
     layers = architecture.transformer_layers(model)
     controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
     controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
+    architecture.set_builtin_dropout(model, 0.0)
+    if plan.model_dropout:
+        # The method `dropout`: the model's own dropout in the selected layers, like every other
+        # method (a decoder's latter half); with every layer selected, everywhere the model has it.
+        every_layer = len(controller.layers) == len(layers)
+        for scope in [model] if every_layer else [layers[index] for index in controller.layers]:
+            architecture.set_builtin_dropout(scope, plan.model_dropout)
     positions = plan.active_positions
     base = architecture.transformers_model(model)
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
