@@ -107,6 +107,13 @@ def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
         raise TrainingError(
             f"{run.root} already holds a run", "use --resume to continue it, --overwrite to replace it, or another --output-dir"
         )
+    # Without a config of ours beside them, files under hkft's names are somebody else's.
+    clashes = [path.name for path in written_paths(run) if path.exists()]
+    if clashes and not overwrite and not run.config_path.exists():
+        raise TrainingError(
+            f"{run.root} is not an hkft run but holds {', '.join(clashes)}, which training would replace",
+            "choose another --output-dir, or pass --overwrite to replace them",
+        )
     remove_run_files(run)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -115,13 +122,19 @@ def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
     return run
 
 
+def written_paths(run: RunDir) -> tuple[Path, ...]:
+    """Everything hkft writes in a run directory (the folders first)."""
+    return (run.adapter_dir, run.checkpoints_dir, run.tb_dir, run.config_path, run.info_path, run.metrics_json,
+            run.metrics_jsonl, run.curves_png, run.eval_json, run.predictions_jsonl)
+
+
 def remove_run_files(run: RunDir) -> None:
     """Only what hkft writes: --overwrite on a directory that holds other files keeps them."""
-    for path in (run.adapter_dir, run.checkpoints_dir, run.tb_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (run.config_path, run.info_path, run.metrics_json, run.metrics_jsonl, run.curves_png,
-                 run.eval_json, run.predictions_jsonl):
-        path.unlink(missing_ok=True)
+    for path in written_paths(run):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def checkpoint_is_complete(path: Path) -> bool:

@@ -3,6 +3,7 @@
 import importlib.metadata
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -105,6 +106,21 @@ def test_a_failed_start_is_reused_without_stale_metrics(tmp_path):
     run.metrics_jsonl.write_text('{"step": 1}\n')
     prepare_run_dir(tmp_path, resume=False, overwrite=False)
     assert not run.metrics_jsonl.exists() and not run.config_path.exists()
+
+
+def test_a_directory_that_is_not_a_run_keeps_its_files_under_hkft_names(tmp_path):
+    """No config of ours: a tb/ or eval.json there is the user's, and is not deleted without --overwrite."""
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.important").write_text("x")
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match=r"is not an hkft run but holds tb, eval\.json, which training would replace"):
+        prepare_run_dir(tmp_path, resume=False, overwrite=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["eval.json", "events.important", "notes.txt", "tb"]
+    (tmp_path / "eval.json").unlink()
+    shutil.rmtree(tmp_path / "tb")
+    prepare_run_dir(tmp_path, resume=False, overwrite=False)  # other files alone are no obstacle
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_resume_needs_a_complete_checkpoint(tmp_path):
