@@ -95,7 +95,8 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, b
     try:
         for start in range(0, min(limit, len(prompts)), batch_size):
             chunk = prompts[start : min(start + batch_size, limit)]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            # Some decoder tokenizers (Falcon's) emit token_type_ids, which generate() rejects.
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
             generated = model.generate(
                 **encoded,
                 max_new_tokens=settings.max_new_tokens,

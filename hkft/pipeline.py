@@ -216,11 +216,12 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
             "continue with the same command and --resume",
         )
 
+    if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
+        save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
     metrics = {"split": split, **outcome.metrics}
     if trainer.is_world_process_zero():
-        save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
         atomic_write_json(run.metrics_json, {"train": train_summary(trainer.state.log_history), "eval": metrics})
         plot_run_curves(run.root)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics)

@@ -71,3 +71,33 @@ def test_decoder_classifier_without_pad_token_gets_one(tmp_path, cli):
     assert sidecar["label_names"] == ["neg", "pos"]
     peft_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert "score" in peft_config["modules_to_save"]  # the head is saved with the adapter
+
+
+def test_generation_ignores_token_type_ids_a_decoder_tokenizer_emits(tmp_path):
+    """Falcon's tokenizer returns token_type_ids, which generate() rejects for a LLaMA-style model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hkft.config.schema import GenerationConfig
+    from hkft.evaluation import generate
+
+    model_dir = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    assert "token_type_ids" in tokenizer(["a b"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    texts = generate(model, tokenizer, [row["prompt"] for row in MEMORISE[:3]], GenerationConfig(max_new_tokens=3), batch_size=2)
+    assert len(texts) == 3 and all(isinstance(text, str) for text in texts)
+
+
+def test_the_adapter_is_saved_before_the_final_evaluation(tmp_path, cli, monkeypatch):
+    """Training is the expensive part: a failure in the final evaluation must not lose it."""
+    import hkft.pipeline
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(hkft.pipeline, "final_evaluation", failing_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        cli("train", causal_preset(tmp_path, "llama", epochs=1), "--output-dir", tmp_path / "run")
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run/metrics.json").exists()
