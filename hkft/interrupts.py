@@ -36,3 +36,12 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """Leaving the loop ends the epoch early: its epoch-end evaluation would score a partial epoch
+        that the uninterrupted run never scores, and could enter best-model selection. The step's
+        checkpoint is already written."""
+        if self.received is not None:
+            control.should_evaluate = False
+            control.should_save = False
+        return control
