@@ -15,6 +15,12 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 # The metric that picks the best checkpoint for each task.
 MAIN_METRIC = {"classification": "accuracy", "regression": "pearson", "causal-lm": "loss"}
+# What the Trainer's evaluation reports per task (generation metrics come after training only).
+EVAL_METRICS = {
+    "classification": ("loss", "accuracy", "macro_f1", "mcc"),
+    "regression": ("loss", "pearson", "spearman", "mse"),
+    "causal-lm": ("loss",),
+}
 LOWER_IS_BETTER = frozenset({"loss", "mse", "perplexity"})
 
 

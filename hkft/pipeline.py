@@ -26,7 +26,7 @@ from hkft.errors import ConfigError, DataError, InterruptedRun
 from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
 from hkft.first_token import compute_first_token_only
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
-from hkft.metrics import MAIN_METRIC, greater_is_better
+from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
@@ -91,6 +91,11 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     train, task = cfg.train, cfg.model.task
     strategy = train.eval_strategy if has_eval else "no"
     metric = train.metric_for_best or MAIN_METRIC[task]
+    if strategy != "no" and metric.removeprefix("eval_") not in EVAL_METRICS[task]:  # else a KeyError after an epoch
+        raise ConfigError(
+            f"train.metric_for_best: {metric!r} is not among the {task} evaluation metrics",
+            f"choose one of {', '.join(EVAL_METRICS[task])}",
+        )
     distributed = {}
     if cfg.distributed.strategy == "fsdp":
         distributed["fsdp"] = cfg.distributed.fsdp

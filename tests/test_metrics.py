@@ -116,3 +116,22 @@ def test_logits_are_reduced_per_batch():
     scores = torch.tensor([[0.5], [-1.25]])
     assert preprocess_logits_for_metrics("regression")(scores, None).tolist() == [0.5, -1.25]
     assert preprocess_logits_for_metrics("causal-lm") is None
+
+
+@pytest.mark.parametrize("task,metric,valid", [
+    ("classification", "f1", False), ("classification", "macro_f1", True), ("classification", "eval_mcc", True),
+    ("regression", "accuracy", False), ("regression", "spearman", True), ("causal-lm", "bleu", False),
+])
+def test_metric_for_best_must_be_one_the_evaluation_reports(tmp_path, task, metric, valid):
+    """Checked before training: the Trainer would only fail (KeyError) at the first evaluation."""
+    from hkft.config import load_config
+    from hkft.errors import ConfigError
+    from hkft.pipeline import training_arguments
+    from hkft.rundir import RunDir
+
+    cfg = load_config("quickstart", [f"model.task={task}", f"train.metric_for_best={metric}"])
+    if valid:
+        assert training_arguments(cfg, RunDir(tmp_path), has_eval=True).metric_for_best_model == metric
+    else:
+        with pytest.raises(ConfigError, match=f"train.metric_for_best: '{metric}' is not among the {task} evaluation metrics"):
+            training_arguments(cfg, RunDir(tmp_path), has_eval=True)
