@@ -141,10 +141,13 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     )
 
 
-def train_summary(log_history: list[dict]) -> dict:
-    """The Trainer's final summary plus the throughput of the last training log (non-padding tokens
-    per second since this session started: the final summary has none)."""
-    summary = dict(log_history[-1])
+def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
+    """The Trainer's final summary with loss, time and steps per second over the whole run
+    (``whole_run``, across resumes), plus the throughput of the last training log (non-padding
+    tokens per second: the final summary has none). Samples per second are left out: the Trainer
+    counts them for the last session alone (0 for the resume of a finished run)."""
+    summary = {key: value for key, value in log_history[-1].items() if key != "train_samples_per_second"}
+    summary.update(whole_run)
     throughput = [event["train_tokens_per_second"] for event in log_history if "train_tokens_per_second" in event]
     if throughput:
         summary["train_tokens_per_second"] = throughput[-1]
@@ -212,7 +215,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     checkpoint = latest_checkpoint(run) if resume else None
     with stopper:
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
             progress.close()  # also after a failure, so the error line is not drawn under a live bar
     if stopper.received:
@@ -227,7 +230,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
     metrics = {"split": split, **outcome.metrics}
     if trainer.is_world_process_zero():
-        atomic_write_json(run.metrics_json, {"train": train_summary(trainer.state.log_history), "eval": metrics})
+        summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
         plot_run_curves(run.root)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics)
 

@@ -6,9 +6,12 @@ checkpoints, resume) is the stock Trainer.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +21,11 @@ from hkft.dropout import DropoutController, consistency_loss
 from hkft.dropout.architecture import head_module, transformers_model
 from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
+from hkft.io import atomic_write_json
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
+# What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
+PROGRESS_FILE = "hkft_progress.json"
 
 
 class HkftTrainer(Trainer):
@@ -35,6 +41,29 @@ class HkftTrainer(Trainer):
         self.dropout = dropout
         self.task = task
         self._logged_terms: dict[str, list[float]] = {"task_loss": [], "kl_loss": []}
+        self._earlier = {"steps": 0, "loss_sum": 0.0, "runtime": 0.0}  # before this session (a resume)
+        self._session_start = time.time()
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
+        self._session_start = time.time()
+        # Read here, not with the RNG states: a finished run resumed at its last step enters no epoch,
+        # and the Trainer restores RNG states only when it enters one.
+        progress = Path(resume_from_checkpoint or "") / PROGRESS_FILE
+        if resume_from_checkpoint and progress.is_file():
+            self._earlier = json.loads(progress.read_text())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def whole_run(self, output) -> dict[str, float]:
+        """The Trainer's ``output`` covers this session only; after a resume, its mean loss and time
+        leave out the steps before the checkpoint. These are over every step of the run."""
+        steps = self.state.global_step
+        session_steps = steps - self._earlier["steps"]
+        runtime = self._earlier["runtime"] + output.metrics["train_runtime"]
+        return {
+            "train_loss": (self._earlier["loss_sum"] + output.training_loss * session_steps) / max(steps, 1),
+            "train_runtime": round(runtime, 4),
+            "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+        }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plan = self.dropout.plan
@@ -168,6 +197,14 @@ class HkftTrainer(Trainer):
         path = os.path.join(output_dir, DROPOUT_RNG_FILE.format(rank=self.args.process_index))
         torch.save(self.dropout.state_dict(), path + ".tmp")
         os.replace(path + ".tmp", path)
+        if self.args.should_save:
+            # Losses since the last log are still in _tr_loss; logged ones were drained into _total_loss_scalar.
+            session_loss = self._total_loss_scalar + float(self._tr_loss.item())
+            atomic_write_json(Path(output_dir) / PROGRESS_FILE, {
+                "steps": self.state.global_step,
+                "loss_sum": self._earlier["loss_sum"] + session_loss,
+                "runtime": self._earlier["runtime"] + time.time() - self._session_start,
+            })
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def final_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())["eval"]
 
 
+def train_summary(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())["train"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
     result = drive(setup, "straight", 0, "none")
@@ -81,6 +86,8 @@ def assert_same_run(resumed: Path, straight: Path) -> None:
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert final_metrics(resumed) == final_metrics(straight)
+    # The training loss is over the whole run, not over the steps after the resume.
+    assert train_summary(resumed)["train_loss"] == pytest.approx(train_summary(straight)["train_loss"], rel=1e-9)
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(setup, uninterrupted):
@@ -102,6 +109,18 @@ def test_sigterm_stops_gracefully_with_a_checkpoint_and_resumes(setup, uninterru
     resumed = drive(setup, "stopped", 0, "none", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(setup / "stopped", uninterrupted)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(setup, uninterrupted):
+    finished = setup / "finished"
+    shutil.copytree(uninterrupted, finished)
+    before = train_summary(finished)
+    resumed = drive(setup, "finished", 0, "none", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    after = train_summary(finished)
+    assert after["train_loss"] == pytest.approx(before["train_loss"], rel=1e-9)
+    assert after["train_runtime"] >= 0.5 * before["train_runtime"] and after["train_steps_per_second"] > 0
+    assert_same_run(finished, uninterrupted)
 
 
 def test_same_seed_twice_gives_identical_metrics(setup, uninterrupted):
