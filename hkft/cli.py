@@ -30,8 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-errors = Console(stderr=True)
+# emoji=False: rich would show `hub:nyu-mll/glue:rte:train:` with a train emoji, and escape() does not stop it.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 
 RUN_PANEL = "Train and use adapters"
 INSPECT_PANEL = "Inspect"
@@ -175,8 +176,12 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Score a trained adapter; writes eval.json and predictions.jsonl into the run directory."""
-    quiet_libraries()
+    from hkft.data import check_local_source
     from hkft.pipeline import evaluate as run_evaluation
+
+    if data is not None:
+        check_local_source(data, "--data")
+    quiet_libraries()
 
     result = run_evaluation(target, data=data, split=split, overrides=overrides or [], console=console)
     rows = {**result.metrics, "eval.json": str(result.eval_path), "predictions": str(result.predictions_path)}

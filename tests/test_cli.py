@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Tables wide enough that no path or description is wrapped inside a cell."""
-    monkeypatch.setattr("hkft.cli.console", Console(width=400))
+    monkeypatch.setattr("hkft.cli.console", Console(width=400, emoji=False))
 
 
 @pytest.fixture
@@ -142,6 +142,11 @@ def test_unknown_shipped_preset_suggests_one(cli):
     assert_one_line_error(cli("config", "quickstrat"), "quickstrat: no such preset file", "did you mean quickstart?")
 
 
+def test_error_text_is_printed_verbatim(cli):
+    """`:train:` is an emoji code to rich, and every hub spec of a training split holds it."""
+    assert_one_line_error(cli("config", "hub:nyu-mll/glue:rte:train:"), "error: hub:nyu-mll/glue:rte:train:: no such preset file")
+
+
 def test_env_reports_the_installed_versions(cli):
     result = cli("env")
     assert result.exit_code == 0, result.stderr
@@ -245,11 +250,19 @@ def test_dry_run_prints_config_and_facts_and_touches_nothing(cli, preset, tmp_pa
 
 # --- eval and merge-adapter ----------------------------------------------------------------------
 
-def test_eval_hands_its_options_to_the_pipeline(cli, tmp_path, calls):
+def test_eval_hands_its_options_to_the_pipeline(cli, tmp_path, calls, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extra.jsonl").write_text('{"text": "x", "label": "a"}\n')
     result = cli("eval", tmp_path, "--data", "extra.jsonl", "--split", "test", "--set", "eval.batch_size=2")
     assert result.exit_code == 0, result.stderr
     assert calls == [("eval", tmp_path, "extra.jsonl", "test", ["eval.batch_size=2"])]
     assert "0.625" in result.stdout and str(tmp_path / "eval.json") in result.stdout
+
+
+def test_eval_data_that_does_not_exist_names_the_option(cli, tmp_path, calls):
+    result = cli("eval", tmp_path, "--data", tmp_path / "missing.jsonl")
+    assert_one_line_error(result, "missing.jsonl does not exist (check --data)")
+    assert calls == []
 
 
 def test_merge_adapter_prints_the_output_and_the_logit_difference(cli, tmp_path, calls):

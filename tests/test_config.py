@@ -63,6 +63,12 @@ def test_unknown_section_suggests_the_closest_section(tmp_path):
         ("model.task=translation", "model.task: Input should be"),
         ("data.text_column=[a, b, c]", "give one text column, or two for text pairs"),
         ("dropout.positions.output.pattern=span", "span drops tokens, but a classification or regression head reads one vector"),
+        ("train.batch_size=yes", "train.batch_size: must be a number, not true/false (YAML reads yes, no, on and off as booleans"),
+        ("lora.r=true", "lora.r: must be a number, not true/false"),
+        ("train.lr=on", "train.lr: must be a number, not true/false"),
+        ("dropout.rate=false", "dropout.rate: must be a number, not true/false"),
+        ("dropout.layers=[0, true]", "dropout.layers.1: must be a number, not true/false"),
+        ("data.train={hub: x, splt: test}", "data.train.splt: unknown key (did you mean data.train.split"),
     ],
 )
 def test_bad_values_are_named_with_their_key(tmp_path, override, message):
@@ -89,6 +95,25 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert config.lora.r == 16 and config.train.lr == pytest.approx(1e-4)
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.dropout.positions["hidden"].pattern == "span"
+
+
+def test_zero_max_steps_lets_the_epochs_decide(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["train.max_steps=0"]).train.max_steps == -1
+    assert load_config(write(tmp_path, MINIMAL), ["train.max_steps=5"]).train.max_steps == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: {name: x}\ndata: {train: t.jsonl}\nmodel: {name: y}\n", "key 'model' appears twice, at lines 1 and 3"),
+    ("model:\n  name: x\n  name: y\ndata: {train: t.jsonl}\n", "key 'name' appears twice, at lines 2 and 3"),
+])
+def test_a_key_given_twice_is_an_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=f"preset.yaml: {message} \\(keep one of them\\)"):
+        load_config(write(tmp_path, text))
+
+
+def test_keys_merged_from_an_anchor_may_be_overridden(tmp_path):
+    text = "model: {name: x}\ndata: {train: t.jsonl}\ntrain:\n  <<: {seed: 1, epochs: 2}\n  seed: 7\n"
+    assert load_config(write(tmp_path, text)).train.model_dump(include={"seed", "epochs"}) == {"seed": 7, "epochs": 2}
 
 
 def test_malformed_override_is_rejected():

@@ -166,7 +166,7 @@ def test_template_with_missing_field(cli, workspace, tmp_path):
 def test_hub_dataset_while_offline(cli, workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     preset = make_preset(workspace, "p-hub.yaml", data={"train": "hub:nyu-mll/glue:rte:train", "test": None})
-    train_fails(cli, preset, tmp_path / "run", "cannot load hub dataset", "needs network once")
+    train_fails(cli, preset, tmp_path / "run", "cannot load hub dataset hub:nyu-mll/glue:rte:train:", "needs network once")
 
 
 # --- model ---------------------------------------------------------------------------------------

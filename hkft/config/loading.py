@@ -38,6 +38,26 @@ def resolve_preset_path(preset: str) -> Path:
     raise ConfigError(f"{preset}: no such preset file", hint)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"key {key!r} appears twice, at lines {first_line} and {line}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping, silently; a preset should not."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden, which is what merging is for
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_lines:
+                raise DuplicateKeyError(key, first_lines[key], line)
+            first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -46,7 +66,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}", "keep one of them") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -117,10 +139,11 @@ def validate_config(data: dict[str, Any], source: str = "config") -> HkftConfig:
 def describe_validation_error(err: ValidationError) -> str:
     """The first problem, as ``section.key: what is wrong (did you mean ...)``; more are counted."""
     errors = err.errors()
-    first = errors[0]
+    first = _most_specific(errors)
     *path, last = first["loc"] or ("",)
-    # The last entry is the offending key itself (whatever its spelling); union tags sit before it.
-    loc = [str(part) for part in path if not _is_union_branch(part)] + [str(last)]
+    loc = [str(part) for part in path if not _is_union_branch(part)]
+    if first["type"] == "extra_forbidden" or not _is_union_branch(last):  # an unknown key is the user's, whatever its spelling
+        loc.append(str(last))
     where = ".".join(loc) or "top level"
     if first["type"] == "extra_forbidden":
         valid = _field_names_at(HkftConfig, loc[:-1])
@@ -144,9 +167,22 @@ def describe_validation_error(err: ValidationError) -> str:
     return message
 
 
+def _most_specific(errors: list) -> dict:
+    """A union reports a mismatch per member; the one that got furthest into the value says what is wrong."""
+    key = _without_union_branches(errors[0]["loc"])
+    related = [error for error in errors if _without_union_branches(error["loc"])[: len(key)] == key]
+    return max(related, key=lambda error: len(error["loc"]))
+
+
+def _without_union_branches(loc: tuple) -> list:
+    return [part for part in loc if not _is_union_branch(part)]
+
+
 def _is_union_branch(part: Any) -> bool:
-    """pydantic inserts the union member's name into ``loc`` (e.g. ``str`` or ``HubSource``)."""
-    return isinstance(part, str) and (part in _SCHEMA_MODEL_NAMES or part in ("str", "int", "float", "bool", "list[int]", "list[str]"))
+    """pydantic inserts the union member's name into ``loc`` (e.g. ``str``, ``HubSource``, ``literal['auto']``)."""
+    return isinstance(part, str) and (
+        part in _SCHEMA_MODEL_NAMES or part in ("str", "int", "float", "bool") or part.startswith(("list[", "literal[", "function-"))
+    )
 
 
 def _field_names_at(model: type[BaseModel], path: list[str]) -> list[str]:

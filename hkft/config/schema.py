@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+
+def _not_a_boolean(value: object) -> object:
+    """pydantic would read true as 1, and YAML reads yes/no/on/off as booleans: `batch_size: yes` is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false (YAML reads yes, no, on and off as booleans too)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+
 
 Task = Literal["classification", "regression", "causal-lm"]
 Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
 DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
 DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
@@ -35,13 +47,13 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Kernel used when no dropout mask needs the attention matrix."
     )
-    num_labels: int | None = Field(None, ge=1, description="Inferred from the training labels when unset.")
+    num_labels: Int | None = Field(None, ge=1, description="Inferred from the training labels when unset.")
     trust_remote_code: bool = False
 
 
 class LoraConfig(Section):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
+    r: Int = Field(8, gt=0)
+    alpha: Float = Field(16, gt=0)
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto", description="auto = attention query/value projections of the architecture."
     )
@@ -49,7 +61,7 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     use_dora: bool = False
-    layers_to_transform: list[int] | None = None
+    layers_to_transform: list[Int] | None = None
     modules_to_save: list[str] = Field(default_factory=list, description="Extra trained modules; heads are added for you.")
 
 
@@ -64,10 +76,10 @@ class PositionConfig(Section):
 class DropoutConfig(Section):
     method: str = "hiddenkey"
     rate: Probability = 0.1
-    kl_weight: float = Field(1.0, ge=0.0)
+    kl_weight: Float = Field(1.0, ge=0.0)
     compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
     branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
-    layers: Literal["auto", "all", "latter-half"] | list[int] = Field(
+    layers: Literal["auto", "all", "latter-half"] | list[Int] = Field(
         "auto", description="auto = latter-half for decoder-only models, all for encoders."
     )
     positions: dict[str, PositionConfig | None] = Field(
@@ -103,7 +115,7 @@ class DataConfig(Section):
     train: DataSource
     validation: DataSource | None = None
     test: DataSource | None = None
-    validation_split: float = Field(
+    validation_split: Float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of train held out when no validation set is given."
     )
     text_column: str | list[str] = Field("text", description="One column, or two for text pairs.")
@@ -111,8 +123,8 @@ class DataConfig(Section):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     template: str = Field("{prompt}", description="Causal LM: how a prompt is rendered before its completion.")
-    max_length: int = Field(256, gt=0)
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N examples of each split.")
+    max_length: Int = Field(256, gt=0)
+    max_samples: Int | None = Field(None, gt=0, description="Use only the first N examples of each split.")
     group_by_length: bool = False
 
     @field_validator("text_column")
@@ -128,30 +140,36 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="Overrides epochs when > 0.")
-    lr: float = Field(5e-4, gt=0)
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
+    epochs: Float = Field(3.0, gt=0)
+    max_steps: Int = Field(-1, ge=-1, description="Overrides epochs when > 0; 0 or -1: epochs decide.")
+    lr: Float = Field(5e-4, gt=0)
+    batch_size: Int = Field(16, gt=0)
+    grad_accum: Int = Field(1, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    warmup_ratio: Float = Field(0.06, ge=0, lt=1)
+    warmup_steps: Int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: float = Field(1.0, ge=0)
+    max_grad_norm: Float = Field(1.0, ge=0)
     label_smoothing: Probability = 0.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision: auto = bf16 on GPUs that support it, else fp32."
     )
     gradient_checkpointing: bool = False
-    seed: int = 42
+    seed: Int = 42
     deterministic: bool = False
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
-    eval_steps: int | None = Field(None, gt=0)
-    save_total_limit: int = Field(2, gt=0)
+    eval_steps: Int | None = Field(None, gt=0)
+    save_total_limit: Int = Field(2, gt=0)
     metric_for_best: str | None = Field(None, description="Defaults to the task's main metric.")
-    early_stopping_patience: int | None = Field(None, gt=0)
-    logging_steps: int = Field(10, gt=0)
-    num_workers: int = Field(0, ge=0)
+    early_stopping_patience: Int | None = Field(None, gt=0)
+    logging_steps: Int = Field(10, gt=0)
+    num_workers: Int = Field(0, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _zero_steps_means_no_limit(cls, value: int) -> int:
+        """transformers would train one step on max_steps=0; -1 is its "no step limit"."""
+        return -1 if value == 0 else value
 
     @field_validator("eval_strategy", mode="before")
     @classmethod
@@ -167,15 +185,15 @@ class TrainConfig(Section):
 
 
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(64, gt=0)
-    num_beams: int = Field(1, gt=0)
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    max_examples: int | None = Field(None, gt=0, description="Generate for the first N examples only.")
+    max_new_tokens: Int = Field(64, gt=0)
+    num_beams: Int = Field(1, gt=0)
+    length_penalty: Float = 1.0
+    no_repeat_ngram_size: Int = Field(0, ge=0)
+    max_examples: Int | None = Field(None, gt=0, description="Generate for the first N examples only.")
 
 
 class EvalConfig(Section):
-    batch_size: int | None = Field(None, gt=0, description="Defaults to train.batch_size.")
+    batch_size: Int | None = Field(None, gt=0, description="Defaults to train.batch_size.")
     split: Literal["validation", "test"] = "test"
     generate: bool = Field(True, description="Causal LM: also generate and score BLEU / ROUGE-L.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
