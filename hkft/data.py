@@ -49,11 +49,12 @@ def parse_hub_spec(spec: str) -> HubSource:
     return HubSource(hub=parts[0], config=config, split=parts[2] if len(parts) == 3 else "train")
 
 
-def load_source(source: str | HubSource) -> Dataset:
-    """A local .jsonl/.json/.csv/.parquet file, a ``hub:`` spec string, or a HubSource."""
+def load_source(source: str | HubSource, setting: str = "data.*") -> Dataset:
+    """A local .jsonl/.json/.csv/.parquet file, a ``hub:`` spec string, or a HubSource; ``setting``
+    (``data.train``, ``--data``) is where the user gave it, for the hints."""
     if isinstance(source, str) and source.startswith("hub:"):
         source = parse_hub_spec(source)
-    dataset = _load_hub(source) if isinstance(source, HubSource) else _load_local(Path(source))
+    dataset = _load_hub(source) if isinstance(source, HubSource) else _load_local(Path(source), setting)
     if len(dataset) == 0:
         raise DataError(f"{describe_source(source)} has no examples", "check the file or the split name")
     return dataset
@@ -77,14 +78,24 @@ def _datasets_silenced() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _load_local(path: Path) -> Dataset:
+def check_local_source(source: str, setting: str) -> None:
+    """Fail before any model loads on a local file that is missing or of the wrong type."""
+    if not source.startswith("hub:"):
+        _check_local_file(Path(source), setting)
+
+
+def _check_local_file(path: Path, setting: str) -> None:
     if not path.exists():
-        raise DataError(f"data file {path} does not exist", "check data.train / data.validation / data.test")
+        raise DataError(f"data file {path} does not exist", f"check {setting}")
     if not path.is_file():
-        raise DataError(f"{path} is not a file", f"point data.* at a {', '.join(LOCAL_FORMATS)} file")
-    builder = LOCAL_FORMATS.get(path.suffix.lower())
-    if builder is None:
+        raise DataError(f"{path} is not a file", f"point {setting} at a {', '.join(LOCAL_FORMATS)} file")
+    if path.suffix.lower() not in LOCAL_FORMATS:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_FORMATS)}")
+
+
+def _load_local(path: Path, setting: str) -> Dataset:
+    _check_local_file(path, setting)
+    builder = LOCAL_FORMATS[path.suffix.lower()]
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty", "add examples to the file")
     if builder != "parquet":
@@ -173,6 +184,20 @@ def label_names_from(dataset: Dataset, column: str) -> list[str]:
     return sorted(values)
 
 
+def _require_strings(dataset: Dataset, columns: list[str], where: str) -> None:
+    """Checked up front: the tokenizer's own error for a number or a list is a traceback."""
+    for column in columns:
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            continue  # typed as text for every row: nothing to scan
+        found = next(((row, value) for row, value in enumerate(dataset[column]) if not isinstance(value, str)), None)
+        if found is not None:
+            raise DataError(
+                f"{where}: column {column!r} holds {type(found[1]).__name__} values (row {found[0]})",
+                "text columns must be strings: quote them in the file, or choose another column",
+            )
+
+
 def _check_known_labels(dataset: Dataset, column: str, label_names: list[str], split: str) -> None:
     known = set(label_names)
     unknown = next((value for value in dataset[column] if str(value) not in known), None)
@@ -235,7 +260,7 @@ def _prompted_encoder(tokenizer, template: str, completion_column: str, max_leng
 
     def encode(batch: dict) -> dict:
         prompts = tokenizer([render_prompt(template, row) for row in _rows(batch)])["input_ids"]
-        completions = tokenizer([str(text) for text in batch[completion_column]], add_special_tokens=False)["input_ids"]
+        completions = tokenizer(batch[completion_column], add_special_tokens=False)["input_ids"]
         input_ids = [(prompt + completion + eos)[:max_length] for prompt, completion in zip(prompts, completions)]
         labels = [([IGNORE_INDEX] * len(prompt) + completion + eos)[:max_length] for prompt, completion in zip(prompts, completions)]
         return _causal_features(input_ids, labels, with_length)
@@ -247,7 +272,7 @@ def _text_encoder(tokenizer, text_column: str, max_length: int, with_length: boo
     eos = _eos_ids(tokenizer)
 
     def encode(batch: dict) -> dict:
-        input_ids = [(ids + eos)[:max_length] for ids in tokenizer([str(text) for text in batch[text_column]])["input_ids"]]
+        input_ids = [(ids + eos)[:max_length] for ids in tokenizer(batch[text_column])["input_ids"]]
         return _causal_features(input_ids, [list(ids) for ids in input_ids], with_length)
 
     return encode
@@ -257,7 +282,7 @@ def _generation_set(raw: Dataset, template: str, completion_column: str) -> Data
     """One row per rendered prompt with all its references (E2E lists one row per reference)."""
     grouped: dict[str, list[str]] = {}
     for row in raw:
-        grouped.setdefault(render_prompt(template, row), []).append(str(row[completion_column]))
+        grouped.setdefault(render_prompt(template, row), []).append(row[completion_column])
     return Dataset.from_dict({"prompt_text": list(grouped), "reference": list(grouped.values())})
 
 
@@ -278,12 +303,12 @@ def _hold_out(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset
     return parts["train"], parts["test"]
 
 
-def _load_splits(cfg: HkftConfig, splits: Sequence[str]) -> dict[str, Dataset]:
-    data = cfg.data
-    raw = {split: _first(load_source(getattr(data, split)), data.max_samples) for split in splits if getattr(data, split) is not None}
-    if "train" in raw and "validation" in splits and "validation" not in raw:
-        raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
-    return raw
+def _load_splits(data: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
+    return {
+        split: _first(load_source(getattr(data, split), f"data.{split}"), data.max_samples)
+        for split in splits
+        if getattr(data, split) is not None
+    }
 
 
 def _is_prompted(raw: dict[str, Dataset], data: DataConfig) -> bool:
@@ -314,15 +339,24 @@ def prepare_data(
     """Tokenised splits (unpadded) with ``labels``; ``label_names`` is passed in at eval time (the
     saved label map) and built from the training labels otherwise."""
     data, task = cfg.data, cfg.model.task
-    raw = _load_splits(cfg, splits)
+    # A validation set held out from train is rebuilt the same way (same share, same seed) when
+    # validation is asked for alone: `hkft eval` scores the split training selected on.
+    held_out = "validation" in splits and data.validation is None
+    raw = _load_splits(data, [*splits, "train"] if held_out and "train" not in splits else splits)
     prompted = task == "causal-lm" and _is_prompted(raw, data)
     if task == "causal-lm":
-        needed = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
+        texts = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
     else:
-        needed = [*data.text_columns, data.label_column]
+        texts = data.text_columns
+    needed = texts if task == "causal-lm" else [*texts, data.label_column]
     for split, dataset in raw.items():
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)
+        _require_strings(dataset, texts, f"{describe_source(getattr(data, split))} (data.{split})")
+    if held_out and "train" in raw:
+        raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
+        if "train" not in splits:
+            del raw["train"]
 
     if task == "classification":
         label_names = label_names if label_names is not None else _build_label_names(raw, data.label_column)

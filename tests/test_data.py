@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from checkpoints import MEMORISE, memorise_texts, word_tokenizer, write_jsonl
 from hkft.config import validate_config
 from hkft.config.schema import HubSource
-from hkft.data import IGNORE_INDEX, label_names_from, load_source, make_collator, parse_hub_spec, prepare_data, render_prompt
+from hkft.data import (IGNORE_INDEX, check_local_source, label_names_from, load_source, make_collator, parse_hub_spec, prepare_data,
+                       render_prompt)
 from hkft.errors import DataError
 from hkft.modeling import resolve_model_path
 
@@ -99,6 +100,15 @@ def test_missing_file_and_directory(tmp_path):
         load_source(str(tmp_path / "folder.jsonl"))
 
 
+def test_missing_file_hint_names_the_setting_it_came_from(tmp_path, bert_tokenizer):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"nope.jsonl does not exist \(check data.test\)"):
+        prepare_data(config(train=missing, test=missing), bert_tokenizer, splits=("test",), label_names=["a", "b"])
+    with pytest.raises(DataError, match=r"nope.jsonl does not exist \(check --data\)"):
+        check_local_source(missing, "--data")
+    check_local_source("hub:nyu-mll/glue:rte:test", "--data")  # hub specs are checked when they load
+
+
 def test_hub_spec_parsing():
     spec = parse_hub_spec("hub:nyu-mll/glue:rte:validation")
     assert (spec.hub, spec.config, spec.split) == ("nyu-mll/glue", "rte", "validation")
@@ -151,6 +161,16 @@ def test_held_out_validation_follows_the_seed(tmp_path, bert_tokenizer):
     assert any(held_out(seed) != held_out(1) for seed in (2, 3, 4))
 
 
+def test_validation_alone_is_the_same_hold_out_as_in_training(tmp_path, bert_tokenizer):
+    """`hkft eval` asks for the validation split alone: it is rebuilt from train as training built it."""
+    cfg = config(train=str(write_jsonl(tmp_path / "rows.jsonl", ROWS)), validation_split=0.25)
+    in_training = prepare_data(cfg, bert_tokenizer)
+    alone = prepare_data(cfg, bert_tokenizer, label_names=in_training.label_names, splits=("validation",))
+    assert alone.train is None and len(alone.validation) == 3
+    assert alone.validation["input_ids"] == in_training.validation["input_ids"]
+    assert alone.validation["labels"] == in_training.validation["labels"]
+
+
 def test_too_few_examples_to_hold_out(tmp_path, bert_tokenizer):
     path = write_jsonl(tmp_path / "one.jsonl", [{"text": "x", "label": "a"}])
     with pytest.raises(DataError, match="1 examples, too few to hold out data.validation_split"):
@@ -195,6 +215,23 @@ def test_missing_value_names_row_and_column(tmp_path, bert_tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": "a"}, {"text": None, "label": "b"}])
     with pytest.raises(DataError, match="validation data: row 1 has no value in column 'text'"):
         prepare_data(config(train=str(path), validation=str(path)), bert_tokenizer, splits=("validation",), label_names=["a", "b"])
+
+
+@pytest.mark.parametrize(("rows", "settings", "message"), [
+    ([{"text": "x", "label": "a"}, {"text": 5, "label": "b"}], {}, "column 'text' holds int values (row 1)"),
+    ([{"text": ["x"], "label": "a"}, {"text": ["y"], "label": "b"}], {}, "column 'text' holds list values (row 0)"),
+    ([{"a": "x", "b": "y", "label": "a"}, {"a": "x", "b": 2.5, "label": "b"}], {"text_column": ["a", "b"]},
+     "column 'b' holds float values (row 1)"),
+    ([{"prompt": "p", "completion": 7}], {"task": "causal-lm"}, "column 'completion' holds int values (row 0)"),
+    ([{"prompt": {"q": "p"}, "completion": "c"}], {"task": "causal-lm"}, "column 'prompt' holds dict values (row 0)"),
+    ([{"text": 1}], {"task": "causal-lm"}, "column 'text' holds int values (row 0)"),
+])
+def test_text_columns_must_hold_strings(tmp_path, bert_tokenizer, rows, settings, message):
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError) as caught:
+        prepare_data(config(train=str(path), validation=str(path), **settings), bert_tokenizer)
+    assert str(caught.value).startswith(f"{path} (data.train): {message}")
+    assert "text columns must be strings" in str(caught.value)
 
 
 def test_single_training_label(tmp_path, bert_tokenizer):
