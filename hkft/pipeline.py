@@ -7,6 +7,7 @@ eval:  adapter + sidecar -> base model -> data with the training label map -> me
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,11 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
+    if data.label_names and cfg.model.num_labels not in (None, num_labels):
+        raise ConfigError(
+            f"model.num_labels is {cfg.model.num_labels}, but the training data has {num_labels} labels ({', '.join(data.label_names)})",
+            "leave model.num_labels unset (it is read from the data), or check data.label_column",
+        )
     base = load_base_model(cfg.model, model_path, num_labels)
     notice = ensure_pad_token(base, tokenizer)
     if notice:
@@ -314,22 +320,23 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
     model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
 
-    args = TrainingArguments(
-        output_dir=str(run.checkpoints_dir),
-        report_to=[],
-        per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-        disable_tqdm=True,
-        prediction_loss_only=task == "causal-lm",
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        data_collator=make_collator(task, tokenizer),
-        processing_class=tokenizer,
-        **metric_hooks(task),
-    )
-    outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="hkft-eval-") as scratch:  # the Trainer wants an output_dir; eval writes none
+        args = TrainingArguments(
+            output_dir=scratch,
+            report_to=[],
+            per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+            disable_tqdm=True,
+            prediction_loss_only=task == "causal-lm",
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=make_collator(task, tokenizer),
+            processing_class=tokenizer,
+            **metric_hooks(task),
+        )
+        outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
     eval_path, predictions_path = run.eval_json, run.predictions_jsonl
     report = {
         "split": split,

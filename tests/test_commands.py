@@ -33,6 +33,28 @@ def test_dry_run_loads_nothing_and_shows_the_plan(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_num_labels_that_contradict_the_data_are_an_error(cli, tmp_path):
+    result = cli("train", "quickstart", "--output-dir", tmp_path / "run", "--set", "model.num_labels=3", *QUICK)
+    assert_one_line_error(result, "model.num_labels is 3, but the training data has 2 labels (negative, positive)")
+
+
+def test_eval_of_a_run_with_a_held_out_validation_set(cli, tmp_path):
+    """No data.validation: training held one out of train, and `hkft eval` scores that same split."""
+    run = tmp_path / "run"
+    trained = cli("train", "quickstart", "--output-dir", run, "--set", "data.validation=null", "--set", "data.test=null", *QUICK)
+    assert trained.exit_code == 0, trained.stderr
+    evaluated = cli("eval", run)
+    assert evaluated.exit_code == 0, evaluated.stderr
+    report = json.loads((run / "eval.json").read_text())
+    assert report["split"] == "validation"
+    in_training = json.loads((run / "metrics.json").read_text())["eval"]
+    assert in_training["split"] == "validation"
+    for name, value in report["metrics"].items():  # the split training scored at its end
+        assert value == pytest.approx(in_training[name], abs=1e-4), name
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # data.max_samples=32, validation_split=0.1: datasets rounds the share up
+
+
 def test_eval_on_another_data_file(cli, tmp_path):
     assert cli("train", "quickstart", "--output-dir", tmp_path / "run", *QUICK).exit_code == 0
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "The lamp is great.", "label": "positive"},
