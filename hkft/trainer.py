@@ -43,6 +43,7 @@ class HkftTrainer(Trainer):
         self._logged_terms: dict[str, list[float]] = {"task_loss": [], "kl_loss": []}
         self._earlier = {"steps": 0, "loss_sum": 0.0, "runtime": 0.0}  # before this session (a resume)
         self._session_start = time.time()
+        self._training = False
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         self._session_start = time.time()
@@ -51,7 +52,11 @@ class HkftTrainer(Trainer):
         progress = Path(resume_from_checkpoint or "") / PROGRESS_FILE
         if resume_from_checkpoint and progress.is_file():
             self._earlier = json.loads(progress.read_text())
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._training = True
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self._training = False
 
     def whole_run(self, output) -> dict[str, float]:
         """The Trainer's ``output`` covers this session only; after a resume, its mean loss and time
@@ -197,7 +202,7 @@ class HkftTrainer(Trainer):
         path = os.path.join(output_dir, DROPOUT_RNG_FILE.format(rank=self.args.process_index))
         torch.save(self.dropout.state_dict(), path + ".tmp")
         os.replace(path + ".tmp", path)
-        if self.args.should_save:
+        if self._training and self.args.should_save:
             # Losses since the last log are still in _tr_loss; logged ones were drained into _total_loss_scalar.
             session_loss = self._total_loss_scalar + float(self._tr_loss.item())
             atomic_write_json(Path(output_dir) / PROGRESS_FILE, {
