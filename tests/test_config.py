@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hkft.config import config_to_yaml, load_config, presets_dir
@@ -163,6 +163,7 @@ def test_arbitrary_yaml_never_gives_a_traceback(tmp_path, document):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(st.text(max_size=20), max_size=3))
+@example(overrides=["0\n0="])  # a key with a newline once broke the one-line error
 def test_arbitrary_overrides_never_give_a_traceback(tmp_path, overrides):
     path = write(tmp_path, MINIMAL)
     try:

@@ -145,6 +145,8 @@ def describe_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden" or not _is_union_branch(last):  # an unknown key is the user's, whatever its spelling
         loc.append(str(last))
     where = ".".join(loc) or "top level"
+    if not where.isprintable():  # a key with a newline (from an override) would break the one-line error
+        where = repr(where)
     if first["type"] == "extra_forbidden":
         valid = _field_names_at(HkftConfig, loc[:-1])
         suggestion = _did_you_mean(loc[-1], valid)
