@@ -231,6 +231,7 @@ def comparison_table(runs: list[RunSummary]) -> list[Row]:
     varying = {dataset: _varying_keys(members) for dataset, members in by_dataset.items()}
     rows = []
     for members in groups.values():
+        _require_distinct_seeds(members)
         first = members[0]
         own = _own_setting(first)
         median, std = _summary_stats(members)
@@ -240,6 +241,19 @@ def comparison_table(runs: list[RunSummary]) -> list[Row]:
             seeds=tuple(sorted(run.seed for run in members)), median=median, std=std, runs=tuple(members),
         ))
     return sorted(rows, key=_row_order)
+
+
+def _require_distinct_seeds(members: list[RunSummary]) -> None:
+    """Two runs of one setting with one seed are one measurement twice (a copied or re-run folder):
+    counting both would shrink the std and pass the copy off as a seed."""
+    first_with: dict[int, Path] = {}
+    for run in members:
+        if run.seed in first_with:
+            raise HkftError(
+                f"{first_with[run.seed]} and {run.run_dir} are the same setting with the same seed ({run.seed})",
+                "pass each seed of a setting once",
+            )
+        first_with[run.seed] = run.run_dir
 
 
 def metric_names(rows: list[Row]) -> list[str]:
@@ -261,8 +275,13 @@ def _text(value: Any) -> str:
 def _cells(row: Row, extras: list[str], metrics: list[str]) -> list[str]:
     own = dict(row.extra)
     head = [row.dataset, row.method, _text(row.rate), _text(row.kl_weight), *(_text(own.get(key)) for key in extras)]
-    scores = [f"{row.median[name]:.4f} ± {row.std[name]:.4f}" if name in row.median else "" for name in metrics]
+    scores = [_score(row, name) if name in row.median else "" for name in metrics]
     return [*head, str(len(row.seeds)), *scores]
+
+
+def _score(row: Row, name: str) -> str:
+    """One seed has no spread to show: its score alone, not a misleading ± 0."""
+    return f"{row.median[name]:.4f}" if len(row.seeds) == 1 else f"{row.median[name]:.4f} ± {row.std[name]:.4f}"
 
 
 def _header(extras: list[str], metrics: list[str]) -> list[str]:

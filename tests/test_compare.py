@@ -72,7 +72,7 @@ def test_csv_and_markdown(three_seeds_and_baseline, tmp_path):
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == "| dataset | method | rate | kl_weight | seeds | accuracy | macro_f1 | loss |"
     assert table[2] == ("| quickstart/train.jsonl | none | - | - | 1 "
-                        "| 0.7500 ± 0.0000 | 0.6000 ± 0.0000 | 0.5000 ± 0.0000 |")
+                        "| 0.7500 | 0.6000 | 0.5000 |")  # one seed: no spread to show
     assert table[3] == ("| quickstart/train.jsonl | hiddenkey | 0.1 | 1 | 3 "
                         "| 0.8300 ± 0.0300 | 0.7000 ± 0.2000 | 0.4000 ± 0.0000 |")
     assert not list((tmp_path / "out").glob(".tmp-*"))
@@ -87,6 +87,15 @@ def test_rate_of_a_method_that_drops_nothing_does_not_split_it(tmp_path):
         ("none", None, None, (1, 2)), ("hiddenkey-", 0.1, None, (1,))]
     assert rows[0].median["accuracy"] == pytest.approx(0.8)
     assert rows[0].std["accuracy"] == pytest.approx(0.1414213562, rel=1e-6)  # sqrt(0.02)
+
+
+def test_one_setting_twice_with_one_seed_is_refused(tmp_path):
+    """A copied run folder is not a second seed: counted twice it would shrink the std."""
+    fake_run(tmp_path / "a", seed=42, metrics={"accuracy": 0.7})
+    fake_run(tmp_path / "copy", seed=42, metrics={"accuracy": 0.7})
+    fake_run(tmp_path / "b", seed=43, metrics={"accuracy": 0.9})
+    with pytest.raises(HkftError, match=r"a and .*copy are the same setting with the same seed \(42\)"):
+        comparison_table(collect_runs([tmp_path]))
 
 
 def test_other_differences_are_separate_rows_with_their_own_column(tmp_path):

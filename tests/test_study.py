@@ -205,4 +205,4 @@ def test_real_sweep_on_minilm(tmp_path):
     records = (tmp_path / "out/comparison.csv").read_text().splitlines()
     assert [line.split(",")[2] for line in records[1:]] == ["none", "hiddenkey"]
     accuracy = json.loads((run_dirs[1] / "metrics.json").read_text())["eval"]["accuracy"]
-    assert f"| hiddenkey | 0.1 | 1 | 1 | {accuracy:.4f} ± 0.0000 |" in (tmp_path / "out/comparison.md").read_text()
+    assert f"| hiddenkey | 0.1 | 1 | 1 | {accuracy:.4f} |" in (tmp_path / "out/comparison.md").read_text()
