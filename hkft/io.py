@@ -84,6 +84,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         staging.mkdir(parents=True)
         yield staging
+        _default_file_modes(staging)
         _swap_in(staging, final)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -91,6 +92,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _default_file_modes(folder: Path) -> None:
+    """Give every file the mode a new file gets here (0644 under the usual umask). safetensors 0.8
+    writes weights as 0600, which the host user cannot read when a container wrote them as root."""
+    probe = folder / ".hkft-mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _swap_in(staging: Path, final: Path) -> None:

@@ -38,6 +38,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
 
 
+def test_a_staged_folder_gives_its_files_the_usual_permissions(tmp_path):
+    """safetensors writes weights as 0600: an adapter written by a container's root would be unreadable."""
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_dir(tmp_path / "adapter") as staging:
+        save_file({"a": torch.zeros(2)}, staging / "adapter_model.safetensors")
+        (staging / "nested").mkdir()
+        (staging / "nested" / "config.json").write_text("{}")
+    (tmp_path / "plain.txt").write_text("x")
+    usual = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    for name in ("adapter_model.safetensors", "nested/config.json"):
+        assert stat.S_IMODE((tmp_path / "adapter" / name).stat().st_mode) == usual, name
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_model.safetensors", "nested"]
+
+
 def test_atomic_write_json_keeps_key_order_and_indents(tmp_path):
     data = {"zeta": 1, "alpha": [1.5, "é"], "mid": {"b": None, "a": True}}
     atomic_write_json(tmp_path / "d.json", data)
