@@ -183,7 +183,9 @@ def find_run_dirs(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def collect_runs(dirs: Iterable[Path]) -> list[RunSummary]:
-    return [summarize_run(RunDir(path)) for path in find_run_dirs(dirs)]
+    """A run named twice (on its own and inside a sweep folder given too) counts once."""
+    unique = dict.fromkeys(path.resolve() for path in find_run_dirs(dirs))
+    return [summarize_run(RunDir(path)) for path in unique]
 
 
 def _group_key(run: RunSummary) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 
 import pytest
 from rich.console import Console
@@ -96,6 +97,9 @@ def test_one_setting_twice_with_one_seed_is_refused(tmp_path):
     fake_run(tmp_path / "b", seed=43, metrics={"accuracy": 0.9})
     with pytest.raises(HkftError, match=r"a and .*copy are the same setting with the same seed \(42\)"):
         comparison_table(collect_runs([tmp_path]))
+    shutil.rmtree(tmp_path / "copy")
+    runs = collect_runs([tmp_path, tmp_path / "a"])  # one run named twice is one run
+    assert [row.seeds for row in comparison_table(runs)] == [(42, 43)]
 
 
 def test_other_differences_are_separate_rows_with_their_own_column(tmp_path):
