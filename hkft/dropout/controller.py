@@ -1,8 +1,8 @@
 """Instrument a model with a `DropoutPlan` and keep its mask generator.
 
 Order of work: switch the model's own dropout off (for the method `dropout`, set it to
-``plan.model_dropout`` in the selected layers), then attach the plan's positions to the selected layers. Masks apply only while the
-module is training, so eval mode is the plain model.
+``plan.model_dropout`` in the selected layers), then attach the plan's positions to the selected
+layers. Masks apply only while the module is training, so eval mode is the plain model.
 """
 
 from __future__ import annotations
