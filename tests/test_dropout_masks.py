@@ -77,6 +77,14 @@ def test_spans_are_contiguous_runs_of_the_right_length():
     assert starts.unique().numel() > 5  # the start is drawn, not fixed
 
 
+@pytest.mark.parametrize("rate,length", [(0.15, 190), (0.3, 95)])  # where float32 would round 0.5 up
+def test_span_length_is_round_of_rate_times_length_with_or_without_padding(rate, length):
+    sampler = MaskSampler(seed=3)
+    unpadded = attention_drop_mask(sampler, "span", rate, 2, 1, 1, length, CPU)
+    padded = attention_drop_mask(sampler, "span", rate, 2, 1, 1, length, CPU, token_extent(torch.ones(2, length)))
+    assert unpadded.sum(-1).flatten().tolist() == padded.sum(-1).flatten().tolist() == [round(rate * length)] * 2
+
+
 def test_spans_of_a_padded_batch_lie_in_each_examples_tokens_and_scale_with_its_length():
     sampler = MaskSampler(seed=9)
     padding = torch.zeros(3, 20, dtype=torch.long)

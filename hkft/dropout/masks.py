@@ -72,8 +72,8 @@ def span(
     Returns shape ``rows + (length,)``. A padded example's span lies inside its own tokens and
     scales with its own length, so every example loses the same share of its tokens.
     """
-    if extent is None:
-        first, count = torch.zeros((), device=device), torch.tensor(float(length), device=device)
+    if extent is None:  # float64 on both paths: round(p * n) as Python rounds it (float32 moves some .5 cases)
+        first, count = (torch.tensor(value, dtype=torch.float64, device=device) for value in (0.0, float(length)))
     else:
         first, count = (t.reshape(t.shape + (1,) * (len(rows) - t.dim())).double() for t in extent)
     span_length = torch.round(rate * count)
