@@ -34,7 +34,8 @@ class FeatureDrop:
     def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if not (module.training and self.drop.rate > 0):
             return hidden
-        extent = self.controller.token_extent(hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else None
+        spans = self.drop.pattern == "span" and hidden.dim() == 3
+        extent = self.controller.token_extent(hidden.shape[0], hidden.shape[1]) if spans else None
         keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden, extent)
         return apply_feature_mask(hidden, keep, feature_scale(self.drop.pattern, self.drop.rate, self.rescale))
 
