@@ -135,3 +135,14 @@ def test_metric_for_best_must_be_one_the_evaluation_reports(tmp_path, task, metr
     else:
         with pytest.raises(ConfigError, match=f"train.metric_for_best: '{metric}' is not among the {task} evaluation metrics"):
             training_arguments(cfg, RunDir(tmp_path), has_eval=True)
+
+
+def test_the_metric_names_checked_before_training_are_the_ones_evaluation_reports():
+    """EVAL_METRICS lists what compute_metrics returns (plus the loss); it must not drift from it."""
+    import numpy as np
+
+    from hkft.metrics import EVAL_METRICS, classification_metrics, regression_metrics
+
+    labels = np.array([0, 1, 1, 0])
+    assert set(EVAL_METRICS["classification"]) == {"loss", *classification_metrics(labels, labels)}
+    assert set(EVAL_METRICS["regression"]) == {"loss", *regression_metrics(labels.astype(float), labels.astype(float))}
