@@ -123,7 +123,7 @@ def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
 
 
 def written_paths(run: RunDir) -> tuple[Path, ...]:
-    """Everything hkft writes in a run directory (the folders first)."""
+    """Everything hkft writes in a run directory."""
     return (run.adapter_dir, run.checkpoints_dir, run.tb_dir, run.config_path, run.info_path, run.metrics_json,
             run.metrics_jsonl, run.curves_png, run.eval_json, run.predictions_jsonl)
 
