@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench.run import ONE_BRANCH_FLOOR
 
 
 @pytest.mark.slow
@@ -20,8 +23,9 @@ def test_bench_reports_every_configuration(tmp_path, quantization):
     (workload,) = json.loads(out.read_text())["workloads"]
     assert ("4-bit base" in workload["name"]) == (quantization == "4bit")
     train = {row["configuration"]: row for row in workload["train"]}
-    assert len(train) == 7 and train["plain peft LoRA (baseline)"]["time_ratio"] == 1.0
+    assert len(train) == 8 and train["plain peft LoRA (baseline)"]["time_ratio"] == 1.0
     assert train["hiddenkey KL both branches"]["memory_ratio"] > train["hiddenkey-"]["memory_ratio"]
+    assert train[ONE_BRANCH_FLOOR]["memory_ratio"] == pytest.approx(train["hkft none"]["memory_ratio"])  # no-grad: saves nothing
     assert [row["configuration"] for row in workload["eval"]] == [
         "base + plain adapter (eval)", "hkft adapter (eval)", "merged model (eval)"]
 
@@ -36,3 +40,28 @@ def test_time_ratio_pairs_each_round_with_the_baseline_of_the_same_round():
     assert ratio == pytest.approx(1.2)
     assert low <= ratio <= high and high <= 1.3
     assert baseline.time_ratio(baseline) == (1.0, 1.0, 1.0)
+
+
+def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monkeypatch):
+    """The floor row is hkft `none` plus the second pass one-branch KL adds: the decoder's first half
+    and the first dropping layer's projections run once, the rest twice."""
+    import bench.run as bench_run
+    from transformers import TrainingArguments
+
+    workload = bench_run.llama_workload(1, 16, "none", 64)
+    built, build = [], bench_run.lora
+    monkeypatch.setattr(bench_run, "lora", lambda *args: built.append(build(*args)) or built[-1])
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    step = bench_run.one_branch_floor_step(workload, torch.device("cpu"), args, workload.batch)
+    (model,) = built
+    layers = model.get_base_model().model.layers
+    watched = {"first layer": layers[0].mlp, "first dropping layer's query": layers[2].self_attn.q_proj.base_layer,
+               "first dropping layer's FFN": layers[2].mlp, "last layer": layers[3].mlp}
+    calls = dict.fromkeys(watched, 0)
+    for name, module in watched.items():
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    adapter = layers[3].self_attn.q_proj.lora_B["default"].weight
+    before = adapter.detach().clone()
+    step()
+    assert calls == {"first layer": 1, "first dropping layer's query": 1, "first dropping layer's FFN": 2, "last layer": 2}
+    assert not torch.equal(adapter, before)  # and it is a training step
