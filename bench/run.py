@@ -76,12 +76,12 @@ def llama_workload(batch_size: int, length: int, quantization: str, vocab: int) 
         num_key_value_heads=8, max_position_embeddings=length,
     )
     torch.manual_seed(0)
-    checkpoint = tempfile.mkdtemp(prefix="hkft-bench-")
-    LlamaForCausalLM(config).save_pretrained(checkpoint)
-    model_config = ModelConfig(name=checkpoint, task="causal-lm", quantization=quantization)
+    checkpoint = tempfile.TemporaryDirectory(prefix="hkft-bench-")  # deleted with the workload, or at exit
+    LlamaForCausalLM(config).save_pretrained(checkpoint.name)
+    model_config = ModelConfig(name=checkpoint.name, task="causal-lm", quantization=quantization)
 
     def build() -> torch.nn.Module:
-        return load_base_model(model_config, checkpoint, None)
+        return load_base_model(model_config, checkpoint.name, None)
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, length), generator=generator)

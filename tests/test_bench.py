@@ -2,6 +2,7 @@
 assertions: the benchmark is the check of speed, this only keeps it working)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,12 @@ def test_bench_reports_every_configuration(tmp_path, quantization):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "bench", "--model", "llama", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                "--batch-size", "1", "--vocab", "512", "--quantization", quantization, "--output", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    environment = {**os.environ, "TMPDIR": str(scratch)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1], env=environment)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not any(scratch.iterdir())  # the decoder's checkpoint is not left behind
     (workload,) = json.loads(out.read_text())["workloads"]
     assert ("4-bit base" in workload["name"]) == (quantization == "4bit")
     train = {row["configuration"]: row for row in workload["train"]}
