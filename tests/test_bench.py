@@ -70,3 +70,26 @@ def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monke
     step()
     assert calls == {"first layer": 1, "first dropping layer's query": 1, "first dropping layer's FFN": 2, "last layer": 2}
     assert not torch.equal(adapter, before)  # and it is a training step
+
+
+def test_readme_benchmark_table_is_the_published_json():
+    """The README's table and bench/results-cpu.json come from the same run: every ratio, quartile
+    range, and the baselines' step times and tokens per second."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("| configuration | MiniLM time |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in table]
+    minilm, decoder = json.loads((root / "bench/results-cpu.json").read_text())["workloads"]
+    for workload, (time_column, memory_column) in ((minilm, (1, 2)), (decoder, (3, 4))):
+        rows = workload["train"] + workload["eval"]
+        assert len(rows) == len(cells)
+        for row, line in zip(rows, cells, strict=True):
+            time_cell, memory_cell = line[time_column], line[memory_column]
+            assert time_cell.startswith(f"{row['time_ratio']:.2f}x"), (row["configuration"], time_cell)
+            assert memory_cell == f"{row['memory_ratio']:.2f}x", (row["configuration"], memory_cell)
+            low, high = row["time_ratio_quartiles"]
+            if "(" in time_cell and "ms" not in time_cell:
+                assert time_cell.endswith(f"({low:.2f}-{high:.2f})"), (row["configuration"], time_cell)
+        baseline = workload["train"][0]
+        expected = f"({baseline['median_seconds'] * 1000:.0f} ms, {baseline['tokens_per_second']:,.0f} tok/s)"
+        assert cells[0][time_column].endswith(expected)
