@@ -52,7 +52,8 @@ class DropoutController:
     sampler: MaskSampler
     layers: tuple[int, ...] = ()
     shared: list[nn.Module] = field(default_factory=list, repr=False)
-    padding: torch.Tensor | None = field(default=None, repr=False)
+    # The current forward's [B, T] shape and where its real tokens are (see `note_padding`).
+    padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
 
@@ -101,14 +102,15 @@ class DropoutController:
     def token_extent(self, batch: int, length: int) -> Extent | None:
         """Where each example's real tokens are in the current forward's [batch, length] activations,
         when the batch is padded (spans are drawn inside them); None when every position is a token."""
-        if self.padding is None or tuple(self.padding.shape) != (batch, length):
+        if self.padding is None or self.padding[0] != (batch, length):
             return None
-        return token_extent(self.padding)
+        return self.padding[1]
 
     def note_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the model: keep the call's [B, T] padding mask for the span patterns."""
+        """Forward pre-hook on the model: where the call's real tokens are, from its [B, T] padding
+        mask, for the span patterns (found once per forward, read by every dropping layer)."""
         mask = kwargs.get("attention_mask")
-        self.padding = mask if mask is not None and mask.dim() == 2 else None
+        self.padding = (tuple(mask.shape), token_extent(mask)) if mask is not None and mask.dim() == 2 else None
 
     def drops_token_spans(self, layer: int) -> bool:
         """Whether ``layer``'s feed-forward output loses a span of tokens, drawn over its length."""
