@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bench.measure import Measurement, run_interleaved, weight_bytes
 from hkft.config.schema import ModelConfig
-from hkft.dropout import build_plan, instrument
+from hkft.dropout import DropoutController, DropoutPlan, build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
 from hkft.first_token import compute_first_token_only
 from hkft.modeling import load_base_model
@@ -131,15 +131,22 @@ def trainer_step(model: torch.nn.Module, trainer: Trainer, batch: dict) -> Calla
     return training_step(model, lambda: trainer.compute_loss(model, batch))
 
 
+def hkft_model(
+    workload: Workload, device: torch.device, args: TrainingArguments, plan: DropoutPlan
+) -> tuple[torch.nn.Module, DropoutController, HkftTrainer]:
+    """A LoRA model with ``plan`` applied as `hkft train` applies it, and its trainer."""
+    model = lora(workload, device)
+    controller = instrument(model, plan, seed=0)
+    compute_first_token_only(model, workload.task, controller)
+    return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
+
+
 def one_branch_floor_step(workload: Workload, device: torch.device, args: TrainingArguments, batch: dict) -> Callable[[], None]:
     """hkft `none`'s training step plus the no-grad second pass that one-branch KL adds (its
     deterministic prefix replayed, as hkft does), with no masks drawn and no KL arithmetic: the
     least an exact one-branch KL step can cost with these kernels. The gap between this row and
     the one-branch KL row is all that dropout and the KL loss add."""
-    model = lora(workload, device)
-    controller = instrument(model, build_plan("hiddenkey-", 0.0, 0.0), seed=0)  # rate 0: the layers, no masks
-    compute_first_token_only(model, workload.task, controller)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
+    model, controller, trainer = hkft_model(workload, device, args, build_plan("hiddenkey-", 0.0, 0.0))  # rate 0: no masks
     inputs = {key: value for key, value in batch.items() if key != "labels"}
 
     def loss_and_second_pass() -> torch.Tensor:
@@ -176,10 +183,7 @@ def training_configurations(workload: Workload, device: torch.device) -> dict[st
         "dropattention": build_plan("dropattention", RATE, 0.0),
     }
     for name, plan in plans.items():
-        model = lora(workload, device)
-        controller = instrument(model, plan, seed=0)
-        compute_first_token_only(model, workload.task, controller)  # as `hkft train` does
-        trainer = HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
+        model, _, trainer = hkft_model(workload, device, args, plan)
         steps[name] = trainer_step(model, trainer, batch)
         if name == "hiddenkey KL one branch":
             steps[ONE_BRANCH_FLOOR] = one_branch_floor_step(workload, device, args, batch)
