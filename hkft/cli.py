@@ -122,6 +122,7 @@ def run_facts(cfg: HkftConfig, root: Path) -> dict[str, Any]:
         "dropout compensation": compensation,
         "dropout layers": plan.layers if plan.layers != "auto" else "auto (latter half of a decoder, all of an encoder)",
         "model's own dropout": plan.model_dropout or 0.0,
+        "NEFTune alpha": plan.neftune_alpha or "off",
     }
 
 

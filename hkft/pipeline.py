@@ -75,6 +75,7 @@ def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
             branches=dropout.branches,
             layers=dropout.layers,
             position_overrides=overrides,
+            neftune_alpha=dropout.neftune_alpha,
         )
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None

@@ -27,7 +27,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
-DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey", "neftune")
 DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
 
 
@@ -77,6 +77,7 @@ class DropoutConfig(Section):
     method: str = "hiddenkey"
     rate: Probability = 0.1
     kl_weight: Float = Field(1.0, ge=0.0)
+    neftune_alpha: Float = Field(5.0, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
     compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
     branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
     layers: Literal["auto", "all", "latter-half"] | list[Int] = Field(
