@@ -125,10 +125,13 @@ def _auto_class(task: str) -> type:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
-def _skeleton(cfg: ModelConfig, path: str) -> PreTrainedModel:
-    """The task model's module tree on the meta device: its structure, without reading a weight."""
+def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTrainedModel:
+    """The task model's module tree on the meta device: its structure, without reading a weight.
+    ``config_overrides`` set config attributes (``num_labels=1``)."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_overrides
+        )
         with torch.device("meta"):
             return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
@@ -141,7 +144,7 @@ def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quantization {cfg.quantization} needs bitsandbytes", "pip install 'hkft[gpu]'")
-    skeleton = _skeleton(cfg, path)
+    skeleton = model_skeleton(cfg, path)
     if any(isinstance(module, Conv1D) for module in skeleton.modules()):
         raise ModelError(
             f"{cfg.name} ({skeleton.config.model_type}) uses Conv1D layers, which bitsandbytes cannot quantize",
@@ -190,7 +193,7 @@ def load_base_model(
             kwargs["num_labels"] = num_labels or cfg.num_labels
     if quantize:
         check_quantization_supported(cfg, path)
-        heads = classifier_head_names(_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
+        heads = classifier_head_names(model_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
         kwargs["quantization_config"] = quantization_config(cfg, heads)
         kwargs["device_map"] = _kbit_device_map()
     try:
