@@ -7,6 +7,7 @@ eval:  adapter + sidecar -> base model -> data with the training label map -> me
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,20 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def check_fsdp_possible() -> None:
+    """accelerate (1.15) switches FSDP on only for multi-accelerator jobs: in a CPU job (gloo) the
+    Trainer would silently train with DDP, and a single process fails with a traceback."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "distributed.strategy fsdp needs GPUs: accelerate shards a model only across accelerators, and on a CPU "
+            "training would silently run as DDP",
+            "use distributed.strategy=ddp on a CPU",
+        )
+    if not (torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError("distributed.strategy fsdp needs a distributed launch",
+                          "start it with torchrun --nproc_per_node N -m hkft train ... or accelerate launch")
+
+
 def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
     train, task = cfg.train, cfg.model.task
     strategy = train.eval_strategy if has_eval else "no"
@@ -103,6 +118,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         )
     distributed = {}
     if cfg.distributed.strategy == "fsdp":
+        check_fsdp_possible()
         distributed["fsdp"] = cfg.distributed.fsdp
     elif cfg.distributed.strategy == "deepspeed":
         if not cfg.distributed.deepspeed_config:
