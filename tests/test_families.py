@@ -181,3 +181,23 @@ def test_readme_table_of_families_is_the_tested_list():
     match = re.search(r"<!-- families-table -->\n(.*?)\n<!-- /families-table -->", text, re.S)
     assert match, "README needs the families table between <!-- families-table --> markers"
     assert match.group(1) == families_table(), "regenerate: python -c 'import test_families as t; print(t.families_table())' in tests/"
+
+
+@pytest.mark.parametrize("family,task", [("LLaMA", "causal-lm"), ("BERT", "classification")])
+@pytest.mark.parametrize("position", ATTENTION_POSITIONS)
+def test_an_eager_model_stays_eager_and_drops_at_its_softmax(family, task, position, monkeypatch):
+    """A user's `eager` is never swapped for SDPA: the masks apply in the eager computation itself."""
+    model = family_model(family, task, attn="eager")
+    reference = family_model(family, task, attn="eager")
+    zero_dropout(reference)
+    controller = instrument(model, only(position), seed=3)
+    assert model.config._attn_implementation == "eager"
+    drawn = []
+    draw = attention.attention_drop_mask
+    monkeypatch.setattr(attention, "attention_drop_mask", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    inputs = inputs_for(model)
+    model.train(), reference.train()
+    got = model(**inputs).logits
+    monkeypatch.setattr(torch.nn.functional, "softmax",
+                        reference_softmax(torch.nn.functional.softmax, list(drawn), controller.layers, position))
+    assert torch.allclose(got, reference(**inputs).logits, atol=1e-5, rtol=0)

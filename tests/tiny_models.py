@@ -96,7 +96,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "Qwen2": ("qwen2", GROUPED),
     "Qwen3": ("qwen3", dict(GROUPED, head_dim=8)),
     "Gemma": ("gemma", dict(GROUPED, head_dim=8)),
-    "Gemma 2": ("gemma2", dict(GROUPED, head_dim=8, attn_logit_softcapping=5.0)),
+    "Gemma 2": ("gemma2", dict(GROUPED, head_dim=8, attn_logit_softcapping=1.0, initializer_range=0.5)),
     "Gemma 3": ("gemma3_text", dict(GROUPED, head_dim=8)),
     "Phi": ("phi", dict(TINY, **TOKENS)),
     "Phi-3": ("phi3", dict(GROUPED, **TOKENS)),

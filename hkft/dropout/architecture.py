@@ -103,19 +103,22 @@ def _holds_attention(module: nn.Module) -> bool:
 
 
 def layer_stack(model: nn.Module) -> LayerStack:
-    """The ModuleList with one entry per hidden layer; else the innermost ModuleLists of blocks that
-    attention is built from, whose group runs ``num_hidden_layers`` times."""
+    """The ModuleList with one entry per hidden layer; else shared blocks: ModuleLists of blocks held
+    by the entries of an outer ModuleList of groups (ALBERT), a group run per hidden layer."""
     config = transformers_model(model).config
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList) and len(module)]
     for module in lists:
         if len(module) == count:
             return LayerStack(tuple(module), count)
-    groups = [module for module in lists if all(_holds_attention(block) for block in module)]
-    innermost = [group for group in groups if not any(other is not group and _within(other, group) for other in groups)]
-    blocks = tuple(block for group in innermost for block in group)
-    if count and blocks and len(blocks) < count:
-        return LayerStack(blocks, count * len(innermost[0]))
+    holders = [module for module in lists if all(_holds_attention(block) for block in module)]
+    innermost = [group for group in holders if not any(other is not group and _within(other, group) for other in holders)]
+    # Shared blocks: groups of blocks (an outer ModuleList whose every entry holds a list of blocks),
+    # one group run per hidden layer.
+    groups = [outer for outer in holders if outer not in innermost
+              and all(any(_within(inner, entry) for inner in innermost) for entry in outer)]
+    if count and innermost and groups and count % len(groups[0]) == 0:
+        return LayerStack(tuple(block for inner in innermost for block in inner), count * len(innermost[0]))
     raise ModelError(
         f"cannot find the {count} transformer layers of {type(transformers_model(model)).__name__}",
         "hkft's dropout needs a ModuleList of blocks whose attention has query/key/value projections",
