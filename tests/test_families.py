@@ -106,7 +106,11 @@ def reference_softmax(original, drawn: list[torch.Tensor], selected: tuple[int, 
 def test_recorded_masks_give_the_eager_reference(family, task, position, monkeypatch):
     """The hkft path (SDPA function, or the family's own eager computation) against the stock model
     run eagerly, with the same masks applied by hand at the softmax."""
-    model = family_model(family, task)
+    check_recorded_masks(family, task, position, monkeypatch)
+
+
+def check_recorded_masks(family, task, position, monkeypatch, attn: str | None = None):
+    model = family_model(family, task, attn=attn)
     reference = family_model(family, task, attn="eager")
     reference.load_state_dict(model.state_dict())
     zero_dropout(reference)
@@ -161,8 +165,8 @@ def test_shared_prefix_replay_gives_the_second_pass_computed_in_full(family, tas
 def attention_route(family: str) -> str:
     model = family_model(family, family_heads(family)[0])
     if model.config._attn_implementation == "eager":
-        return "eager"
-    return "SDPA" if uses_attention_interface(model) else "SDPA (own call)"
+        return "its eager softmax"
+    return "hkft's SDPA function" if uses_attention_interface(model) else "its own SDPA call"
 
 
 def families_table() -> str:
@@ -201,3 +205,41 @@ def test_an_eager_model_stays_eager_and_drops_at_its_softmax(family, task, posit
     monkeypatch.setattr(torch.nn.functional, "softmax",
                         reference_softmax(torch.nn.functional.softmax, list(drawn), controller.layers, position))
     assert torch.allclose(got, reference(**inputs).logits, atol=1e-5, rtol=0)
+
+
+# The previously failing families at the hidden and head sizes of a real checkpoint (2 layers, a
+# 128-token vocabulary): dimension-specific shapes (relative-position buckets, ALiBi slopes over 16
+# or 32 heads, Gemma 2's 256-wide heads, ALBERT's factorised embeddings) that tiny configs miss.
+REAL_SIZES = {
+    "DeBERTa-v2/v3": ("classification", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                                              position_buckets=256, max_relative_positions=-1, share_att_key=True,
+                                              max_position_embeddings=512, norm_rel_ebd="layer_norm")),
+    "ALBERT": ("classification", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, embedding_size=128)),
+    "MPNet": ("classification", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "GPT-NeoX/Pythia": ("causal-lm", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, rotary_pct=0.25)),
+    # Run eagerly: transformers' own SDPA and eager ALiBi paths of Falcon differ by 0.2 in the logits here.
+    "Falcon": ("causal-lm", dict(hidden_size=2048, num_attention_heads=32, alibi=True, bias=True, multi_query=False,
+                                 parallel_attn=False, num_kv_heads=32)),
+    "Bloom": ("causal-lm", dict(hidden_size=1024, n_head=16)),
+    "Gemma 2": ("causal-lm", dict(hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                  intermediate_size=9216, attn_logit_softcapping=50.0, query_pre_attn_scalar=256,
+                                  initializer_range=0.02)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", REAL_SIZES)
+@pytest.mark.parametrize("position", ATTENTION_POSITIONS)
+def test_real_size_shapes_give_the_eager_reference_and_no_nan(family, position, monkeypatch):
+    task, sizes = REAL_SIZES[family]
+    model_type, values = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**values, **sizes}))
+    attn = "eager" if sizes.get("alibi") else None
+    check_recorded_masks(family, task, position, monkeypatch, attn)
+    monkeypatch.undo()
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**values, **sizes}))
+    model = family_model(family, task, attn=attn)
+    instrument(model, build_plan("hiddenkey", 0.9, 1.0, layers="all"), seed=0)
+    model.train()
+    logits = model(**inputs_for(model, length=16)).logits
+    assert torch.isfinite(logits).all()
