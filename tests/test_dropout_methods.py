@@ -219,28 +219,28 @@ def test_config_defaults_are_the_papers_defaults():
     assert (plan.compensation, plan.kl_weight, plan.branches, plan.layers) == ("kl", 1.0, "one", "auto")
 
 
-def two_passes(model, controller, inputs, shared: bool):
-    """The KL's two training passes from one generator state, the second replaying the shared prefix or not."""
+def second_passes(model, plan, inputs):
+    """The KL's second training pass, replaying the shared prefix and computed in full, from the same
+    mask-generator and torch RNG states."""
+    controller = instrument(model, plan, seed=0)
+    model.train()
+    state = controller.state_dict()
     torch.manual_seed(1)
-    if not shared:
-        return model(**inputs), model(**inputs)
     with controller.shared_prefix() as replay:
-        first = model(**inputs)
+        model(**inputs)
         with replay():
-            return first, model(**inputs)
+            replayed = model(**inputs)
+    controller.load_state_dict(state)
+    torch.manual_seed(1)
+    model(**inputs)
+    return replayed, model(**inputs)
 
 
 def test_moe_second_training_pass_keeps_every_layers_router_logits():
     """With both branches trained, the second pass's load-balancing loss is part of the loss: it must
     read the router logits of the prefix layers too, as the pass computed in full does."""
-    model = tiny_model("mixtral")
-    controller = instrument(model, build_plan("hiddenkey", 0.3, 1.0, branches="both"), seed=0)
-    model.train()
-    inputs = batch("mixtral", padded=True)
-    state = controller.state_dict()
-    _, replayed = two_passes(model, controller, inputs, shared=True)
-    controller.load_state_dict(state)
-    _, full = two_passes(model, controller, inputs, shared=False)
+    plan = build_plan("hiddenkey", 0.3, 1.0, branches="both")
+    replayed, full = second_passes(tiny_model("mixtral"), plan, batch("mixtral", padded=True))
     assert len(replayed.router_logits) == len(full.router_logits) == 4
     assert torch.allclose(replayed.aux_loss, full.aux_loss, atol=1e-6)
 
@@ -250,13 +250,7 @@ def test_router_jitter_is_random_so_nothing_is_replayed():
     config.router_jitter_noise = 0.1
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    controller = instrument(model, named_method("hiddenkey", 0.3), seed=0)
-    model.train()
-    inputs = batch("mixtral", padded=False)
-    state = controller.state_dict()
-    _, replayed = two_passes(model, controller, inputs, shared=True)
-    controller.load_state_dict(state)
-    _, full = two_passes(model, controller, inputs, shared=False)
+    replayed, full = second_passes(model, named_method("hiddenkey", 0.3), batch("mixtral", padded=False))
     assert torch.equal(replayed.logits, full.logits)
 
 
