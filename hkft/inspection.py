@@ -76,7 +76,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
             f"{cfg.model.name} ({skeleton.config.model_type}) is not supported by hkft's dropout, because {err}",
             "see the README's 'Add an architecture'",
         ) from None
-    layers = architecture.transformer_layers(model)
+    stack = architecture.layer_stack(model)
     decoder = architecture.is_causal_model(model)
     return {
         "model": cfg.model.name,
@@ -87,12 +87,12 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
         "task_inferred": not task_given,
         "num_labels": None if task == "causal-lm" else labels,
         "kind": "decoder (causal attention)" if decoder else "encoder",
-        "layers": len(layers),
-        "layer_stack": module_path(architecture.transformers_model(model), layers),
+        "layers": stack.applications,
+        "layer_stack": layer_stack_path(architecture.transformers_model(model), stack),
         "attn_implementation": cfg.model.attn_implementation,
         "quantization": cfg.model.quantization,
-        "positions": available_positions(model, layers[controller.layers[0] if controller.layers else 0], task),
-        "methods": method_layers(cfg, len(layers), decoder),
+        "positions": available_positions(model, dropping_block(stack, controller.layers), task),
+        "methods": method_layers(cfg, stack.applications, decoder),
         "dropout": {"method": cfg.dropout.method, **controller.describe()},
         "lora": {
             "targets": targets,
@@ -117,6 +117,20 @@ def lora_targets(skeleton: nn.Module, cfg: HkftConfig) -> list[str] | str:
 def module_path(scope: nn.Module, module: nn.Module) -> str:
     """The module's name inside ``scope``."""
     return next((name for name, candidate in scope.named_modules() if candidate is module), type(module).__name__)
+
+
+def layer_stack_path(scope: nn.Module, stack: architecture.LayerStack) -> str:
+    """Where the blocks live; a shared block says how often one forward runs it (ALBERT)."""
+    path = module_path(scope, stack.blocks[0]).rsplit(".", 1)[0]
+    if stack.shared:
+        return f"{path} ({len(stack.blocks)} shared block(s) run {stack.applications} times)"
+    return path
+
+
+def dropping_block(stack: architecture.LayerStack, applications: tuple[int, ...]) -> nn.Module:
+    """The block that runs the first dropping application (shared blocks repeat in order)."""
+    first = applications[0] if applications else 0
+    return stack.blocks[first % len(stack.blocks)]
 
 
 def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[str, dict[str, Any]]:

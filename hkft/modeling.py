@@ -175,12 +175,19 @@ def _kbit_device_map() -> dict[str, int] | None:
     return {"": PartialState().local_process_index}
 
 
+def attention_kernel(cfg: ModelConfig) -> str | None:
+    """What to ask transformers for: `sdpa` leaves the choice to it (SDPA where the family has a path
+    for it, else its eager attention, the only one DeBERTa, MPNet, Bloom and Gemma 2 have); `eager`
+    is passed on. hkft's dropout keeps the kernel the model was loaded with."""
+    return None if cfg.attn_implementation == "sdpa" else cfg.attn_implementation
+
+
 def load_base_model(
     cfg: ModelConfig, path: str, num_labels: int | None, *, full_precision: bool = False, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
     quantize = cfg.quantization != "none" and not full_precision
     kwargs: dict = {
-        "attn_implementation": cfg.attn_implementation,
+        "attn_implementation": attention_kernel(cfg),
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
         "dtype": dtype or resolve_dtype(cfg.dtype),

@@ -4,6 +4,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from hkft.dropout import build_plan, instrument, named_method
 from hkft.dropout.architecture import attention_module, ffn_output_module, transformer_layers
@@ -216,3 +217,58 @@ def test_config_defaults_are_the_papers_defaults():
     assert plan == named_method("hiddenkey", 0.1, kl_weight=1.0)
     assert {name: drop.rate for name, drop in plan.positions.items()} == {"attention_logits": 0.1, "hidden": 0.1}
     assert (plan.compensation, plan.kl_weight, plan.branches, plan.layers) == ("kl", 1.0, "one", "auto")
+
+
+def second_passes(model, plan, inputs):
+    """The KL's second training pass, replaying the shared prefix and computed in full, from the same
+    mask-generator and torch RNG states."""
+    controller = instrument(model, plan, seed=0)
+    model.train()
+    state = controller.state_dict()
+    torch.manual_seed(1)
+    with controller.shared_prefix() as replay:
+        model(**inputs)
+        with replay():
+            replayed = model(**inputs)
+    controller.load_state_dict(state)
+    torch.manual_seed(1)
+    model(**inputs)
+    return replayed, model(**inputs)
+
+
+def test_moe_second_training_pass_keeps_every_layers_router_logits():
+    """With both branches trained, the second pass's load-balancing loss is part of the loss: it must
+    read the router logits of the prefix layers too, as the pass computed in full does."""
+    plan = build_plan("hiddenkey", 0.3, 1.0, branches="both")
+    replayed, full = second_passes(tiny_model("mixtral"), plan, batch("mixtral", padded=True))
+    assert len(replayed.router_logits) == len(full.router_logits) == 4
+    assert torch.allclose(replayed.aux_loss, full.aux_loss, atol=1e-6)
+
+
+def test_router_jitter_is_random_so_nothing_is_replayed():
+    config = tiny_model("mixtral").config
+    config.router_jitter_noise = 0.1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    replayed, full = second_passes(model, named_method("hiddenkey", 0.3), batch("mixtral", padded=False))
+    assert torch.equal(replayed.logits, full.logits)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "llama"])
+def test_output_token_span_on_a_sequence_classifier_is_refused_in_one_line(arch):
+    """BERT's head reads the pooled vector and RoBERTa's the first token (and LLaMA's the last): a
+    token span there would silently drop nothing, or the whole example."""
+    plan = build_plan("none", 0.3, 0.0, position_overrides={"output": ("span", 0.3)})
+    with pytest.raises(ValueError, match="span pattern drops a run of tokens") as error:
+        instrument(tiny_model(arch, "classification"), plan, seed=0)
+    assert "\n" not in str(error.value)
+
+
+def test_output_token_span_on_a_language_model_drops_tokens():
+    model = tiny_model("llama")
+    instrument(model, build_plan("none", 0.3, 0.0, position_overrides={"output": ("span", 0.3)}), seed=0)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model.train()
+    model(**batch("llama", padded=False, size=2, length=10))
+    assert (seen[0] == 0).all(dim=-1).sum(dim=-1).tolist() == [3, 3]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MambaConfig
 from conftest import assert_one_line_error
 from hkft.config.schema import LoraConfig, ModelConfig
 from hkft.modeling import build_lora_model, load_base_model, resolve_model_path
-from tiny_models import tiny_config
+from tiny_models import FAMILIES, HEADS, family_config, family_heads, tiny_config
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -100,3 +100,17 @@ def test_a_family_hkft_cannot_instrument_is_one_line(cli, tmp_path):
 ])
 def test_bad_input_is_one_line(cli, args, fragment):
     assert_one_line_error(cli("inspect", *args), fragment)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_of_the_coverage_matrix_inspects(cli, tmp_path, family):
+    """Every family hkft trains is described from its config alone; a shared block (ALBERT) counts
+    its applications, as `dropout.layers` does."""
+    config = family_config(family)
+    task = family_heads(family)[0]
+    config.architectures = [HEADS[task]._model_mapping[type(config)].__name__]
+    config.save_pretrained(tmp_path)
+    report = inspect_json(cli, tmp_path, "--task", task)
+    assert report["layers"] == config.num_hidden_layers
+    assert report["positions"]["attention_logits"]["patterns"], report["positions"]
+    assert "tuple" not in report["layer_stack"]

@@ -340,3 +340,16 @@ def test_layers_missing_from_the_checkpoint_cannot_be_quantized(tmp_path, bits):
         load_base_model(cfg, str(tmp_path / "bert"), 2)
     assert "bert.pooler.dense not in the checkpoint" in str(caught.value)
     assert "set model.quantization=none" in str(caught.value)
+
+
+@pytest.mark.parametrize("family,requested,expected", [("Gemma 2", "sdpa", "eager"), ("DeBERTa-v2/v3", "sdpa", "eager"),
+                                                       ("LLaMA", "sdpa", "sdpa"), ("LLaMA", "eager", "eager")])
+def test_a_family_without_sdpa_loads_with_its_eager_attention(family, requested, expected, tmp_path):
+    """The default `sdpa` is SDPA where the family has it; Gemma 2 or DeBERTa load with their eager
+    attention instead of failing to load. An explicit `eager` is kept."""
+    from tiny_models import family_model
+
+    family_model(family, "classification").save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path), task="classification", attn_implementation=requested)
+    model = load_base_model(cfg, str(tmp_path), 3)
+    assert model.config._attn_implementation == expected

@@ -46,7 +46,7 @@ class ModelConfig(Section):
     double_quant: bool = True
     compute_dtype: Dtype = "auto"
     attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Kernel used when no dropout mask needs the attention matrix."
+        "sdpa", description="Attention kernel: sdpa where the family has it (else its eager attention), or eager."
     )
     num_labels: Int | None = Field(None, ge=1, description="Inferred from the training labels when unset.")
     trust_remote_code: bool = False

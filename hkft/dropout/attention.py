@@ -1,7 +1,8 @@
-"""Attention-position dropout through transformers' attention-function registry.
+"""Attention-position dropout through transformers' attention-function registry, or inside the
+attention module's own computation (`EagerAttentionDrop`) where that registry is not used.
 
-The model runs with ``attn_implementation="hkft"``. An attention module that carries an
-`AttentionDrop` (set by the instrumenter) drops keys while training; every other call, and every
+A family that computes attention through the registry, run with SDPA, runs with
+``attn_implementation="hkft"``. An attention module that carries an `AttentionDrop` (set by the instrumenter) drops keys while training; every other call, and every
 call in eval mode, goes straight to transformers' own SDPA function, so the uninstrumented path
 and inference are exactly the stock model.
 
@@ -17,16 +18,20 @@ and inference are exactly the stock model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hkft.dropout.masks import attention_drop_mask, causal_mask, guarded_keep_mask
 from hkft.dropout.plan import Position, PositionDrop
+from hkft.errors import ModelError
 
 if TYPE_CHECKING:
     from hkft.dropout.controller import DropoutController
@@ -39,9 +44,12 @@ class AttentionDrop:
     position: Position
     drop: PositionDrop
     controller: DropoutController
+    # Whether the module's current call is a selected layer: always, except for shared blocks (ALBERT),
+    # where it depends on which application of the block this is.
+    selected: Callable[[], bool] = lambda: True
 
     def active(self, module: torch.nn.Module) -> bool:
-        return module.training and self.drop.rate > 0
+        return module.training and self.drop.rate > 0 and self.selected()
 
 
 def register_attention() -> None:
@@ -188,10 +196,123 @@ def drop_attention_forward(
         visible = causal_mask(query.shape[2], key.shape[2], query.device)
     if visible is not None:
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    surviving = weights * keep
-    row_sum = surviving.sum(dim=-1, keepdim=True).detach().clamp_min(torch.finfo(weights.dtype).tiny)
-    weights = surviving / row_sum
+    weights = renormalised(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), keep)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+def renormalised(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """DropAttention's weights: the surviving ones divided by their row sum, taken without gradient."""
+    surviving = weights * keep
+    return surviving / surviving.sum(dim=-1, keepdim=True).detach().clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+SOFTMAX_FUNCTIONS = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class EagerAttentionDrop(TorchFunctionMode):
+    """Attention-position dropout inside an attention module's own computation, for families whose
+    attention does not go through transformers' attention functions (DeBERTa, MPNet, Bloom, Falcon)
+    and for models run with ``attn_implementation: eager`` (Gemma 2's logit soft-capping exists only
+    there).
+
+    Active only while the module's forward runs in training. The one softmax over the module's
+    [B, H, Q, K] logits is intercepted, so the masks apply to the logits exactly as the family has
+    computed them, relative-position biases, ALiBi and soft-capping included: DropKey sets dropped
+    logits to the dtype's minimum, DropAttention renormalises the weights with a stop-gradient row
+    sum. A family that calls SDPA instead (Falcon, StableLM) has that call intercepted: DropKey goes
+    into its mask, DropAttention computes the weights. Masked logits (the dtype's minimum, or -inf)
+    are what the model hides; the guard of `guarded_keep_mask` keeps every row non-empty.
+    """
+
+    def __init__(self, site: AttentionDrop, causal: bool):
+        super().__init__()
+        self.site, self.causal, self.calls = site, causal, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SOFTMAX_FUNCTIONS and _over_attention_keys(args, kwargs):
+            self.calls += 1
+            return self._softmax(func, args, kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+            return self._sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _keep(self, query_shape: tuple[int, ...], keys: int, visible: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        batch, heads, queries = query_shape[:3]
+        extent = self.site.controller.token_extent(batch, keys) if self.site.drop.pattern == "span" else None
+        dropped = attention_drop_mask(self.site.controller.sampler, self.site.drop.pattern, self.site.drop.rate,
+                                      batch, heads, queries, keys, device, extent)
+        keep_own = self.causal and self.site.drop.pattern == "element" and visible is not None
+        return guarded_keep_mask(visible, dropped, keep_own)
+
+    def _softmax(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        logits = args[0]
+        hidden = torch.finfo(logits.dtype).min
+        visible = logits > hidden / 2
+        # A row the model hides entirely (DeBERTa's padded queries) stays as the model computes it.
+        keep = self._keep(logits.shape, logits.shape[-1], visible, logits.device) | ~visible.any(-1, keepdim=True)
+        if self.site.position == "attention_logits":
+            return func(logits.masked_fill(~keep, hidden), *args[1:], **kwargs)
+        return renormalised(func(*args, **kwargs), keep)
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        causal = is_causal and query.shape[2] > 1
+        visible = causal_mask(query.shape[2], key.shape[2], query.device) if causal else _visibility(attn_mask)
+        keep = self._keep(query.shape, key.shape[2], visible, query.device)
+        hidden = torch.finfo(query.dtype).min
+        if self.site.position == "attention_logits":
+            mask = keep if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, hidden)
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
+            )
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * (scale if scale is not None else query.shape[-1] ** -0.5)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            scores = scores + attn_mask
+        elif visible is not None:
+            scores = scores.masked_fill(~visible, hidden)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = torch.nn.functional.dropout(renormalised(weights, keep), p=dropout_p)
+        return torch.matmul(weights, value)
+
+
+def _over_attention_keys(args: tuple, kwargs: dict) -> bool:
+    """A softmax over the last axis of a [B, H, Q, K] tensor."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and dim in (-1, 3)
+
+
+def _visibility(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An SDPA mask as boolean True = attend: boolean as is, additive (ALiBi included) where not masked."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def intercept_attention(module: torch.nn.Module, site: AttentionDrop, causal: bool) -> list[RemovableHandle]:
+    """Hooks that run ``module``'s forward under `EagerAttentionDrop` while ``site`` is active, and
+    refuse a forward in which no attention softmax (or more than one) could be found."""
+    modes: list[EagerAttentionDrop] = []
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        if site.active(module):
+            modes.append(EagerAttentionDrop(site, causal))
+            modes[-1].__enter__()
+
+    def leave(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if not modes:
+            return
+        mode = modes.pop()
+        mode.__exit__(None, None, None)
+        if output is not None and mode.calls != 1:
+            raise ModelError(
+                f"cannot place {site.position} dropout in {type(module).__name__}: its forward computed "
+                f"{mode.calls} attention softmaxes hkft can see, where it needs exactly one",
+                "drop hidden states only (dropout.positions), or use model.attn_implementation: eager",
+            )
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
-from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, register_attention
+from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, intercept_attention, register_attention
 from hkft.dropout.masks import (
     Extent,
     MaskSampler,
@@ -31,6 +31,10 @@ from hkft.dropout.plan import DropoutPlan, PositionDrop
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
 
 
+def always() -> bool:
+    return True
+
+
 @dataclass
 class FeatureDrop:
     """Drops entries, feature columns or token spans of an activation (hidden, input, output)."""
@@ -38,9 +42,10 @@ class FeatureDrop:
     drop: PositionDrop
     controller: DropoutController
     rescale: bool
+    selected: Callable[[], bool] = always  # see `AttentionDrop.selected`
 
     def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if not (module.training and self.drop.rate > 0):
+        if not (module.training and self.drop.rate > 0 and self.selected()):
             return hidden
         spans = self.drop.pattern == "span" and hidden.dim() == 3
         extent = self.controller.token_extent(hidden.shape[0], hidden.shape[1]) if spans else None
@@ -66,6 +71,23 @@ class EmbeddingNoise:
             return embeddings
         extent = self.controller.token_extent(embeddings.shape[0], embeddings.shape[1])
         return embeddings + embedding_noise(self.controller.sampler, embeddings, self.alpha, extent)
+
+
+@dataclass
+class Applications:
+    """Which application of a shared block is running (ALBERT runs one block ``num_hidden_layers``
+    times): reset before each forward of the model, advanced before each forward of a block."""
+
+    current: int = -1
+
+    def reset(self, module: nn.Module, args: tuple) -> None:
+        self.current = -1
+
+    def advance(self, module: nn.Module, args: tuple) -> None:
+        self.current += 1
+
+    def among(self, indices: tuple[int, ...]) -> Callable[[], bool]:
+        return lambda: self.current in indices
 
 
 @dataclass
@@ -195,54 +217,96 @@ class DropoutController:
 
 def shareable_prefix(model: nn.Module, plan: DropoutPlan) -> bool:
     """The layers before the first dropping one are deterministic only if nothing else is random:
-    no input dropout or noise, none of the model's own dropout, no LoRA dropout."""
+    no input dropout or noise, none of the model's own dropout or router jitter, no LoRA dropout."""
     if "input" in plan.active_positions or plan.model_dropout or plan.neftune_alpha:
         return False
-    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    return not architecture.has_training_noise(model)
+
+
+def shared_modules(model: nn.Module, plan: DropoutPlan, stack: architecture.LayerStack, first: int, checkpointing: bool) -> list[nn.Module]:
+    """What the KL's second pass replays from the first (see `DropoutController.shared_prefix`).
+
+    Nothing when blocks are shared: a block run several times has no single output to replay. No
+    whole layer when both passes train a mixture-of-experts model: the second pass's load-balancing
+    loss reads every layer's router logits, which a replayed layer does not produce.
+    """
+    if stack.shared or not shareable_prefix(model, plan):
+        return []
+    routed = bool(getattr(architecture.transformers_model(model).config, "output_router_logits", False))
+    shared = [] if routed and plan.compensation == "kl" and plan.branches == "both" else list(stack.blocks[:first])
+    if not checkpointing:
+        # Inside a checkpointed layer a replayed projection would be recomputed for real in the
+        # backward pass, which checkpointing rejects (the saved tensors differ).
+        shared += architecture.attention_input_projections(stack.blocks[first])
+    return shared
+
+
+def check_output_pattern(model: nn.Module, plan: DropoutPlan) -> None:
+    """A token span of the head's input exists only where the head reads every token."""
+    output = plan.active_positions.get("output")
+    if output is not None and output.pattern == "span" and not architecture.reads_token_sequence(model):
+        raise ValueError(
+            "positions.output: the span pattern drops a run of tokens, but a sequence classifier reads one "
+            "vector per example; use the element or column pattern there"
+        )
 
 
 def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) -> DropoutController:
     """Apply ``plan`` to ``model`` (plain or peft-wrapped; wrap with LoRA first so hooks see the
     LoRA-adapted FFN output)."""
-    layers = architecture.transformer_layers(model)
+    check_output_pattern(model, plan)
+    stack = architecture.layer_stack(model)
+    causal = architecture.is_causal_model(model)
     controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
-    controller.layers = plan.layer_indices(len(layers), architecture.is_causal_model(model))
+    controller.layers = plan.layer_indices(stack.applications, causal)
     architecture.set_builtin_dropout(model, 0.0)
     if plan.model_dropout:
         # The method `dropout`: the model's own dropout in the selected layers, like every other
         # method (a decoder's latter half); with every layer selected, everywhere the model has it.
-        every_layer = len(controller.layers) == len(layers)
-        for scope in [model] if every_layer else [layers[index] for index in controller.layers]:
+        every_layer = len(controller.layers) == stack.applications
+        if stack.shared and not every_layer:
+            raise ValueError("the method `dropout` sets the model's own dropout, and the layers of this model share one "
+                             "block: use layers: all")
+        for scope in [model] if every_layer else [stack.blocks[index] for index in controller.layers]:
             architecture.set_builtin_dropout(scope, plan.model_dropout)
     positions = plan.active_positions
     base = architecture.transformers_model(model)
     checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
     if checkpointing:
         base.activation_checkpointing_enable({"use_reentrant": False, "context_fn": controller.checkpoint_contexts})
-    if shareable_prefix(model, plan) and controller.layers:
-        first = controller.layers[0]
-        controller.shared = list(layers[:first])
-        if not checkpointing:
-            # Inside a checkpointed layer a replayed projection would be recomputed for real in the
-            # backward pass, which checkpointing rejects (the saved tensors differ).
-            controller.shared += architecture.attention_input_projections(layers[first])
+    if controller.layers:
+        controller.shared = shared_modules(model, plan, stack, controller.layers[0], checkpointing)
 
     if plan.neftune_alpha or any(drop.pattern == "span" for drop in positions.values()):
         controller._handles.append(base.register_forward_pre_hook(controller.note_padding, with_kwargs=True))
 
+    # Each dropping block with the gate that says whether its current call is a selected layer.
+    if stack.shared:
+        applications = Applications()
+        controller._handles.append(base.register_forward_pre_hook(applications.reset))
+        controller._handles += [block.register_forward_pre_hook(applications.advance) for block in stack.blocks]
+        dropping = [(block, applications.among(controller.layers)) for block in stack.blocks]
+    else:
+        dropping = [(stack.blocks[index], always) for index in controller.layers]
+
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
     if attention_position is not None:
-        register_attention()
-        architecture.transformers_model(model).set_attn_implementation(ATTENTION_NAME)
-        for index in controller.layers:
-            module = architecture.attention_module(layers[index])
-            setattr(module, ATTENTION_ATTRIBUTE, AttentionDrop(attention_position, positions[attention_position], controller))
+        through_registry = base.config._attn_implementation != "eager" and architecture.uses_attention_interface(model)
+        if through_registry:
+            register_attention()
+            base.set_attn_implementation(ATTENTION_NAME)
+        for block, selected in dropping:
+            module = architecture.attention_module(block)
+            site = AttentionDrop(attention_position, positions[attention_position], controller, selected)
+            setattr(module, ATTENTION_ATTRIBUTE, site)
             controller._attention_modules.append(module)
+            if not through_registry:
+                controller._handles += intercept_attention(module, site, causal)
 
     if "hidden" in positions:
-        for index in controller.layers:
-            hook = FeatureDrop(positions["hidden"], controller, rescale=True)
-            controller._handles.append(architecture.ffn_output_module(layers[index]).register_forward_hook(hook.output_hook))
+        for block, selected in dropping:
+            hook = FeatureDrop(positions["hidden"], controller, rescale=True, selected=selected)
+            controller._handles.append(architecture.ffn_output_module(block).register_forward_hook(hook.output_hook))
     if "input" in positions:
         hook = FeatureDrop(positions["input"], controller, rescale=False)
         embeddings = architecture.transformers_model(model).get_input_embeddings()
