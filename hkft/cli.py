@@ -212,7 +212,7 @@ def sweep(
 ) -> None:
     """Run a grid of dropout methods x rates x KL weights x seeds; finished cells are skipped on a re-run."""
     quiet_libraries()
-    from hkft.study import load_study, run_sweep
+    from hkft.study.grid import load_study, run_sweep
 
     run_sweep(load_study(study), console)
 
@@ -225,7 +225,7 @@ def compare(
 ) -> None:
     """Median +- std per method over seeds (like the paper's Table 1), as a table, CSV, Markdown and plots."""
     quiet_libraries()
-    from hkft.compare import compare_runs, default_output_dir
+    from hkft.study.comparison import compare_runs, default_output_dir
 
     compare_runs(run_dirs, output or default_output_dir(run_dirs), console)
 

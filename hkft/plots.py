@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hkft.compare import Curve, RunSummary, Row, comparison_table, read_curves
+from hkft.study.comparison import Curve, RunSummary, Row, comparison_table, read_curves
 from hkft.config import load_config
 from hkft.io import atomic_write_bytes
 from hkft.metrics import MAIN_METRIC

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from fake_runs import fake_run, loss_events
-from hkft.compare import (
+from hkft.study.comparison import (
     collect_runs,
     compare_runs,
     comparison_table,

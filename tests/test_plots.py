@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fake_runs import fake_run, loss_events
-from hkft.compare import collect_runs, comparison_table, read_curves
+from hkft.study.comparison import collect_runs, comparison_table, read_curves
 from hkft.plots import (
     figure_loss_by_method,
     figure_metric_by_method,

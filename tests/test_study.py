@@ -13,7 +13,7 @@ from rich.console import Console
 from fake_runs import loss_events, write_run
 from hkft.config import presets_dir
 from hkft.errors import ConfigError
-from hkft.study import Cell, Study, expand_cells, load_study, run_sweep, train_cell
+from hkft.study.grid import Cell, Study, expand_cells, load_study, run_sweep, train_cell
 
 
 def write_study(directory: Path, **fields) -> Path:

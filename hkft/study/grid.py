@@ -30,7 +30,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 from rich.console import Console
 
-from hkft.compare import compare_runs
+from hkft.study.comparison import compare_runs
 from hkft.config import HkftConfig, load_config, presets_dir, resolve_preset_path
 from hkft.config.loading import describe_validation_error, read_yaml_mapping
 from hkft.errors import ConfigError
