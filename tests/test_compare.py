@@ -17,11 +17,11 @@ from hkft.study.comparison import (
     comparison_table,
     dataset_name,
     default_output_dir,
-    read_curves,
     table_markdown,
     write_table,
 )
 from hkft.config.schema import HubSource
+from hkft.plots import read_curves
 from hkft.errors import HkftError
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,11 @@ def test_real_sweep_on_minilm(tmp_path):
     assert [line.split(",")[2] for line in records[1:]] == ["none", "hiddenkey"]
     accuracy = json.loads((run_dirs[1] / "metrics.json").read_text())["eval"]["accuracy"]
     assert f"| hiddenkey | 0.1 | 1 | 1 | {accuracy:.4f} |" in (tmp_path / "out/comparison.md").read_text()
+
+
+def test_the_training_recipe_never_imports_the_study_package():
+    """hkft.study calls the recipe; the recipe (and a run's own curves.png) must not depend on studies."""
+    code = "import sys, hkft.pipeline, hkft.cli; print(sorted(m for m in sys.modules if m.startswith('hkft.study')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"
