@@ -1,73 +1,34 @@
 """`hkft sweep STUDY.yaml`: a grid of runs over one or more presets, then `hkft compare` over them.
 
-```yaml
-description: ...
-base: quickstart              # a preset name or path (relative: next to the study file), or a list
-output: runs/study-quickstart # relative to the working directory, like output.dir in a preset
-overrides: [train.epochs=1]   # applied to every cell
-grid:                         # dotted keys -> values; the cells are their cartesian product
-  dropout.method: [none, hiddenkey-, hiddenkey]
-  train.seed: [1, 2, 3]
-```
-
-Each cell runs in ``<output>/<key=value,...>`` (``<output>/<preset>/<key=value,...>`` when ``base``
-is a list). A re-run skips finished cells (metrics.json exists) and resumes interrupted ones from
-their last checkpoint, so a sweep stopped at any point continues with the same command.
+The study file is described in `hkft.study.spec`. Each cell runs in ``<output>/<key=value,...>``
+(``<output>/<preset>/<key=value,...>`` when ``base`` is a list). A re-run skips finished cells
+(metrics.json exists) and resumes interrupted ones from their last checkpoint, so a sweep stopped at
+any point continues with the same command.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+from pydantic import JsonValue
 from rich.console import Console
 
-from hkft.study.comparison import compare_runs
-from hkft.config import HkftConfig, load_config, presets_dir, resolve_preset_path
-from hkft.config.loading import describe_validation_error, read_yaml_mapping
+from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
 from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config
+from hkft.study.comparison import compare_runs
+from hkft.study.spec import Study
 
-STUDIES_SUBDIR = "studies"
-
-
-class Study(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    description: str = ""
-    base: str | list[str] = Field(description="Preset name or path, or a list of them (one sub-folder each).")
-    output: str = Field(description="Folder of the cells' run directories and of the comparison.")
-    overrides: list[str] = Field(default_factory=list, description="key.sub=value applied to every cell.")
-    grid: dict[str, list[JsonValue]] = Field(default_factory=dict, description="Dotted key -> values to sweep.")
-
-    @field_validator("base")
-    @classmethod
-    def _some_base(cls, value: str | list[str]) -> str | list[str]:
-        if not value:
-            raise ValueError("name at least one preset")
-        return value
-
-    @field_validator("grid")
-    @classmethod
-    def _dotted_keys_with_values(cls, value: dict[str, list]) -> dict[str, list]:
-        for key, values in value.items():
-            if "." not in key or any(not part for part in key.split(".")):
-                raise ValueError(f"grid key {key!r} must be a dotted preset key such as dropout.rate")
-            if not values:
-                raise ValueError(f"grid key {key!r} has no values")
-        return value
-
-    @property
-    def bases(self) -> list[str]:
-        return [self.base] if isinstance(self.base, str) else list(self.base)
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 @dataclass(frozen=True)
@@ -83,43 +44,7 @@ class TrainFn(Protocol):
     def __call__(self, cell: Cell, *, resume: bool, console: Console) -> object: ...
 
 
-def resolve_study_path(study: str) -> Path:
-    """A path to a study file, or the name of a shipped one (presets/studies)."""
-    path = Path(study)
-    if path.is_file():
-        return path
-    shipped_dir = presets_dir() / STUDIES_SUBDIR
-    shipped = shipped_dir / f"{study.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = [p.stem for p in sorted(shipped_dir.glob("*.yaml"))]
-    matches = difflib.get_close_matches(path.stem, names, n=1, cutoff=0.5)
-    raise ConfigError(f"{study}: no such study file",
-                      f"did you mean {matches[0]}?" if matches else f"shipped studies: {', '.join(names)}")
-
-
-def load_study(study: str | Path) -> Study:
-    path = resolve_study_path(str(study))
-    data = read_yaml_mapping(path)
-    unknown = [key for key in data if key not in Study.model_fields]
-    if unknown:
-        matches = difflib.get_close_matches(str(unknown[0]), list(Study.model_fields), n=1, cutoff=0.5)
-        hint = f"did you mean {matches[0]}?" if matches else f"valid keys: {', '.join(Study.model_fields)}"
-        raise ConfigError(f"{path}: {unknown[0]}: unknown study key ({hint})")
-    try:
-        parsed = Study.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: {describe_validation_error(err)}") from None
-    bases = [_anchor_base(base, path.resolve().parent) for base in parsed.bases]
-    return parsed.model_copy(update={"base": bases if isinstance(parsed.base, list) else bases[0]})
-
-
-def _anchor_base(base: str, study_dir: Path) -> str:
-    beside = study_dir / base
-    return str(beside) if beside.is_file() else base
-
-
-def _labels(keys: list[str]) -> dict[str, str]:
+def labels_of(keys: list[str]) -> dict[str, str]:
     """The last part of each dotted key (``dropout.rate`` -> ``rate``), the whole key where two clash."""
     last = [key.rsplit(".", 1)[-1] for key in keys]
     return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
@@ -151,7 +76,7 @@ def run_fingerprint(cfg: HkftConfig) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def _cell(preset: Path, name: str, overrides: tuple[str, ...], output: Path) -> tuple[Cell, str]:
+def make_cell(preset: Path, name: str, overrides: tuple[str, ...], output: Path) -> tuple[Cell, str]:
     run_dir = output / name
     try:
         config = load_config(preset, list(overrides))
@@ -169,7 +94,7 @@ def expand_cells(study: Study) -> list[Cell]:
     if len(set(stems)) < len(stems):
         raise ConfigError(f"study base lists two presets named {sorted(s for s in stems if stems.count(s) > 1)[0]}",
                           "rename one: each preset gets a sub-folder named after it")
-    labels = _labels(list(study.grid))
+    labels = labels_of(list(study.grid))
     cells: dict[str, Cell] = {}
     seen: set[str] = set()
     for preset in presets:
@@ -178,7 +103,7 @@ def expand_cells(study: Study) -> list[Cell]:
             name = cell_name(assignment, labels)
             name = f"{preset.stem}/{name}" if len(presets) > 1 else name
             overrides = (*study.overrides, *(f"{key}={json.dumps(value)}" for key, value in assignment.items()))
-            cell, fingerprint = _cell(preset, name, overrides, Path(study.output))
+            cell, fingerprint = make_cell(preset, name, overrides, Path(study.output))
             if fingerprint in seen:
                 continue
             if name in cells:
@@ -189,8 +114,9 @@ def expand_cells(study: Study) -> list[Cell]:
     return list(cells.values())
 
 
-def train_cell(cell: Cell, *, resume: bool, console: Console) -> None:
-    """What `hkft train PRESET --set ... --output-dir DIR [--resume]` does for one cell."""
+def train_cell(cell: Cell, *, resume: bool, console: Console, callbacks: Sequence[TrainerCallback] = ()) -> None:
+    """What `hkft train PRESET --set ... --output-dir DIR [--resume]` does for one cell; ``callbacks``
+    join the Trainer's (a tuning trial's pruner)."""
     from hkft.pipeline import train
 
     run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
@@ -199,30 +125,44 @@ def train_cell(cell: Cell, *, resume: bool, console: Console) -> None:
     argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
             f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
     save_run_config(run, cell.config, argv)
-    train(cell.config, run, resume=resume, console=console)
+    train(cell.config, run, resume=resume, console=console, callbacks=callbacks)
 
 
 def is_finished(run_dir: Path) -> bool:
     return RunDir(run_dir).metrics_json.is_file()
 
 
-def run_sweep(study: Study, console: Console, train_fn: TrainFn | None = None) -> list[Path]:
-    """Train every unfinished cell in order, then compare them all. Returns the cells' run directories."""
-    train_fn = train_fn or train_cell
-    cells = expand_cells(study)
-    total = len(study.bases) * math.prod(len(values) for values in study.grid.values())
-    left_out = total - len(cells)
-    repeats = f" ({left_out} grid points repeat another cell's run and are left out)" if left_out else ""
-    console.print(f"study: {len(cells)} cells in {study.output}{repeats}", highlight=False, markup=False)
+def grid_size(study: Study) -> int:
+    return len(study.bases) * math.prod(len(values) for values in study.grid.values())
+
+
+def cell_state(cell: Cell) -> str:
+    if is_finished(cell.run_dir):
+        return "finished"
+    return "resume" if latest_checkpoint(RunDir(cell.run_dir)) is not None else "new"
+
+
+def train_cells(cells: list[Cell], console: Console, train_fn: TrainFn) -> None:
+    """Train every unfinished cell in order: finished ones are skipped, interrupted ones resumed."""
     for index, cell in enumerate(cells, 1):
         prefix = f"[{index}/{len(cells)}] {cell.name}"
-        if is_finished(cell.run_dir):
+        state = cell_state(cell)
+        if state == "finished":
             console.print(f"{prefix}: finished, skipped", highlight=False, markup=False)
             continue
-        resume = latest_checkpoint(RunDir(cell.run_dir)) is not None
-        console.print(f"{prefix}: {'resuming' if resume else 'training'}", highlight=False, markup=False)
-        train_fn(cell, resume=resume, console=console)
+        console.print(f"{prefix}: {'resuming' if state == 'resume' else 'training'}", highlight=False, markup=False)
+        train_fn(cell, resume=state == "resume", console=console)
+
+
+def run_sweep(study: Study, console: Console, train_fn: TrainFn | None = None) -> list[Path]:
+    """Train every unfinished cell in order, then compare them all. Returns the cells' run directories."""
+    if not study.grid and study.search:
+        raise ConfigError("this study has a search: section and no grid:", "run it with hkft tune")
+    cells = expand_cells(study)
+    left_out = grid_size(study) - len(cells)
+    repeats = f" ({left_out} grid points repeat another cell's run and are left out)" if left_out else ""
+    console.print(f"study: {len(cells)} cells in {study.output}{repeats}", highlight=False, markup=False)
+    train_cells(cells, console, train_fn or train_cell)
     run_dirs = [cell.run_dir for cell in cells]
     compare_runs(run_dirs, Path(study.output), console)
     return run_dirs
-

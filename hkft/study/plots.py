@@ -126,3 +126,53 @@ def plot_comparison(rows: list[Row], out_dir: Path) -> list[Path]:
         save_figure(figure_metric_by_method(rows), out_dir / "metric_by_method.png"),
         save_figure(figure_metric_vs_rate(rows), out_dir / "metric_vs_rate.png"),
     ]
+
+
+def figure_optimization_history(points: list[tuple[int, float]], metric: str, maximize: bool) -> Figure:
+    """Each completed trial's validation metric against its number, and the best so far as a step line."""
+    figure = Figure(figsize=PANEL, layout="constrained")
+    axes = figure.subplots()
+    axes.set(title="optimisation history", xlabel="trial", ylabel=f"validation {metric}")
+    if not points:
+        _no_data(axes)
+        return figure
+    numbers, values = zip(*sorted(points))
+    pick = max if maximize else min
+    best = [pick(values[: index + 1]) for index in range(len(values))]
+    axes.scatter(numbers, values, label="trial", color="C0")
+    axes.step(numbers, best, where="post", label="best so far", color="C3")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def figure_param_importances(importances: dict[str, float]) -> Figure:
+    """fANOVA importances (shares of the metric's variance), the most important on top."""
+    figure = Figure(figsize=PANEL, layout="constrained")
+    axes = figure.subplots()
+    axes.set(title="parameter importances", xlabel="importance")
+    if not importances:
+        _no_data(axes)
+        return figure
+    ordered = sorted(importances.items(), key=lambda item: item[1])
+    axes.barh([name for name, _ in ordered], [value for _, value in ordered], color="C0")
+    return figure
+
+
+def figure_metric_vs_param(points: list[tuple[object, float]], param: str, metric: str, log: bool) -> Figure:
+    """The validation metric of every completed trial against one parameter (choices side by side)."""
+    figure = Figure(figsize=PANEL, layout="constrained")
+    axes = figure.subplots()
+    axes.set(title=f"validation {metric} against {param}", xlabel=param, ylabel=f"validation {metric}")
+    if not points:
+        _no_data(axes)
+        return figure
+    xs = [x for x, _ in points]
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+        axes.scatter(xs, [y for _, y in points], color="C0")
+        if log:
+            axes.set_xscale("log")
+    else:
+        categories = list(dict.fromkeys(str(x) for x in xs))
+        axes.scatter([categories.index(str(x)) for x in xs], [y for _, y in points], color="C0")
+        axes.set_xticks(range(len(categories)), categories)
+    return figure
