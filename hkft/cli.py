@@ -247,9 +247,7 @@ def tune(
 
     plan = plan_tune(load_study_with(study, overrides))
     if dry_run:
-        space, facts = describe_plan(plan, seeds)
-        console.print(space)
-        print_table(facts, "hkft tune (dry run: nothing trained)", ("fact", "value"))
+        typer.echo("\n".join(describe_plan(plan, seeds)))
         return
     quiet_libraries()
     run_tune(plan, console, seeds=seeds)

@@ -14,6 +14,8 @@ from its run directory's last checkpoint.
 from __future__ import annotations
 
 import json
+import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -236,10 +238,10 @@ def make_objective(plan: TunePlan, search: Search, console: Console, train_fn: T
             _record(run, search, trial, values, "pruned", reason=str(pruned))
             console.print(f"[yellow]{escape(head)}: pruned ({escape(str(pruned))})[/]", highlight=False)
             raise
-        except TrainingError as err:
+        except TrainingError as err:  # a diverging learning rate, say: a failed trial, not a failed search
             _record(run, search, trial, values, "failed", reason=str(err))
             console.print(f"[yellow]{escape(head)}: failed ({escape(str(err))})[/]", highlight=False)
-            raise
+            return math.nan  # Optuna's way to fail a trial and go on
         except (InterruptedRun, KeyboardInterrupt):
             _record(run, search, trial, values, "interrupted")
             RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(trial.study, _frozen(trial))
@@ -254,13 +256,18 @@ def make_objective(plan: TunePlan, search: Search, console: Console, train_fn: T
 def open_storage(url: str) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                          heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
-    except Exception as err:  # sqlalchemy reports a bad URL or a missing driver with many exception types
-        raise ConfigError(f"tune.storage: cannot open {url} ({type(err).__name__}: {str(err).splitlines()[0]})",
-                          "give a database URL such as sqlite:///tune.db or postgresql://host/db") from None
+    # Workers started together on a new database all create its tables; all but one fail on a table
+    # another has just created, and succeed once it has created them all.
+    for attempt in range(5):
+        time.sleep(attempt * 0.5)
+        try:
+            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                              heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True))
+        except Exception as err:  # sqlalchemy reports a bad URL or a missing driver with many exception types
+            failure = err
+    raise ConfigError(f"tune.storage: cannot open {url} ({type(failure).__name__}: {str(failure).splitlines()[0]})",
+                      "give a database URL such as sqlite:///tune.db or postgresql://host/db")
 
 
 def setup_record(plan: TunePlan, search: Search) -> str:
@@ -300,7 +307,7 @@ def run_search(plan: TunePlan, search: Search, storage: RDBStorage, console: Con
     if finished < trials:
         try:
             study.optimize(make_objective(plan, search, console, train_fn), n_trials=trials - finished,
-                           timeout=plan.study.tune.timeout, catch=(TrainingError,),
+                           timeout=plan.study.tune.timeout,
                            callbacks=[MaxTrialsCallback(trials, states=FINISHED)])
         except InterruptedRun as err:
             raise InterruptedRun(f"search {search.name}: {err.message}",
@@ -422,30 +429,27 @@ def plot_search(study: optuna.Study, folder: Path, metric: str, log_keys: set[st
     ]
 
 
-def describe_plan(plan: TunePlan, seeds: int) -> tuple[Table, dict[str, str]]:
-    """`hkft tune --dry-run`: the search space and what the command would run."""
-    table = Table(title="search space", header_style="bold")
-    for name in ("key", "values", "sampled as"):
-        table.add_column(name)
+def describe_plan(plan: TunePlan, seeds: int) -> list[str]:
+    """`hkft tune --dry-run`: the search space and what the command would run, as plain lines."""
+    lines = ["search space:"]
     for key, dimension in plan.study.search.items():
         if key == plan.study.tune.per:
-            table.add_row(key, ", ".join(map(str, dimension)), "one search per value (tune.per)")
+            values, kind = ", ".join(map(str, dimension)), "one search per value (tune.per)"
         elif isinstance(dimension, list):
-            table.add_row(key, ", ".join(map(str, dimension)), "choice")
+            values, kind = ", ".join(map(str, dimension)), "choice"
         else:
-            kind = "integer" if key in plan.integer_keys else "float"
             scale = "log scale" if dimension.log else f"step {dimension.step:g}" if dimension.step else "uniform"
-            table.add_row(key, f"{dimension.low:g} .. {dimension.high:g}", f"{kind}, {scale}")
-    trials = plan.study.tune.trials
-    runs = len(plan.searches) * (trials + seeds)
-    facts = {
-        "base": str(plan.preset),
-        "searches": ", ".join(f"{search.name} -> {search.folder}" for search in plan.searches),
-        "trials per search": str(trials),
-        "validation metric": f"{plan.metric} ({plan.direction})",
-        "pruner": plan.study.tune.pruner + (f" (after {plan.study.tune.startup_trials} trials)"
-                                            if plan.study.tune.pruner != "none" else ""),
-        "estimated runs": f"{runs} at most ({len(plan.searches)} x ({trials} trials + {seeds} seeds); pruned trials stop early)",
-        "storage": plan.storage_url,
-    }
-    return table, facts
+            values = f"{dimension.low:g} .. {dimension.high:g}"
+            kind = f"{'integer' if key in plan.integer_keys else 'float'}, {scale}"
+        lines.append(f"  {key}: {values} ({kind})")
+    tune = plan.study.tune
+    pruner = "none" if tune.pruner == "none" else f"{tune.pruner} (never the first {tune.startup_trials} trials)"
+    lines += [f"search {search.name} in {search.folder}" for search in plan.searches]
+    lines += [
+        f"trials per search: {tune.trials}; validation {plan.metric} ({plan.direction}); pruner {pruner}",
+        f"estimated runs: {len(plan.searches) * (tune.trials + seeds)} at most "
+        f"({len(plan.searches)} x ({tune.trials} trials + {seeds} seeds); pruned trials stop early)",
+        f"storage: {plan.storage_url}",
+        "dry run: nothing trained",
+    ]
+    return lines

@@ -96,8 +96,8 @@ class Study(BaseModel):
                 raise ValueError(f"{info.field_name} key {key!r} must be a dotted preset key such as dropout.rate")
             if values in ([], {}):
                 raise ValueError(f"{info.field_name} key {key!r} has no values")
-            if info.field_name == "search":
-                _check_dimension(key, values)
+        if info.field_name == "search":
+            return {key: _parse_dimension(key, values) for key, values in value.items()}
         return value
 
     @model_validator(mode="after")
@@ -112,15 +112,22 @@ class Study(BaseModel):
         return [self.base] if isinstance(self.base, str) else list(self.base)
 
 
-def _check_dimension(key: str, values: Any) -> None:
-    """A choice is a list; a range a mapping of SearchRange's keys (a misspelt one gets a did-you-mean)."""
+def _parse_dimension(key: str, values: Any) -> Any:
+    """A choice is a list; a range a mapping of SearchRange's keys, parsed here so that its own problem (a
+    misspelt key, low above high) is reported rather than the union's "not a list"."""
     if isinstance(values, list):
-        return
+        return values
     if not isinstance(values, dict):
         raise ValueError(f"search key {key!r}: give a list of values or a range {{low: ..., high: ...}}")
     for name in values:
         if name not in SearchRange.model_fields:
             raise ValueError(f"search key {key!r}: {name}: unknown range key ({_hint(str(name), SearchRange.model_fields)})")
+    try:
+        return SearchRange.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"search key {key!r}: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _hint(word: str, valid) -> str:
