@@ -268,3 +268,83 @@ def test_set_overrides_reach_every_sweep_cell(tmp_path):
                                     "grid": {"train.seed": [1]}}))
     (cell,) = expand_cells(load_study_with(str(grid), ["train.epochs=1", "lora.r=4"]))
     assert (cell.config.train.epochs, cell.config.lora.r) == (1, 4)
+
+
+SMALL_RUN = ["train.max_steps=6", "data.max_samples=48", "train.batch_size=8", "train.eval_strategy=steps",
+             "train.eval_steps=2", "train.logging_steps=2", "output.report_to=[]"]
+
+
+def test_a_pruned_trial_stops_the_real_trainer_at_that_evaluation(tmp_path):
+    """MiniLM, one training step: the evaluation reaches the trial, the pruner's verdict stops training."""
+    from hkft.study.grid import train_cell
+    from hkft.study.spec import Study
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    trial = optuna.create_study(direction="maximize", pruner=AlwaysPrune()).ask()
+    overrides = [*SMALL_RUN, "train.max_steps=4", "train.eval_steps=1", "data.max_samples=16"]
+    (cell,) = expand_cells(Study(base="quickstart", output=str(tmp_path), overrides=overrides, grid={"train.seed": [1]}))
+    with pytest.raises(optuna.TrialPruned, match="at step 1"):
+        train_cell(cell, resume=False, console=quiet(), callbacks=[ReportToTrial(trial, "accuracy")])
+    logged = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [event for event in logged if "eval_accuracy" in event]
+    assert [(event["step"], event["eval_accuracy"]) for event in evaluations] == list(
+        trial.study.trials[0].intermediate_values.items())
+    assert not (cell.run_dir / "metrics.json").exists() and not (cell.run_dir / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_tune_prunes_resumes_after_ctrl_c_and_its_best_preset_trains(tmp_path, cli):
+    """The whole command on MiniLM, offline: 3 trials, a real SIGINT during the second, a re-run that
+    finishes the study, and best.yaml trained by hkft train as is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    study = tmp_path / "tune.yaml"
+    study.write_text(yaml.safe_dump({
+        "base": "quickstart", "output": str(tmp_path / "out"), "overrides": SMALL_RUN,
+        "search": {"train.lr": {"low": 1e-5, "high": 1e-1, "log": True}, "lora.r": [4, 8]},
+        "tune": {"trials": 3, "startup_trials": 1}}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "hkft", "tune", str(study)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    in_second_trial = False
+    for line in process.stdout:
+        in_second_trial = in_second_trial or line.startswith("[trial 1]")
+        if in_second_trial and "step 2/6" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "run the same hkft tune command" in errors[0], stderr
+    interrupted = tmp_path / "out/trial-0001"
+    assert json.loads((interrupted / TRIAL_RECORD).read_text())["state"] == "interrupted"
+    assert any((interrupted / "checkpoints").glob("checkpoint-*"))
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    assert again.returncode == 0, again.stderr
+    assert "trial-0001" in again.stdout and "resuming" in again.stdout
+    storage = f"sqlite:///{tmp_path / 'out/optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    states = [trial.state for trial in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 3
+    assert optuna.trial.TrialState.PRUNED in states
+    assert json.loads((interrupted / TRIAL_RECORD).read_text())["state"] in ("complete", "pruned")
+
+    best = load_config(tmp_path / "out/best.yaml")
+    result = cli("train", tmp_path / "out/best.yaml", "--output-dir", tmp_path / "again")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "again/metrics.json").read_text())["eval"]["split"] == "test"
+    assert load_config(tmp_path / "again/hkft_config.yaml").train.lr == best.train.lr
+
+
+def test_the_shipped_tune_study_plans_one_search_per_method():
+    plan = plan_tune(load_study("quickstart-tune"))
+    assert [search.fixed for search in plan.searches] == [{"dropout.method": m} for m in ("none", "hiddenkey-", "hiddenkey")]
+    assert set(plan.searches[0].space) == {"train.lr", "dropout.rate"} and plan.metric == "accuracy"
