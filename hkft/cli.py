@@ -206,16 +206,52 @@ def merge_adapter(
     print_table(rows, "hkft merge-adapter")
 
 
+StudyFile = Annotated[str, typer.Argument(metavar="STUDY", help="A study file, or the name of a shipped study (presets/studies).")]
+StudyDryRun = Annotated[bool, typer.Option(help="List what would run and the estimated number of runs, then exit; trains nothing.")]
+
+
+def load_study_with(study: str, overrides: list[str] | None):
+    """The study file, with --set overrides applied to every run after the study's own."""
+    from hkft.study.spec import load_study
+
+    loaded = load_study(study)
+    return loaded.model_copy(update={"overrides": [*loaded.overrides, *(overrides or [])]})
+
+
 @app.command(rich_help_panel=STUDY_PANEL)
 @user_errors
-def sweep(
-    study: Annotated[str, typer.Argument(metavar="STUDY", help="A study file, or the name of a shipped study (presets/studies).")],
-) -> None:
+def sweep(study: StudyFile, overrides: Overrides = None, dry_run: StudyDryRun = False) -> None:
     """Run a grid of dropout methods x rates x KL weights x seeds; finished cells are skipped on a re-run."""
-    quiet_libraries()
-    from hkft.study import load_study, run_sweep
+    from hkft.study.grid import cell_state, expand_cells, grid_size, run_sweep
 
-    run_sweep(load_study(study), console)
+    loaded = load_study_with(study, overrides)
+    if dry_run:
+        cells = expand_cells(loaded)
+        typer.echo(f"{len(cells)} runs of {grid_size(loaded)} grid points in {loaded.output} (dry run: nothing trained)")
+        for cell in cells:
+            typer.echo(f"  {cell_state(cell):8}  {cell.name}")
+        return
+    quiet_libraries()
+    run_sweep(loaded, console)
+
+
+@app.command(rich_help_panel=STUDY_PANEL)
+@user_errors
+def tune(
+    study: StudyFile,
+    overrides: Overrides = None,
+    seeds: Annotated[int, typer.Option(min=0, help="Train each best setting again with this many new seeds, then compare.")] = 0,
+    dry_run: StudyDryRun = False,
+) -> None:
+    """Search the study's search: space with Optuna (TPE, pruning); re-run the same command to continue it."""
+    from hkft.study.search import describe_plan, plan_tune, run_tune
+
+    plan = plan_tune(load_study_with(study, overrides))
+    if dry_run:
+        typer.echo("\n".join(describe_plan(plan, seeds)))
+        return
+    quiet_libraries()
+    run_tune(plan, console, seeds=seeds)
 
 
 @app.command(rich_help_panel=STUDY_PANEL)
@@ -226,7 +262,7 @@ def compare(
 ) -> None:
     """Median +- std per method over seeds (like the paper's Table 1), as a table, CSV, Markdown and plots."""
     quiet_libraries()
-    from hkft.compare import compare_runs, default_output_dir
+    from hkft.study.comparison import compare_runs, default_output_dir
 
     compare_runs(run_dirs, output or default_output_dir(run_dirs), console)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 import hkft
@@ -175,9 +176,11 @@ def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     return summary
 
 
-def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
+def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
+          callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """``callbacks`` join hkft's own, after them (a tuning trial's pruner sees an evaluation once it is logged)."""
     try:
-        return _train(cfg, run, resume=resume, console=console)
+        return _train(cfg, run, resume=resume, console=console, extra_callbacks=callbacks)
     finally:
         # A rank that exits with its gloo/NCCL threads still running aborts ("terminate called
         # without an active exception") and takes the whole torchrun job down with it.
@@ -185,7 +188,8 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> Tr
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
+def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
+           extra_callbacks: Sequence[TrainerCallback]) -> TrainResult:
     task = cfg.model.task
     has_eval = cfg.train.eval_strategy != "no"  # a validation split always exists (held out if not given)
     args = training_arguments(cfg, run, has_eval)
@@ -233,6 +237,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
+    callbacks.extend(extra_callbacks)
     trainer = HkftTrainer(
         model=model,
         args=args,

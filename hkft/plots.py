@@ -1,4 +1,4 @@
-"""PNG plots of one run's curves and of a comparison between methods.
+"""A run's own curves: the series of its metrics.jsonl, drawn into curves.png.
 
 Figures are built by pure ``figure_*`` functions (plain matplotlib Figures, rendered by Agg without
 pyplot, so nothing global is touched) and saved atomically by the ``plot_*`` functions.
@@ -7,19 +7,19 @@ pyplot, so nothing global is touched) and saved atomically by the ``plot_*`` fun
 from __future__ import annotations
 
 import io
-import statistics
-from collections.abc import Callable
+import json
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hkft.compare import Curve, RunSummary, Row, comparison_table, read_curves
 from hkft.config import load_config
+from hkft.errors import HkftError
 from hkft.io import atomic_write_bytes
 from hkft.metrics import MAIN_METRIC
 from hkft.rundir import RunDir
 
+Curve = list[tuple[int, float]]
 PANEL = (5.5, 4.0)
 
 
@@ -36,6 +36,29 @@ def _plot(axes: Axes, curve: Curve, **style) -> None:
 
 def _no_data(axes: Axes) -> None:
     axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="gray")
+
+
+def read_curves(path: Path) -> dict[str, Curve]:
+    """Every numeric key of metrics.jsonl as (step, value) pairs. A resumed run logs again the steps
+    after its checkpoint: the later value wins."""
+    if not path.is_file():
+        return {}
+    series: dict[str, dict[int, float]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise HkftError(f"{path}: line {number} is not JSON", "the log is damaged; fix or delete that line") \
+                from None
+        step = record.get("step")
+        if not isinstance(step, int):
+            continue
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(key, {})[step] = float(value)
+    return {key: sorted(points.items()) for key, points in series.items()}
 
 
 def figure_run_curves(curves: dict[str, Curve], metric: str) -> Figure:
@@ -65,112 +88,3 @@ def plot_run_curves(run_dir: Path) -> Path:
     run = RunDir(Path(run_dir))
     task = load_config(run.config_path).model.task
     return save_figure(figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task]), run.curves_png)
-
-
-def training_loss(run: RunSummary) -> Curve:
-    """The task loss: a KL method's ``loss`` also holds the weighted KL term, so it would not compare
-    with the loss of a method without one."""
-    return run.curves.get("task_loss") or run.curves.get("loss", [])
-
-
-def eval_metric(run: RunSummary) -> Curve:
-    return run.curves.get(f"eval_{run.main_metric}", [])
-
-
-def median_curve(runs: tuple[RunSummary, ...], series: Callable[[RunSummary], Curve]) -> Curve:
-    """Per step, the median over the runs that logged that step (early-stopped seeds end sooner)."""
-    by_step: dict[int, list[float]] = {}
-    for run in runs:
-        for step, value in series(run):
-            by_step.setdefault(step, []).append(value)
-    return [(step, statistics.median(values)) for step, values in sorted(by_step.items())]
-
-
-def _varies(rows: list[Row], row: Row, attribute: str) -> bool:
-    peers = [other for other in rows if other.dataset == row.dataset and other.method == row.method]
-    return len({getattr(other, attribute) for other in peers}) > 1
-
-
-def row_label(rows: list[Row], row: Row, *, with_rate: bool = True) -> str:
-    """The method, plus whichever of rate, KL weight and other varied keys tell its rows apart."""
-    parts = [row.method]
-    if with_rate and row.rate is not None and _varies(rows, row, "rate"):
-        parts.append(f"p={row.rate:g}")
-    if row.kl_weight is not None and _varies(rows, row, "kl_weight"):
-        parts.append(f"kl={row.kl_weight:g}")
-    parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in row.extra]
-    return " ".join(parts)
-
-
-def _dataset_axes(rows: list[Row]) -> tuple[Figure, dict[str, Axes]]:
-    datasets = list(dict.fromkeys(row.dataset for row in rows)) or ["(no runs)"]
-    figure = Figure(figsize=(PANEL[0] * len(datasets), PANEL[1]), layout="constrained")
-    panels = figure.subplots(1, len(datasets), squeeze=False)[0]
-    for axes, dataset in zip(panels, datasets):
-        axes.set_title(dataset)
-    return figure, dict(zip(datasets, panels))
-
-
-def _figure_curves_by_method(rows: list[Row], series: Callable[[RunSummary], Curve],
-                             ylabel_of: Callable[[Row], str]) -> Figure:
-    figure, panels = _dataset_axes(rows)
-    for row in rows:
-        axes = panels[row.dataset]
-        curve = median_curve(row.runs, series)
-        if curve:
-            _plot(axes, curve, label=row_label(rows, row), marker="." if len(curve) < 30 else None)
-        axes.set(xlabel="step", ylabel=ylabel_of(row))
-    for axes in panels.values():
-        if axes.get_lines():
-            axes.legend(fontsize="small")
-        else:
-            _no_data(axes)
-    return figure
-
-
-def figure_loss_by_method(rows: list[Row]) -> Figure:
-    """Training task loss against step, one line per method (median over seeds), one panel per dataset."""
-    return _figure_curves_by_method(rows, training_loss, lambda row: "training task loss (median over seeds)")
-
-
-def figure_metric_by_method(rows: list[Row]) -> Figure:
-    """The task's main eval metric against step, one line per method (median over seeds)."""
-    return _figure_curves_by_method(rows, eval_metric, lambda row: f"eval {row.main_metric} (median over seeds)")
-
-
-def figure_metric_vs_rate(rows: list[Row]) -> Figure:
-    """Final main metric against dropout rate: median over seeds with sample-std error bars.
-    A method that drops nothing (rate None) is a dashed horizontal line."""
-    figure, panels = _dataset_axes(rows)
-    series: dict[tuple[str, str], list[Row]] = {}
-    for row in rows:
-        if row.main_metric in row.median:
-            series.setdefault((row.dataset, row_label(rows, row, with_rate=False)), []).append(row)
-    for (dataset, label), members in series.items():
-        axes = panels[dataset]
-        metric = members[0].main_metric
-        axes.set(xlabel="dropout rate", ylabel=f"{metric} (median over seeds)")
-        flat = [row for row in members if row.rate is None]
-        for row in flat:
-            axes.axhline(row.median[metric], linestyle="--", color="gray", label=label)
-        rated = sorted((row for row in members if row.rate is not None), key=lambda row: row.rate)
-        if rated:
-            axes.errorbar([row.rate for row in rated], [row.median[metric] for row in rated],
-                          yerr=[row.std[metric] for row in rated], label=label, marker="o", capsize=3)
-    for axes in panels.values():
-        if axes.get_lines() or axes.containers:
-            axes.legend(fontsize="small")
-        else:
-            _no_data(axes)
-    return figure
-
-
-def plot_comparison(runs: list[RunSummary], out_dir: Path) -> list[Path]:
-    rows = comparison_table(runs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        save_figure(figure_loss_by_method(rows), out_dir / "loss_by_method.png"),
-        save_figure(figure_metric_by_method(rows), out_dir / "metric_by_method.png"),
-        save_figure(figure_metric_vs_rate(rows), out_dir / "metric_vs_rate.png"),
-    ]

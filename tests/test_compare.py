@@ -11,17 +11,17 @@ import pytest
 from rich.console import Console
 
 from fake_runs import fake_run, loss_events
-from hkft.compare import (
+from hkft.study.comparison import (
     collect_runs,
     compare_runs,
     comparison_table,
     dataset_name,
     default_output_dir,
-    read_curves,
     table_markdown,
     write_table,
 )
 from hkft.config.schema import HubSource
+from hkft.plots import read_curves
 from hkft.errors import HkftError
 
 

@@ -112,6 +112,6 @@ def test_install_steps_work_in_a_clean_venv(tmp_path):
     assert "quickstart" in run([str(bin_dir / "hkft"), "presets"], tmp_path, env).stdout  # presets are in the wheel
     run([str(bin_dir / "hkft"), "env"], tmp_path, env)  # the image's default command
     run([python, "-c", "import bitsandbytes"], tmp_path, env)  # the gpu extra
-    shipped = run([python, "-c", "from hkft.study import resolve_study_path; print(resolve_study_path('quickstart-study'))"],
+    shipped = run([python, "-c", "from hkft.study.spec import resolve_study_path; print(resolve_study_path('quickstart-study'))"],
                   tmp_path, env).stdout
     assert "site-packages" in shipped  # studies ship in the wheel too

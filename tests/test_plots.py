@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from fake_runs import fake_run, loss_events
-from hkft.compare import collect_runs, comparison_table, read_curves
-from hkft.plots import (
-    figure_loss_by_method,
-    figure_metric_by_method,
-    figure_metric_vs_rate,
-    figure_run_curves,
-    plot_comparison,
-    plot_run_curves,
-)
+from hkft.plots import figure_run_curves, plot_run_curves, read_curves
+from hkft.study.comparison import collect_runs, comparison_table
+from hkft.study.plots import figure_loss_by_method, figure_metric_by_method, figure_metric_vs_rate, plot_comparison
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +60,7 @@ def study(tmp_path):
 
 
 def test_comparison_pngs(study, tmp_path):
-    paths = plot_comparison(collect_runs([study]), tmp_path / "out")
+    paths = plot_comparison(comparison_table(collect_runs([study])), tmp_path / "out")
     assert [path.name for path in paths] == ["loss_by_method.png", "metric_by_method.png", "metric_vs_rate.png"]
     for path in paths:
         assert path.read_bytes().startswith(PNG_SIGNATURE)

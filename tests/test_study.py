@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from rich.console import Console
 from fake_runs import loss_events, write_run
 from hkft.config import presets_dir
 from hkft.errors import ConfigError
-from hkft.study import Cell, Study, expand_cells, load_study, run_sweep, train_cell
+from hkft.study.grid import Cell, expand_cells, run_sweep, train_cell
+from hkft.study.spec import Study, load_study
 
 
 def write_study(directory: Path, **fields) -> Path:
@@ -173,13 +176,14 @@ def test_train_cell_runs_the_pipeline_like_hkft_train(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_train(cfg, run, *, resume, console):
-        seen.update(cfg=cfg, run=run, resume=resume)
+    def fake_train(cfg, run, *, resume, console, callbacks):
+        seen.update(cfg=cfg, run=run, resume=resume, callbacks=callbacks)
 
     monkeypatch.setattr(hkft.pipeline, "train", fake_train)
     (cell,) = expand_cells(load_study(write_study(tmp_path, grid={"train.seed": [7]})))
     train_cell(cell, resume=False, console=quiet())
     assert seen["run"].root == cell.run_dir and seen["resume"] is False and seen["cfg"].train.seed == 7
+    assert seen["callbacks"] == ()
     saved = yaml.safe_load((cell.run_dir / "hkft_config.yaml").read_text())
     assert saved["train"]["seed"] == 7 and saved["output"]["dir"] == str(cell.run_dir)
     argv = json.loads((cell.run_dir / "run_info.json").read_text())["argv"]
@@ -206,3 +210,11 @@ def test_real_sweep_on_minilm(tmp_path):
     assert [line.split(",")[2] for line in records[1:]] == ["none", "hiddenkey"]
     accuracy = json.loads((run_dirs[1] / "metrics.json").read_text())["eval"]["accuracy"]
     assert f"| hiddenkey | 0.1 | 1 | 1 | {accuracy:.4f} |" in (tmp_path / "out/comparison.md").read_text()
+
+
+def test_the_training_recipe_never_imports_the_study_package():
+    """hkft.study calls the recipe; the recipe (and a run's own curves.png) must not depend on studies."""
+    code = "import sys, hkft.pipeline, hkft.cli; print(sorted(m for m in sys.modules if m.startswith('hkft.study')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"

@@ -26,9 +26,10 @@ from hkft.config.schema import DROPOUT_METHODS, DataSource, HubSource
 from hkft.errors import HkftError
 from hkft.io import atomic_write_text
 from hkft.metrics import MAIN_METRIC
+from hkft.plots import Curve, read_curves
 from hkft.rundir import RunDir
+from hkft.study.plots import plot_comparison
 
-Curve = list[tuple[int, float]]
 # Keys that are not part of a run's setting: the seed is what a group varies over; the rest is
 # shown in its own column or does not change the result.
 NOT_SETTING = ("description", "output.", "train.seed", "dropout.method", "dropout.rate", "dropout.kl_weight",
@@ -101,29 +102,6 @@ def effective_dropout(cfg: HkftConfig) -> tuple[float | None, float | None, str 
     drops = bool(plan.active_positions) or bool(plan.model_dropout)
     kl = plan.uses_consistency_loss
     return (cfg.dropout.rate if drops else None, plan.kl_weight if kl else None, plan.branches if kl else None)
-
-
-def read_curves(path: Path) -> dict[str, Curve]:
-    """Every numeric key of metrics.jsonl as (step, value) pairs. A resumed run logs again the steps
-    after its checkpoint: the later value wins."""
-    if not path.is_file():
-        return {}
-    series: dict[str, dict[int, float]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise HkftError(f"{path}: line {number} is not JSON", "the log is damaged; fix or delete that line") \
-                from None
-        step = record.get("step")
-        if not isinstance(step, int):
-            continue
-        for key, value in record.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, {})[step] = float(value)
-    return {key: sorted(points.items()) for key, points in series.items()}
 
 
 def read_final_metrics(run: RunDir) -> dict[str, float]:
@@ -344,11 +322,9 @@ def default_output_dir(paths: list[Path]) -> Path:
 
 def compare_runs(run_dirs: list[Path], out_dir: Path, console: Console) -> list[Path]:
     """`hkft compare`: the table on the console, comparison.csv/.md and the comparison plots in out_dir."""
-    from hkft.plots import plot_comparison
-
     runs = collect_runs(run_dirs)
     rows = comparison_table(runs)
     console.print(render_table(rows))
-    written = [*write_table(rows, out_dir), *plot_comparison(runs, out_dir)]
+    written = [*write_table(rows, out_dir), *plot_comparison(rows, out_dir)]
     console.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False, markup=False)
     return written
