@@ -21,7 +21,13 @@ COPY presets ./presets
 # The base image's CUDA build of torch satisfies hkft's `torch>=2.4`, so pip keeps it.
 RUN python -m pip install --no-cache-dir "./[gpu]"
 
-RUN useradd --create-home --uid 1000 hkft \
+# uid and gid 1000 go to hkft, also where the base already gave them away (Ubuntu's user `ubuntu`).
+RUN user="$(awk -F: '$3 == 1000 {print $1}' /etc/passwd)" \
+    && if [ -n "$user" ]; then userdel --remove "$user" 2>/dev/null || userdel "$user"; fi \
+    && group="$(awk -F: '$3 == 1000 {print $1}' /etc/group)" \
+    && if [ -n "$group" ]; then groupdel "$group"; fi \
+    && groupadd --gid 1000 hkft \
+    && useradd --create-home --uid 1000 --gid 1000 hkft \
     && mkdir -p /cache /work \
     && chown hkft:hkft /cache /work
 USER 1000:1000

@@ -70,17 +70,25 @@ def main(
     repeats: Annotated[int, typer.Option(min=1)] = 10,
     vocab: Annotated[int, typer.Option(min=16, help="decoder vocabulary (sets the LM head's share of compute)")] = 8192,
     batch_size: Annotated[int, typer.Option(min=0, help="0 = 32 for MiniLM, 4 for the decoder")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16: the weights' dtype, LoRA's included")] = "float32",
+    layers: Annotated[int, typer.Option(min=1, help="decoder layers")] = 4,
+    hidden: Annotated[int, typer.Option(min=64, help="decoder hidden size")] = 512,
+    heads: Annotated[int, typer.Option(min=1, help="decoder attention heads")] = 8,
+    length: Annotated[int, typer.Option(min=8, help="decoder sequence length")] = 256,
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
     ensure_caching_malloc()
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if weights_dtype is None:
+        raise typer.BadParameter(f"{dtype!r}: choose float32 or bfloat16", param_hint="--dtype")
     memory_label = "peak memory" if torch_device.type == "cuda" else "activations/weights"
     workloads = []
     if model in ("minilm", "all"):
-        workloads.append(minilm_workload(batch_size or 32, 128))
+        workloads.append(minilm_workload(batch_size or 32, 128, weights_dtype))
     if model in ("llama", "all"):
-        workloads.append(llama_workload(batch_size or 4, 256, quantization, vocab))
-    results = {"device": str(torch_device), "torch": torch.__version__, "platform": platform.platform(),
+        workloads.append(llama_workload(batch_size or 4, length, quantization, vocab, weights_dtype, layers, hidden, heads))
+    results = {"device": str(torch_device), "dtype": dtype, "torch": torch.__version__, "platform": platform.platform(),
                "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "workloads": []}
     for workload in workloads:
         console.print(f"[bold]{workload.name}[/]: measuring ({warmup} warm-up + {repeats} interleaved rounds)...")

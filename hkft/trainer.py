@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from peft.optimizers import create_loraplus_optimizer
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hkft.dropout import DropoutController, consistency_loss
 from hkft.dropout.architecture import head_module, transformers_model
 from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
-from hkft.io import atomic_write_json
+from hkft.io import atomic_write_json, default_file_modes
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 # What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
@@ -231,6 +232,11 @@ class HkftTrainer(Trainer):
                 "loss_sum": self._earlier["loss_sum"] + session_loss,
                 "runtime": self._earlier["runtime"] + time.time() - self._session_start,
             })
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # the Trainer writes the adapter with safetensors, as 0600
+            default_file_modes(Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)

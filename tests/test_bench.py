@@ -93,3 +93,17 @@ def test_readme_benchmark_table_is_the_published_json():
         baseline = workload["train"][0]
         expected = f"({baseline['median_seconds'] * 1000:.0f} ms, {baseline['tokens_per_second']:,.0f} tok/s)"
         assert cells[0][time_column].endswith(expected)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    """`python -m bench.gpu --device cpu --quick`: every part of the GPU check runs, so GPU time finds no typos."""
+    result = subprocess.run([sys.executable, "-m", "bench.gpu", str(tmp_path), "--device", "cpu", "--quick"],
+                            capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {summary[part]["status"] for part in ("benchmark", "sdpa_dispatch", "qlora", "fp16", "throughput")} == {"ok"}
+    assert set(summary["benchmark"]["workloads"]) == {"minilm", "llama"}
+    assert len(summary["sdpa_dispatch"]["paths"]) == 6
+    assert summary["fp16"]["finite_from_step_1"] and summary["fp16"]["max_loss_difference"] < 1e-3
+    assert summary["qlora"]["merge_max_abs_logit_diff"] < 1e-3

@@ -3,6 +3,7 @@ other data, the non-finite-loss stop, and a single-process CPU run in a fresh in
 
 import json
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -86,6 +87,22 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert_one_line_error(result, "the loss became", "at step", "lower train.lr", code=3)
     checkpoints = sorted((tmp_path / "run/checkpoints").glob("checkpoint-*"))
     assert checkpoints and not (tmp_path / "run/adapter").exists()
+
+
+def test_every_file_of_a_run_has_the_usual_permissions(cli, tmp_path):
+    """safetensors writes weights 0600: a checkpoint written in a container would be unreadable to the host user."""
+    model = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
+    data = write_jsonl(tmp_path / "d.jsonl", MEMORISE)
+    preset = {"model": {"name": str(model), "task": "causal-lm"}, "data": {"train": str(data)},
+              "train": {"epochs": 1, "batch_size": 4}, "eval": {"generate": False}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(preset))
+    result = cli("train", tmp_path / "p.yaml", "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    (tmp_path / "plain.txt").write_text("x")
+    usual = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
+    assert any(path.parent.name.startswith("checkpoint-") for path in files)
+    assert [str(path) for path in files if stat.S_IMODE(path.stat().st_mode) != usual] == []
 
 
 def test_train_in_a_fresh_process_on_the_cpu(tmp_path):

@@ -422,3 +422,42 @@ def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method):
     assert model(**inputs).aux_loss > 0
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert_same_gradients(grads, expected_grads)
+
+
+def scaled_fp16_loss_and_gradients(trainer, model, inputs, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What GradScaler does under fp16 autocast: backward of loss * scale, gradients divided back."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=None)
+    (loss * scale).backward()
+    grads = {name: p.grad / scale for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss, grads
+
+
+@pytest.mark.parametrize("method", ["hiddenkey-", "hiddenkey"])
+def test_fused_causal_lm_objective_under_fp16_autocast_and_loss_scaling(method):
+    """GradScaler's first scale is 2**16, beyond float16's range: a logit gradient stored in float16
+    before the scale is applied overflows on the first step, and its small entries flush to zero.
+    Gradients must be finite and match the stock loss (hiddenkey-: one pass) or the same objective
+    in float32 (hiddenkey: two passes and the KL) with the same masks."""
+    from transformers import Trainer
+
+    model = tiny_model("llama")
+    controller = instrument(model, build_plan(method, 0.2, 0.0), seed=0)
+    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    inputs = decoder_batch_with_prompts()
+    model.train()
+    state = controller.state_dict()
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    loss, grads = scaled_fp16_loss_and_gradients(hkft_trainer, model, inputs, 2.0 ** 16)
+    controller.load_state_dict(state)
+    if method == "hiddenkey-":
+        expected, expected_grads = scaled_fp16_loss_and_gradients(Trainer(model=model, args=args), model, inputs, 2.0 ** 16)
+    else:
+        expected, expected_grads = loss_and_gradients(hkft_trainer, model, inputs, None)
+    assert all(torch.isfinite(grad).all() for grad in grads.values())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():  # float16 arithmetic in the model itself: about 1e-3 apart
+        error = (grad - expected_grads[name]).norm() / expected_grads[name].norm()
+        assert error < 1e-2, (name, float(error))

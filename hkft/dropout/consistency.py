@@ -97,13 +97,15 @@ class _ChunkedObjective(torch.autograd.Function):
                     _assemble(grad[first:last], own, beta + task_weight, diff=d, alpha=alpha, other=other, gamma=gamma,
                               task_weight=task_weight, targets=chunk_targets, smoothing=weights.smoothing)
         ctx.save_for_backward(grad_a, grad_b)
+        ctx.logit_dtypes = (logits_a.dtype, None if logits_b is None else logits_b.dtype)
         kl = kl * weights.kl
         ctx.mark_non_differentiable(task, kl)
         return task + weights.kl_weight * kl, task, kl
 
     @staticmethod
     def backward(ctx, grad_total, _grad_task, _grad_kl):  # type: ignore[override]
-        grads = [None if grad is None else _scaled(grad, grad_total) for grad in ctx.saved_tensors]
+        grads = [None if grad is None else _scaled(grad, grad_total).to(dtype)
+                 for grad, dtype in zip(ctx.saved_tensors, ctx.logit_dtypes)]
         return grads[0], grads[1], None, None, None
 
 
@@ -164,8 +166,14 @@ def _segments(rows: torch.Tensor, step: int) -> list[tuple[int, int, int]]:
 
 
 def _gradient_buffer(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``logits``, filled row by row in the forward pass; rows outside ``rows`` are 0."""
-    buffer = torch.empty_like(logits)
+    """The gradient of ``logits``, filled row by row in the forward pass; rows outside ``rows`` are 0.
+
+    float16 logits (fp16 autocast) get a float32 buffer: the gradient is formed before the loss
+    scale is known, and float16 can hold neither its small entries unscaled (they flush to zero)
+    nor GradScaler's first scale of 2**16 (inf). It is cast to float16 after scaling, as the stock
+    loss's gradient is."""
+    dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+    buffer = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     if len(rows) < logits.shape[0]:
         unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         unused[rows] = False
