@@ -34,6 +34,7 @@ from hkft.compare import compare_runs
 from hkft.config import HkftConfig, load_config, presets_dir, resolve_preset_path
 from hkft.config.loading import describe_validation_error, read_yaml_mapping
 from hkft.errors import ConfigError
+from hkft.io import check_can_create_dir
 from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config
 
 STUDIES_SUBDIR = "studies"
@@ -209,6 +210,7 @@ def is_finished(run_dir: Path) -> bool:
 def run_sweep(study: Study, console: Console, train_fn: TrainFn | None = None) -> list[Path]:
     """Train every unfinished cell in order, then compare them all. Returns the cells' run directories."""
     train_fn = train_fn or train_cell
+    check_can_create_dir(Path(study.output), "study output")
     cells = expand_cells(study)
     total = len(study.bases) * math.prod(len(values) for values in study.grid.values())
     left_out = total - len(cells)
