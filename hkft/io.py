@@ -43,6 +43,11 @@ def os_error_in(err: BaseException) -> OSError | None:
     return OSError(int(match["errno"]), match["text"]) if match else None
 
 
+def is_disk_full(err: BaseException) -> bool:
+    os_error = os_error_in(err)
+    return os_error is not None and os_error.errno in DISK_FULL
+
+
 def environment_error(err: BaseException, path: Path | str | None = None) -> HkftError | None:
     """A one-line error for a full disk, a read-only folder, a name too long ...; None for anything else."""
     os_error = os_error_in(err)
