@@ -128,6 +128,8 @@ def parse_override(override: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {override!r} is not of the form key.sub=value", "e.g. --set lora.r=16")
     try:
         value = load_bounded_yaml(raw) if raw.strip() else None
+    except YamlTooLargeError as err:
+        raise ConfigError(f"override {key}: {err}", "write the values out instead of nesting anchors") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
