@@ -61,6 +61,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_utf8_arguments([*args, *kwargs.values()])
             return command(*args, **kwargs)
         except HkftError as err:
             raise exit_with(err) from None
@@ -77,9 +78,24 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def check_utf8_arguments(values: list[Any]) -> None:
+    """A file name in another encoding arrives with undecodable bytes as surrogates; the run directory's
+    UTF-8 files (config, run_info.json) could not record it, so refuse it before anything is written."""
+    for value in values:
+        for item in value if isinstance(value, list) else [value]:
+            text = str(item) if isinstance(item, str | Path) else ""
+            if not text.isascii() and any(0xDC80 <= ord(char) <= 0xDCFF for char in text):
+                raise HkftError(f"the argument {text!r} is not valid UTF-8", "rename the file or folder to a UTF-8 name")
+
+
 def exit_with(err: HkftError) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(one_line(str(err)))}", highlight=False, soft_wrap=True)
     return typer.Exit(err.exit_code)
+
+
+def one_line(text: str) -> str:
+    """A value quoted in a message may hold line breaks (\\n, \\x85, \\u2028 ...): show them escaped."""
+    return "".join(repr(char)[1:-1] if len(f"a{char}a".splitlines()) > 1 else char for char in text)
 
 
 # Click's UsageError, reached through typer's public API (typer vendors its own click since 0.20).

@@ -7,6 +7,7 @@ Read it as a table: each test's name is the situation, its assertions the expect
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -301,6 +302,18 @@ def test_a_preset_key_given_as_an_option_suggests_set(cli, args, suggestion):
     assert suggestion in " ".join(result.stderr.replace("│", " ").split())
 
 
+def test_a_line_break_inside_a_quoted_override_stays_on_one_line(cli):
+    """Found by the fuzzing below: U+0085 (NEL) is a line break to every reader of stderr."""
+    assert_one_line_error(cli("config", "quickstart", "--set", "description=\x85"), "--set description=\\x85")
+
+
+def test_a_file_name_in_another_encoding_is_refused_before_anything_is_written(cli, tmp_path):
+    """Found by the fuzzing below: a Latin-1 name arrives as surrogates, which the run's UTF-8 files cannot record."""
+    run = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    assert_one_line_error(cli("train", "quickstart", "--output-dir", run, *QUICK), "is not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- installing on a CPU machine ----------------------------------------------------------------------
 
 def test_the_readme_gives_a_cpu_torch_command_beside_the_first_install():
@@ -308,3 +321,128 @@ def test_the_readme_gives_a_cpu_torch_command_beside_the_first_install():
     first_block = readme.split("```")[1]
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in first_block
     assert first_block.index("whl/cpu") < first_block.index("pip install -e .")
+
+
+# --- widened: random presets, overrides, data files and paths ---------------------------------------
+# The property: exit 0, or exit 2/3 with exactly one `error:` line and no traceback.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hkft.config.loading import preset_keys  # noqa: E402
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+KEYS = st.sampled_from(preset_keys()) | st.text(min_size=1, max_size=12).map(lambda key: f"train.{key}")
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                      max_leaves=6)
+ODD_NAMES = (st.text(st.characters(exclude_characters="/\x00", codec="utf-8"), min_size=1, max_size=40)
+             | st.binary(min_size=1, max_size=300).map(os.fsdecode)  # another system's encoding, or too long
+             ).filter(lambda name: name not in (".", "..") and "/" not in name and "\x00" not in name)
+
+
+def assert_clean(result) -> None:
+    """The property every hostile input must keep."""
+    assert "Traceback" not in result.stdout + result.stderr
+    if result.exit_code == 0:
+        return
+    assert result.exit_code in (2, 3), (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def quickstart_data() -> dict:
+    return yaml.safe_load((REPO / "presets/quickstart.yaml").read_text(encoding="utf-8"))
+
+
+@FUZZ
+@given(st.dictionaries(KEYS, VALUES, min_size=1, max_size=4))
+def test_fuzz_preset_values_of_any_type(tmp_path_factory, changes):
+    data = quickstart_data()
+    for key, value in changes.items():
+        node = data
+        *sections, last = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node.get(section, {}), dict) else {}
+        node[last] = value
+    preset = tmp_path_factory.mktemp("fuzz") / "p.yaml"
+    preset.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    assert_clean(Cli()("config", preset))
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_fuzz_preset_text_of_any_shape(tmp_path_factory, text):
+    preset = tmp_path_factory.mktemp("fuzz") / "p.yaml"
+    preset.write_text(text, encoding="utf-8", errors="surrogatepass")
+    assert_clean(Cli()("config", preset))
+
+
+@FUZZ
+@given(st.lists(st.tuples(KEYS | st.text(max_size=10), st.text(max_size=30)), min_size=1, max_size=3),
+       st.sampled_from(["=", "", "==", ".="]))
+def test_fuzz_overrides(pairs, separator):
+    overrides = [item for key, value in pairs for item in ("--set", f"{key}{separator}{value}")]
+    assert_clean(Cli()("config", "quickstart", *overrides))
+
+
+@FUZZ
+@given(ODD_NAMES)
+def test_fuzz_odd_names_for_presets_data_and_run_directories(tmp_path_factory, name):
+    folder = tmp_path_factory.mktemp("odd")
+    try:
+        shutil.copy(REPO / "presets/quickstart.yaml", folder / f"{name}.yaml")
+    except OSError as err:  # a name this file system itself refuses (over 255 bytes): hkft must say so too
+        assert err.errno == errno.ENAMETOOLONG
+    cli = Cli()
+    assert_clean(cli("config", folder / f"{name}.yaml"))
+    assert_clean(cli("config", "quickstart", "--set", f"data.train={folder / name}.jsonl"))
+    assert_clean(cli("train", folder / f"{name}.yaml", "--dry-run", "--output-dir", folder / name / name))
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from hkft.modeling import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), "classification")
+
+
+def damaged(text: str, data: st.DataObject) -> bytes:
+    """The file's text cut short, re-encoded, or with random bytes or values spliced in."""
+    how = data.draw(st.sampled_from(["truncate", "splice", "encoding", "value"]))
+    raw = text.encode("utf-8")
+    if how == "truncate":
+        return raw[: data.draw(st.integers(0, len(raw)))]
+    if how == "splice":
+        at = data.draw(st.integers(0, len(raw)))
+        return raw[:at] + data.draw(st.binary(min_size=1, max_size=8)) + raw[at:]
+    if how == "encoding":
+        return text.encode(data.draw(st.sampled_from(["utf-16", "utf-8-sig", "latin-1", "cp1252"])), errors="replace")
+    lines = text.splitlines()
+    row = data.draw(st.integers(0, len(lines) - 1))
+    lines[row] = data.draw(st.sampled_from(['{"text": 5, "label": "positive"}', '{"text": null, "label": 1}',
+                                            '{"text": ["a"], "label": {"x": 1}}', "[]", "42", '{"label": "positive"}',
+                                            '{"text": "", "label": ""}', "text,label", '"unterminated']))
+    return "\n".join(lines).encode("utf-8")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.sampled_from([".jsonl", ".csv"]), st.data())
+def test_fuzz_damaged_data_files(minilm_tokenizer, tmp_path_factory, suffix, data):
+    """Loading and tokenising a damaged data file gives examples or a one-line DataError, never anything else."""
+    from hkft.config import load_config
+    from hkft.data import prepare_data
+    from hkft.errors import HkftError
+
+    rows = [json.loads(line) for line in (REPO / "presets/data/quickstart/train.jsonl").read_text().splitlines()[:6]]
+    text = ("\n".join(json.dumps(row) for row in rows) if suffix == ".jsonl"
+            else "text,label\n" + "\n".join(f'"{row["text"]}",{row["label"]}' for row in rows))
+    path = tmp_path_factory.mktemp("data") / f"train{suffix}"
+    path.write_bytes(damaged(text, data))
+    cfg = load_config("quickstart", [f"data.train={path}", "data.validation=null", "data.test=null"])
+    try:
+        prepared = prepare_data(cfg, minilm_tokenizer)
+    except HkftError as err:
+        assert len(str(err).splitlines()) == 1
+    else:
+        assert prepared.train is not None
