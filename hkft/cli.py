@@ -89,13 +89,8 @@ def check_utf8_arguments(values: list[Any]) -> None:
 
 
 def exit_with(err: HkftError) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {escape(one_line(str(err)))}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(err.exit_code)
-
-
-def one_line(text: str) -> str:
-    """A value quoted in a message may hold line breaks (\\n, \\x85, \\u2028 ...): show them escaped."""
-    return "".join(repr(char)[1:-1] if len(f"a{char}a".splitlines()) > 1 else char for char in text)
 
 
 # Click's UsageError, reached through typer's public API (typer vendors its own click since 0.20).
