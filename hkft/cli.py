@@ -17,8 +17,9 @@ from rich.table import Table
 
 import hkft
 from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
-from hkft.config.loading import read_yaml_mapping
+from hkft.config.loading import preset_keys, read_yaml_mapping
 from hkft.errors import HkftError
+from hkft.io import check_can_create_dir, environment_error
 from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
 
 
@@ -60,15 +61,73 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_utf8_arguments([*args, *kwargs.values()])
             return command(*args, **kwargs)
         except HkftError as err:
-            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
+            raise exit_with(err) from None
         except KeyboardInterrupt:
             errors.print("[bold red]error:[/] interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except Exception as err:
+            # The file system the user chose (full, read-only, a name too long), wherever it is first touched.
+            explained = environment_error(err)
+            if explained is None:
+                raise
+            raise exit_with(explained) from None
 
     return wrapper
+
+
+def check_utf8_arguments(values: list[Any]) -> None:
+    """A file name in another encoding arrives with undecodable bytes as surrogates; the run directory's
+    UTF-8 files (config, run_info.json) could not record it, so refuse it before anything is written."""
+    for value in values:
+        for item in value if isinstance(value, list) else [value]:
+            text = str(item) if isinstance(item, str | Path) else ""
+            if not text.isascii() and any(0xDC80 <= ord(char) <= 0xDCFF for char in text):
+                raise HkftError(f"the argument {text!r} is not valid UTF-8", "rename the file or folder to a UTF-8 name")
+
+
+def exit_with(err: HkftError) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    return typer.Exit(err.exit_code)
+
+
+# Click's UsageError, reached through typer's public API (typer vendors its own click since 0.20).
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+class PresetCommand(typer.core.TyperCommand):
+    """`hkft train quickstart --lr 1e-4` is a preset key given as an option: name the --set that does it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)  # the parser consumes args
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as err:
+            option = getattr(err, "option_name", None)  # set on NoSuchOption only
+            key = preset_key_for_option(option) if option else None
+            if key is None:
+                raise
+            value = option_value(given, option) or "VALUE"
+            raise UsageError(f"No such option: {option}. A preset key is set with --set {key}={value}", ctx) from None
+
+
+def option_value(args: list[str], option: str) -> str | None:
+    """What followed ``option`` on the command line: ``--lr=1e-4`` or ``--lr 1e-4``."""
+    for index, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+        if arg == option and index + 1 < len(args) and not args[index + 1].startswith("--"):
+            return args[index + 1]
+    return None
+
+
+def preset_key_for_option(option: str) -> str | None:
+    """``--lr`` -> ``train.lr``, ``--max-steps`` -> ``train.max_steps``: the one preset key with that last part."""
+    name = option.split("=", 1)[0].lstrip("-").replace("-", "_")
+    matches = [key for key in preset_keys() if key == name or key.rsplit(".", 1)[-1] == name]
+    return matches[0] if len(matches) == 1 else None
 
 
 def quiet_libraries() -> None:
@@ -136,7 +195,7 @@ def start_run(cfg: HkftConfig, root: Path, *, resume: bool, overwrite: bool) -> 
     return run
 
 
-@app.command(rich_help_panel=RUN_PANEL)
+@app.command(rich_help_panel=RUN_PANEL, cls=PresetCommand)
 @user_errors
 def train(
     preset: Preset,
@@ -154,6 +213,7 @@ def train(
     cfg = load_config(preset, [*(overrides or []), *(extra or [])])
     root = output_dir if output_dir is not None else default_run_dir(cfg, resolve_preset_path(preset))
     cfg.output.dir = str(root)
+    check_can_create_dir(root, "--output-dir")
     if dry_run:
         print_yaml(cfg)
         print_table(run_facts(cfg, root), "derived (dry run: nothing loaded, nothing written)", ("fact", "value"))
@@ -286,7 +346,7 @@ def preset_description(path: Path) -> str:
         return f"(unreadable: {err})"
 
 
-@app.command(rich_help_panel=INSPECT_PANEL)
+@app.command(rich_help_panel=INSPECT_PANEL, cls=PresetCommand)
 @user_errors
 def config(preset: Preset, extra: ExtraOverrides = None, overrides: Overrides = None) -> None:
     """Validate a preset with its overrides and print the fully resolved YAML (offline, no model load)."""

@@ -22,6 +22,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 
 from hkft.config.schema import DataConfig, HkftConfig, HubSource
 from hkft.errors import DataError
+from hkft.hub import offline_unless_hub_reachable
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100
@@ -133,6 +134,7 @@ def _require_utf8(path: Path) -> None:
 
 
 def _load_hub(source: HubSource) -> Dataset:
+    offline_unless_hub_reachable()
     try:
         with _datasets_silenced():
             return datasets.load_dataset(source.hub, source.config, split=source.split)

@@ -11,9 +11,14 @@ class HkftError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
-        self.message = message
-        self.hint = hint
-        super().__init__(f"{message} ({hint})" if hint else message)
+        self.message = one_line(message)
+        self.hint = one_line(hint) if hint else hint
+        super().__init__(f"{self.message} ({self.hint})" if hint else self.message)
+
+
+def one_line(text: str) -> str:
+    """A value quoted in a message may hold line breaks (\\n, \\x85, \\u2028 ...): they are shown escaped."""
+    return "".join(repr(char)[1:-1] if len(f"a{char}a".splitlines()) > 1 else char for char in text)
 
 
 class ConfigError(HkftError):

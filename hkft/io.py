@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -22,14 +23,66 @@ from hkft.errors import HkftError
 TEMP_PREFIX = ".tmp-"
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on every common Linux and macOS file system
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Errors of the file system the user pointed hkft at, not of hkft: a one-line error, never a traceback.
+ENVIRONMENT_ERRNOS = (*DISK_FULL, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+# Rust libraries (tokenizers' save) raise a plain Exception that carries the OS error only in its text.
+_RUST_OS_ERROR = re.compile(r"^(?P<text>.*?) \(os error (?P<errno>\d+)\)$")
+
+
 class DiskFullError(HkftError):
     exit_code = 4
 
 
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or the one a Rust extension reported as ``... (os error 28)``."""
+    if isinstance(err, OSError):
+        return err
+    match = _RUST_OS_ERROR.match(str(err).strip()) if type(err) is Exception else None
+    return OSError(int(match["errno"]), match["text"]) if match else None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    os_error = os_error_in(err)
+    return os_error is not None and os_error.errno in DISK_FULL
+
+
+def environment_error(err: BaseException, path: Path | str | None = None) -> HkftError | None:
+    """A one-line error for a full disk, a read-only folder, a name too long ...; None for anything else."""
+    os_error = os_error_in(err)
+    if os_error is None or os_error.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    return _explain(Path(path or os_error.filename or "a file"), os_error)
+
+
 def _explain(path: Path, err: OSError) -> HkftError:
-    if err.errno == errno.ENOSPC:
+    if err.errno in DISK_FULL:
         return DiskFullError(f"no space left on the device while writing {path}", "free some disk space; nothing was overwritten")
+    if err.errno == errno.ENAMETOOLONG:
+        return HkftError(f"{path}: a file or folder name in this path is longer than the file system allows "
+                         f"({NAME_MAX} bytes)", "shorten it")
     return HkftError(f"cannot write {path} ({err.strerror or err})", "check that the directory exists and is writable")
+
+
+def check_can_create_dir(path: Path, setting: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written: a name over NAME_MAX bytes,
+    one below a regular file, on a read-only file system or without write permission. ``setting`` is
+    where the user chose it (``--output-dir``), for the hint."""
+    path = Path(path)
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long:
+        raise HkftError(f"{setting} {path}: a folder name of {len(os.fsencode(too_long))} bytes, over the file "
+                        f"system's limit of {NAME_MAX}", f"choose a shorter {setting}")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HkftError(f"{setting} {path}: {existing} is a file, so no folder can be created in it",
+                        f"choose another {setting}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HkftError(f"{setting} {path}: {existing} is not writable (a read-only file system or no permission)",
+                        f"choose another {setting}, or make {existing} writable")
 
 
 def _temp_beside(path: Path) -> Path:
@@ -86,12 +139,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield staging
         default_file_modes(staging)
         _swap_in(staging, final)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise _explain(final, err) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os_error = os_error_in(err)
+        if os_error is None:
+            raise
+        raise _explain(final, os_error) from None
 
 
 def default_file_modes(folder: Path) -> None:

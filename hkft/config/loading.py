@@ -16,6 +16,10 @@ from hkft.errors import ConfigError
 _SCHEMA_MODEL_NAMES = {name for name, value in vars(schema).items() if isinstance(value, type) and issubclass(value, BaseModel)}
 
 PRESET_SUFFIXES = (".yaml", ".yml")
+# Nodes a YAML document may expand to once its aliases are followed. The largest shipped study is a few
+# hundred; a 700-byte file of nested anchors would otherwise expand to billions (a "billion laughs").
+MAX_YAML_NODES = 100_000
+STUDY_KEYS = ("base", "grid")
 
 
 def presets_dir() -> Path:
@@ -58,6 +62,39 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class YamlTooLargeError(yaml.YAMLError):
+    def __init__(self, nodes: int):
+        super().__init__(f"its aliases expand to more than {MAX_YAML_NODES:,} values ({nodes:.3g})")
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int] | None = None) -> int:
+    """How many nodes ``node`` stands for once every alias is replaced by a copy of its anchor.
+    An alias is the same node object as its anchor, so counting each node once (memoised) is fast
+    however large the expansion."""
+    sizes = {} if sizes is None else sizes
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive anchor (`&a [*a]`) counts once instead of looping
+        children = node.value if isinstance(node, yaml.CollectionNode) else []
+        pairs = (item for child in children for item in (child if isinstance(child, tuple) else (child,)))
+        sizes[id(node)] = 1 + sum(expanded_size(child, sizes) for child in pairs)
+    return sizes[id(node)]
+
+
+def load_bounded_yaml(text: str) -> Any:
+    """yaml.load with unique keys and a bound on the size aliases expand to, checked before anything is built."""
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        nodes = expanded_size(node)
+        if nodes > MAX_YAML_NODES:
+            raise YamlTooLargeError(nodes)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -66,7 +103,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        data = yaml.load(text, UniqueKeyLoader)
+        data = load_bounded_yaml(text)
+    except YamlTooLargeError as err:
+        raise ConfigError(f"{path}: {err}", "write the values out instead of nesting anchors") from None
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: {err}", "keep one of them") from None
     except yaml.YAMLError as err:
@@ -88,9 +127,13 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r} is not of the form key.sub=value", "e.g. --set lora.r=16")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_bounded_yaml(raw) if raw.strip() else None
+    except YamlTooLargeError as err:
+        raise ConfigError(f"override {key}: {err}", "write the values out instead of nesting anchors") from None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # `data.train=hub:` or `template=Q: {q}` is text; a mapping is written {key: value}
     return key.split("."), value
 
 
@@ -111,9 +154,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(preset: str | Path, overrides: list[str] | None = None) -> HkftConfig:
     path = resolve_preset_path(str(preset))
-    data = apply_overrides(read_yaml_mapping(path), list(overrides or []))
-    config = validate_config(data, source=str(path))
+    data = read_yaml_mapping(path)
+    check_not_a_study(data, path)
+    overrides = list(overrides or [])
+    config = validate_config(apply_overrides(data, overrides), source=str(path), overrides=overrides)
     return anchor_data_paths(config, path.resolve().parent)
+
+
+def check_not_a_study(data: dict[str, Any], path: Path) -> None:
+    """A study file (base + grid) given where a preset is expected would fail on a missing model: say what it is."""
+    if "model" not in data and any(key in data for key in STUDY_KEYS):
+        raise ConfigError(f"{path} is a study file (it has {', '.join(k for k in STUDY_KEYS if k in data)}), not a preset",
+                          f"run it with `hkft sweep {path}`")
+
+
+def blamed_source(err: ValidationError, source: str, overrides: list[str]) -> str:
+    """The last override that set the failing key (or a section above it), else the preset file."""
+    failing = _without_union_branches(_most_specific(err.errors())["loc"])
+    for override in reversed(overrides):
+        keys = parse_override(override)[0]
+        if [str(part) for part in failing[: len(keys)]] == keys:
+            return f"--set {override}"
+    return source
 
 
 def anchor_data_paths(config: HkftConfig, preset_dir: Path) -> HkftConfig:
@@ -129,11 +191,12 @@ def anchor_data_paths(config: HkftConfig, preset_dir: Path) -> HkftConfig:
     return config
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> HkftConfig:
+def validate_config(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> HkftConfig:
+    """``overrides``: those applied to ``data``; an error in a key one of them set is blamed on it."""
     try:
         return HkftConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+        raise ConfigError(f"{blamed_source(err, source, list(overrides or []))}: {describe_validation_error(err)}") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -208,6 +271,15 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
             if found is not None:
                 return found
     return None
+
+
+def preset_keys(model: type[BaseModel] = HkftConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (``train.lr``, ``eval.generation.num_beams`` ...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        keys.extend(preset_keys(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"])
+    return keys
 
 
 def _did_you_mean(word: str, candidates: list[str]) -> str | None:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
+from hkft.io import check_can_create_dir
 from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config
 from hkft.study.comparison import compare_runs
 from hkft.study.spec import Study
@@ -158,6 +159,7 @@ def run_sweep(study: Study, console: Console, train_fn: TrainFn | None = None) -
     """Train every unfinished cell in order, then compare them all. Returns the cells' run directories."""
     if not study.grid and study.search:
         raise ConfigError("this study has a search: section and no grid:", "run it with hkft tune")
+    check_can_create_dir(Path(study.output), "study output")
     cells = expand_cells(study)
     left_out = grid_size(study) - len(cells)
     repeats = f" ({left_out} grid points repeat another cell's run and are left out)" if left_out else ""

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from hkft.config import config_to_yaml, load_config, resolve_preset_path
 from hkft.errors import ConfigError, InterruptedRun, TrainingError
-from hkft.io import atomic_write_json, atomic_write_text
+from hkft.io import atomic_write_json, atomic_write_text, check_can_create_dir
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 from hkft.plots import read_curves
 from hkft.rundir import RunDir, holds_run
@@ -319,6 +319,7 @@ def run_tune(plan: TunePlan, console: Console, *, seeds: int = 0, train_fn: Tria
     """Every search in turn, then trials.csv, the best trials' table, best.yaml and plots per search;
     with ``seeds``, the best settings trained again with that many new seeds and compared."""
     train_fn = train_fn or train_cell
+    check_can_create_dir(plan.output, "study output")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hkft prints each trial; failures are one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
