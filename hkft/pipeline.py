@@ -41,6 +41,7 @@ from hkft.modeling import (
     resolve_model_path,
 )
 from hkft.interrupts import StopOnSignal
+from hkft.monitor import OverfittingMonitor, Verdict, verdict
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
@@ -52,6 +53,7 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     metrics: dict[str, float]
+    overfitting: Verdict | None = None  # None: the monitor was off or the run never evaluated
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)
     callbacks = [progress, stopper]
+    if has_eval and cfg.train.overfitting.enabled:
+        callbacks.append(OverfittingMonitor(cfg, args.metric_for_best_model, progress.notice))
     if "tensorboard" in cfg.output.report_to and args.process_index == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
@@ -235,11 +239,13 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
     metrics = {"split": split, **outcome.metrics}
+    found = verdict(cfg, trainer.state.log_history, args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
-        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
+        overfitting = None if found is None else found.as_json()
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics, "overfitting": overfitting})
         plot_run_curves(run.root)
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:

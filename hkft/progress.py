@@ -102,12 +102,16 @@ class ProgressCallback(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
-    def _print(self, text: str) -> None:
+    def notice(self, text: str) -> None:
+        """A line that must stand out from the progress lines (the overfitting monitor's)."""
+        self._print(text, style="yellow")
+
+    def _print(self, text: str, style: str | None = None) -> None:
         """Above the live bar on a terminal; with a timestamp in a log file."""
         if self.progress is not None:
-            self.progress.console.print(escape(text), soft_wrap=True, highlight=False)
+            self.progress.console.print(escape(text), soft_wrap=True, highlight=False, style=style)
         else:
-            self.console.print(escape(f"{time.strftime('%H:%M:%S')} {text}"), soft_wrap=True, highlight=False)
+            self.console.print(escape(f"{time.strftime('%H:%M:%S')} {text}"), soft_wrap=True, highlight=False, style=style)
 
 
 def summary_table(rows: dict[str, Any], title: str, *, columns: tuple[str, str] = ("metric", "value")) -> Table:
