@@ -2,11 +2,13 @@
 
 Two symptoms, each held for ``patience`` evaluations in a row (``train.overfitting``):
 
-- the metric: the validation metric stays more than ``min_delta`` worse than its best, while since
-  the best evaluation the training loss fell and the validation loss rose by more than
-  ``min_loss_rise`` (relative);
-- the loss: the validation loss rises at every evaluation, by more than ``min_loss_rise`` (relative)
-  in all, while the training loss falls.
+- the metric: the validation metric stays more than ``min_delta`` worse than its best, while the
+  losses diverge from theirs at the best evaluation;
+- the loss: the validation loss rises at every evaluation, and over those evaluations the losses
+  diverge.
+
+The losses diverge when the validation loss rises and the training loss falls, each by more than
+``min_loss_change`` (relative). Requiring both keeps noise (and a run that learns nothing) silent.
 
 The verdict is a pure function of the Trainer's ``log_history``, which every checkpoint saves and a
 resumed run restores: a resumed run reaches the verdict an uninterrupted one does.
@@ -48,10 +50,9 @@ class Verdict:
     detected: bool
     best_step: int
     best_metric: float
-    first_step: int | None  # the first evaluation that showed the symptom
+    first_step: int | None  # the first evaluation that showed the symptom the monitor spoke of
     gap: float | None
     suggestion: str | None
-    finding: Finding | None
 
     def as_json(self) -> dict[str, Any]:
         return {"detected": self.detected, "best_step": self.best_step, "best_metric": self.best_metric,
@@ -86,40 +87,39 @@ def best_index(points: list[Evaluation], metric: str) -> int:
     return best
 
 
-def _relative_rise(start: float, end: float) -> float:
-    return end / start - 1.0 if start > 0 else math.inf
-
-
-def _lower(value: float | None, than: float | None) -> bool:
-    return value is not None and than is not None and value < than
+def _diverged(earlier: Evaluation, later: Evaluation, min_change: float) -> bool:
+    """From ``earlier`` to ``later`` the validation loss rose and the training loss fell, each by
+    more than ``min_change`` (relative)."""
+    losses = (earlier.loss, later.loss, earlier.train_loss, later.train_loss)
+    if any(loss is None for loss in losses):
+        return False
+    return later.loss > earlier.loss * (1 + min_change) and later.train_loss < earlier.train_loss * (1 - min_change)
 
 
 def metric_symptom(points: list[Evaluation], settings: OverfittingConfig, metric: str) -> Finding | None:
-    """The metric has stayed more than min_delta worse than its best for `patience` evaluations, and
-    since the best one the training loss fell and the validation loss rose by more than min_loss_rise
-    (a metric that wavers while both losses hold still is noise, not overfitting)."""
+    """At each of the last `patience` evaluations, the metric is more than min_delta worse than at the
+    best one, and the losses have diverged since it (a metric that wavers while the losses hold
+    still is noise, not overfitting)."""
     best = best_index(points, metric)
-    sign = 1.0 if greater_is_better(metric) else -1.0
-    last = points[-1]
+    peak, sign = points[best], (1.0 if greater_is_better(metric) else -1.0)
     streak = len(points)
-    peak = points[best]
-    while streak > best + 1 and sign * (peak.metric - points[streak - 1].metric) > settings.min_delta:
+    while (streak > best + 1 and sign * (peak.metric - points[streak - 1].metric) > settings.min_delta
+           and _diverged(peak, points[streak - 1], settings.min_loss_change)):
         streak -= 1
     held = len(points) - streak
-    if held < settings.patience or not _lower(last.train_loss, peak.train_loss):
+    if held < settings.patience:
         return None
-    if peak.loss is None or last.loss is None or _relative_rise(peak.loss, last.loss) <= settings.min_loss_rise:
-        return None
+    last = points[-1]
     what = (f"the validation {metric} has stayed more than {settings.min_delta:g} worse than its best "
             f"({peak.metric:.4g} at step {peak.step}) for {held} evaluations, while the training loss fell "
-            f"({_show(peak.train_loss)} -> {_show(last.train_loss)}) and the validation loss rose "
+            f"({peak.train_loss:.4g} -> {last.train_loss:.4g}) and the validation loss rose "
             f"({peak.loss:.4g} -> {last.loss:.4g})")
     return Finding(streak, what)
 
 
 def loss_symptom(points: list[Evaluation], settings: OverfittingConfig) -> Finding | None:
-    """The validation loss rose at each of the last `patience` evaluations, by more than min_loss_rise
-    in all, while the training loss fell."""
+    """The validation loss rose at each of the last `patience` evaluations, and over them the losses
+    diverged by more than min_loss_change."""
     if len(points) <= settings.patience:
         return None
     window = points[-settings.patience - 1:]
@@ -127,26 +127,34 @@ def loss_symptom(points: list[Evaluation], settings: OverfittingConfig) -> Findi
     if any(loss is None for loss in losses) or not all(b > a for a, b in zip(losses, losses[1:])):
         return None
     start, end = window[0], window[-1]
-    rise = _relative_rise(start.loss, end.loss)
-    if rise <= settings.min_loss_rise or not _lower(end.train_loss, start.train_loss):
+    if not _diverged(start, end, settings.min_loss_change):
         return None
     what = (f"the validation loss rose {settings.patience} evaluations in a row ({start.loss:.4g} -> {end.loss:.4g}, "
-            f"+{rise:.0%}) while the training loss fell ({_show(start.train_loss)} -> {_show(end.train_loss)})")
+            f"+{end.loss / start.loss - 1:.0%}) while the training loss fell ({start.train_loss:.4g} -> "
+            f"{end.train_loss:.4g})")
     return Finding(len(points) - settings.patience, what)
 
 
-def _show(value: float | None) -> str:
-    return "?" if value is None else f"{value:.4g}"
+@dataclass(frozen=True)
+class Alarm:
+    at: int  # index of the evaluation where the symptom had lasted `patience` evaluations
+    best: int  # index of the best evaluation at that time
+    finding: Finding
 
 
-def first_finding(points: list[Evaluation], settings: OverfittingConfig, metric: str) -> Finding | None:
-    """The first evaluation at which either symptom had lasted long enough."""
+def alarms(points: list[Evaluation], settings: OverfittingConfig, metric: str) -> list[Alarm]:
+    """The evaluations where the monitor speaks: the first one that shows a symptom long enough, then
+    again only after a new best (the run recovered from what it saw, then overfit anew)."""
+    raised: list[Alarm] = []
     for end in range(1, len(points) + 1):
         seen = points[:end]
+        best = best_index(seen, metric)
+        if raised and raised[-1].best == best:
+            continue
         finding = metric_symptom(seen, settings, metric) or loss_symptom(seen, settings)
         if finding is not None:
-            return finding
-    return None
+            raised.append(Alarm(end - 1, best, finding))
+    return raised
 
 
 def patience_needed(points: list[Evaluation], best: int, metric: str) -> int:
@@ -179,30 +187,33 @@ def suggestion(cfg: HkftConfig, points: list[Evaluation], best: int, metric: str
 
 
 def verdict(cfg: HkftConfig, log_history: list[dict[str, Any]], metric: str) -> Verdict | None:
-    """None when the monitor is off or the run was never evaluated. ``metric`` picks the best checkpoint."""
+    """None when the monitor is off or the run was never evaluated. ``metric`` picks the best
+    checkpoint. Overfitting is detected when the monitor spoke after the best evaluation was reached:
+    an alarm that a later best proved wrong does not count."""
     metric = metric.removeprefix("eval_")
     points = evaluations(log_history, metric)
     if not cfg.train.overfitting.enabled or not points:
         return None
     best = best_index(points, metric)
-    finding = first_finding(points, cfg.train.overfitting, metric)
+    raised = alarms(points, cfg.train.overfitting, metric)
+    detected = bool(raised) and raised[-1].best == best
     last = points[-1]
     gap = last.loss - last.train_loss if last.loss is not None and last.train_loss is not None else None
     return Verdict(
-        detected=finding is not None,
+        detected=detected,
         best_step=points[best].step,
         best_metric=points[best].metric,
-        first_step=points[finding.since].step if finding else None,
+        first_step=points[raised[-1].finding.since].step if detected else None,
         gap=gap,
-        suggestion=suggestion(cfg, points, best, metric) if finding else None,
-        finding=finding,
+        suggestion=suggestion(cfg, points, best, metric) if detected else None,
     )
 
 
-def firing_line(found: Verdict) -> str:
-    """The console line at the evaluation where the monitor fires."""
-    return (f"overfitting since step {found.first_step}: {found.finding.what}; the best checkpoint "
-            f"(step {found.best_step}, {found.best_metric:.4g}) is kept and loaded at the end")
+def alarm_line(points: list[Evaluation], alarm: Alarm, metric: str) -> str:
+    """The console line at the evaluation where the monitor speaks."""
+    best = points[alarm.best]
+    return (f"overfitting since step {points[alarm.finding.since].step}: {alarm.finding.what}; the best checkpoint "
+            f"so far (step {best.step}, {metric} {best.metric:.4g}) is kept and loaded at the end")
 
 
 def verdict_line(found: Verdict) -> str:
@@ -214,26 +225,19 @@ def verdict_line(found: Verdict) -> str:
 
 
 class OverfittingMonitor(TrainerCallback):
-    """Says once, at the evaluation where it happens, that the run has started to overfit. Its state
-    is the Trainer's log history, so a resumed run that had already fired does not fire again."""
+    """Speaks at the evaluation where the run is seen to overfit. It keeps no state of its own: the
+    Trainer's log history (restored on resume) decides, so a resumed run speaks where an
+    uninterrupted one would."""
 
     def __init__(self, cfg: HkftConfig, metric: str, say: Callable[[str], None]):
-        self.cfg = cfg
-        self.metric = metric
+        self.settings = cfg.train.overfitting
+        self.metric = metric.removeprefix("eval_")
         self.say = say
-        self.fired = False
-
-    def _verdict(self, state: TrainerState) -> Verdict | None:
-        return verdict(self.cfg, state.log_history, self.metric)
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        found = self._verdict(state)
-        self.fired = found is not None and found.detected
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.fired or not state.is_world_process_zero:
+        if not state.is_world_process_zero:
             return
-        found = self._verdict(state)
-        if found is not None and found.detected:
-            self.fired = True
-            self.say(firing_line(found))
+        points = evaluations(state.log_history, self.metric)
+        raised = alarms(points, self.settings, self.metric)
+        if raised and raised[-1].at == len(points) - 1:
+            self.say(alarm_line(points, raised[-1], self.metric))

@@ -147,8 +147,9 @@ class OverfittingConfig(Section):
     min_delta: Float = Field(
         0.02, ge=0, description="How far below its best the validation metric must fall to count (metric units)."
     )
-    min_loss_rise: Float = Field(
-        0.1, ge=0, description="How much the validation loss must rise over those evaluations (0.1 = 10%) to count."
+    min_loss_change: Float = Field(
+        0.1, ge=0, lt=1,
+        description="How far the validation loss must rise and the training loss fall (relative: 0.1 = 10%) to count.",
     )
 
 
