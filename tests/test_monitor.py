@@ -1,13 +1,22 @@
-"""The overfitting monitor on synthetic curves: noise must not fire it, real overfitting must."""
+"""The overfitting monitor on synthetic curves (noise must not fire it, real overfitting must) and on
+real runs: one built to overfit is flagged, a short calm one is not, and a resumed run reaches the
+verdict of an uninterrupted one."""
 
+import json
 import math
+import os
+import random
+import signal
 
 import numpy as np
 import pytest
+import yaml
 from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
 
+from checkpoints import save_tiny_model, write_jsonl
 from hkft.config import load_config
 from hkft.monitor import OverfittingMonitor, alarms, evaluations, verdict
+from hkft.progress import ProgressCallback
 
 EVERY = 5  # steps between evaluations
 
@@ -191,3 +200,108 @@ def test_the_callback_speaks_once_at_the_evaluation_where_it_fires_also_across_a
         said.clear()
         run(events, begin)
         assert [step for step, _ in said] == ([6 * EVERY] if begin <= 5 else [])
+
+
+THINGS = ["phone", "lamp", "chair", "kettle", "tent", "drill", "watch", "bag", "desk", "fan"]
+GOOD, BAD = ["great", "fine", "good", "nice", "solid"], ["awful", "broken", "bad", "poor", "weak"]
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """40 training reviews with every third label flipped (noise a model can only memorise), 40 clean
+    validation reviews, and a tiny LLaMA-style classifier: a run that trains long enough overfits."""
+    root = tmp_path_factory.mktemp("overfit")
+    rows = [{"text": f"the {thing} is {word}", "label": "pos" if word in GOOD else "neg"} for thing in THINGS for word in GOOD + BAD]
+    random.Random(0).shuffle(rows)
+    flipped = {"pos": "neg", "neg": "pos"}
+    train = [dict(row, label=flipped[row["label"]]) if index % 3 == 0 else row for index, row in enumerate(rows[:40])]
+    model = save_tiny_model("llama", root / "model", [row["text"] for row in rows])
+    preset = {
+        "model": {"name": str(model), "task": "classification"},
+        "dropout": {"method": "none"},
+        "data": {"train": str(write_jsonl(root / "train.jsonl", train)),
+                 "validation": str(write_jsonl(root / "validation.jsonl", rows[40:80]))},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 2e-2, "warmup_ratio": 0.0, "logging_steps": 5},
+        "eval": {"split": "validation"},
+        "output": {"report_to": []},
+    }
+    (root / "p.yaml").write_text(yaml.safe_dump(preset))
+    return root
+
+
+def overfitting_of(run) -> dict:
+    return json.loads((run / "metrics.json").read_text())["overfitting"]
+
+
+def trainer_state(run) -> dict:
+    """The Trainer's own record, from the last checkpoint it wrote."""
+    last = max((run / "checkpoints").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return json.loads((last / "trainer_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def overfit_run(reviews):
+    from typer.testing import CliRunner
+
+    from hkft.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(reviews / "p.yaml"), "--output-dir", str(reviews / "over")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return reviews / "over", result.stdout
+
+
+def test_a_run_built_to_overfit_is_flagged(overfit_run):
+    run, stdout = overfit_run
+    found = overfitting_of(run)
+    assert set(found) == {"detected", "best_step", "best_metric", "first_step", "gap", "suggestion"}
+    assert found["detected"] and found["first_step"] >= found["best_step"]
+    state = trainer_state(run)
+    assert (found["best_step"], found["best_metric"]) == (state["best_global_step"], state["best_metric"])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_eval = max((event for event in events if "eval_loss" in event), key=lambda event: event["step"])
+    previous = max(event["step"] for event in events if "eval_loss" in event and event["step"] < last_eval["step"])
+    train = [event["loss"] for event in events if "loss" in event and previous < event["step"] <= last_eval["step"]]
+    assert found["gap"] == pytest.approx(last_eval["eval_loss"] - sum(train) / len(train))
+    assert found["gap"] > 0.5  # memorised noise: far better on training data than on validation data
+    alarm = [line for line in stdout.splitlines() if "overfitting since step" in line and "best checkpoint so far" in line]
+    assert len(alarm) == 1
+    assert stdout.rstrip().splitlines()[-1].startswith(f"overfitting since step {found['first_step']}; generalisation gap")
+    assert "dropout.method=hiddenkey" in found["suggestion"]
+
+
+def test_a_short_calm_run_is_not_flagged(reviews, cli):
+    result = cli("train", reviews / "p.yaml", "--output-dir", reviews / "calm", "--set", "train.epochs=4",
+                 "--set", "train.lr=3e-3")
+    assert result.exit_code == 0, result.stderr
+    found = overfitting_of(reviews / "calm")
+    assert not found["detected"] and found["first_step"] is None and found["suggestion"] is None
+    assert len(evaluations(trainer_state(reviews / "calm")["log_history"], "accuracy")) == 4  # enough to have fired
+    assert "overfitting since" not in result.stdout and "overfitting: none seen" in result.stdout
+
+
+def test_a_run_without_evaluation_has_no_verdict(reviews, cli):
+    result = cli("train", reviews / "p.yaml", "--output-dir", reviews / "blind", "--set", "train.max_steps=2",
+                 "--set", "train.eval_strategy=no")
+    assert result.exit_code == 0, result.stderr
+    assert overfitting_of(reviews / "blind") is None and "overfitting" not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reaches_the_verdict_of_an_uninterrupted_one(reviews, overfit_run, cli, monkeypatch):
+    straight, _ = overfit_run
+    original = ProgressCallback.on_step_end
+
+    def stop_at_step_27(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 27:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressCallback, "on_step_end", stop_at_step_27)
+    run = reviews / "resumed"
+    stopped = cli("train", reviews / "p.yaml", "--output-dir", run)
+    assert stopped.exit_code == 130, stopped.stderr
+    monkeypatch.setattr(ProgressCallback, "on_step_end", original)
+    resumed = cli("train", reviews / "p.yaml", "--output-dir", run, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert overfitting_of(run) == overfitting_of(straight)
