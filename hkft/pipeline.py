@@ -244,7 +244,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
         overfitting = None if found is None else found.as_json()
         atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics, "overfitting": overfitting})
-        plot_run_curves(run.root)
+        plot_run_curves(run.root, None if found is None else found.best_step)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
 
 
