@@ -59,7 +59,9 @@ def evaluate_model(
     generation: GenerationConfig | None = None,
     tokenizer=None,
 ) -> EvalOutcome:
-    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split."""
+    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split. ``raw`` holds
+    the split's untokenised rows: a causal LM's prompts and references (generated for when
+    ``generation`` is given), or the text columns that each prediction row then starts with."""
     output = trainer.predict(dataset, metric_key_prefix="eval")
     metrics = {key.removeprefix("eval_"): float(value) for key, value in output.metrics.items() if _is_metric(key)}
     if task == "causal-lm":
@@ -77,6 +79,8 @@ def evaluate_model(
         rows = [{"prediction": label_names[int(p)], "label": label_names[int(t)]} for p, t in zip(values, labels)]
     else:
         rows = [{"prediction": float(p), "label": float(t)} for p, t in zip(values, labels)]
+    if raw is not None:  # each example's text columns, by name, first
+        rows = [{**texts, **row} for texts, row in zip(raw, rows)]
     return EvalOutcome(metrics, rows)
 
 

@@ -257,8 +257,8 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
         dataset,
         cfg.model.task,
         label_names=data.label_names,
-        raw=getattr(data, f"raw_{split}", None) if cfg.eval.generate else None,
-        generation=cfg.eval.generation,
+        raw=getattr(data, f"raw_{split}", None),
+        generation=cfg.eval.generation if cfg.eval.generate else None,
         tokenizer=tokenizer,
     )
 
