@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -157,6 +158,15 @@ def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     return summary
 
 
+def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, model) -> str:
+    """What is about to train, where and on what, in one line."""
+    trainable, total = model.get_nb_trainable_parameters()
+    device = f"{args.world_size} x {args.device.type}" if args.world_size > 1 else str(args.device)
+    validation = len(data.validation) if data.validation is not None else 0
+    return (f"{run.root}: {cfg.model.name} on {device}, {len(data.train):,} training / {validation:,} validation "
+            f"examples, {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,})")
+
+
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> TrainResult:
     try:
         return _train(cfg, run, resume=resume, console=console)
@@ -199,6 +209,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, task, controller)
+    if args.process_index == 0:
+        console.print(escape(startup_line(run, cfg, args, data, model)), highlight=False, soft_wrap=True)
 
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)

@@ -278,6 +278,11 @@ def test_a_short_calm_run_is_not_flagged(reviews, cli):
     assert not found["detected"] and found["first_step"] is None and found["suggestion"] is None
     assert len(evaluations(trainer_state(reviews / "calm")["log_history"], "accuracy")) == 4  # enough to have fired
     assert "overfitting since" not in result.stdout and "overfitting: none seen" in result.stdout
+    from safetensors.torch import load_file
+
+    trainable = sum(tensor.numel() for tensor in load_file(reviews / "calm/adapter/adapter_model.safetensors").values())
+    start = f"{reviews / 'calm'}: {reviews / 'model'} on cpu, 40 training / 40 validation examples, {trainable:,} trainable"
+    assert result.stdout.splitlines()[0].startswith(start), result.stdout.splitlines()[0]
 
 
 def test_a_run_without_evaluation_has_no_verdict(reviews, cli):
