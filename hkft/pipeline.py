@@ -25,7 +25,7 @@ from hkft.config.schema import DropoutConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
 from hkft.errors import ConfigError, DataError, InterruptedRun
-from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
+from hkft.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
 from hkft.first_token import compute_first_token_only
 from hkft.io import atomic_dir, atomic_write_json, atomic_write_text
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
@@ -249,7 +249,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
         save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
-    outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
+    outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
     metrics = {"split": split, **outcome.metrics}
     found = verdict(cfg, trainer.state.log_history, args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
@@ -260,7 +260,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
 
 
-def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer,
+                     steps: Steps | None = None) -> EvalOutcome:
     dataset = getattr(data, split)
     if dataset is None:
         return EvalOutcome({}, [])
@@ -272,6 +273,7 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
         raw=getattr(data, f"raw_{split}", None),
         generation=cfg.eval.generation if cfg.eval.generate else None,
         tokenizer=tokenizer,
+        steps=steps,
     )
 
 
