@@ -14,6 +14,7 @@ import yaml
 from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
 
 from checkpoints import save_tiny_model, write_jsonl
+from conftest import assert_one_line_error
 from hkft.config import load_config
 from hkft.monitor import OverfittingMonitor, alarms, evaluations, verdict
 from hkft.progress import ProgressCallback
@@ -120,6 +121,13 @@ def test_the_thresholds_decide():
     assert not verdict(config("train.overfitting.min_loss_change=0.2"), events, "accuracy").detected
     assert not verdict(config("train.overfitting.patience=5"), events, "accuracy").detected
     assert verdict(config("train.overfitting.enabled=false"), events, "accuracy") is None
+
+
+def test_a_misspelt_or_out_of_range_setting_is_one_clear_error(cli):
+    assert_one_line_error(cli("config", "quickstart", "--set", "train.overfitting.patiense=2"),
+                          "train.overfitting.patiense: unknown key (did you mean train.overfitting.patience?)")
+    assert_one_line_error(cli("config", "quickstart", "--set", "train.overfitting.min_loss_change=1.5"),
+                          "train.overfitting.min_loss_change")
 
 
 def test_a_kl_methods_training_loss_is_its_task_loss():
