@@ -172,7 +172,7 @@ def suggestion(cfg: HkftConfig, points: list[Evaluation], best: int, metric: str
                   "is the paper's remedy)"]
     else:
         rate = cfg.dropout.rate
-        advice = [f"a higher dropout.rate (now {rate:g}; try --set dropout.rate={min(2 * rate, 0.3):.2g})"]
+        advice = [f"a higher dropout.rate (now {rate:g}; try --set dropout.rate={min(2 * rate, 0.3):.2g})"] if rate < 0.3 else []
         if cfg.train.max_steps > 0:
             advice.append(f"fewer steps (--set train.max_steps={points[best].step})")
         else:

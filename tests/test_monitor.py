@@ -181,6 +181,9 @@ def test_with_a_method_on_it_suggests_more_dropout_or_fewer_epochs():
     assert "--set dropout.rate=0.2" in found.suggestion
     assert f"--set train.epochs={math.ceil(best_epoch)}" in found.suggestion
     assert "early_stopping" not in found.suggestion  # already on
+    cfg.dropout.rate = 0.3  # as high as it sensibly goes: only less training is left to suggest
+    found = verdict(cfg, history(train, val, accuracy), "accuracy")
+    assert "dropout.rate" not in found.suggestion and "train.epochs=" in found.suggestion
 
 
 def test_the_callback_speaks_once_at_the_evaluation_where_it_fires_also_across_a_resume(tmp_path):
