@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from hkft.config.loading import preset_keys, read_yaml_mapping
 from hkft.errors import HkftError
 from hkft.io import check_can_create_dir, environment_error
 from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
+
+if TYPE_CHECKING:
+    from hkft.monitor import Verdict
 
 
 app = typer.Typer(
@@ -154,6 +157,14 @@ def print_table(rows: dict[str, Any], title: str, columns: tuple[str, str] = ("m
     console.print(summary_table(rows, title, columns=columns))
 
 
+def print_overfitting(found: Verdict | None) -> None:
+    """The overfitting monitor's closing verdict: yellow when it fired."""
+    from hkft.monitor import verdict_line
+
+    if found is not None:
+        console.print(escape(verdict_line(found)), style="yellow" if found.detected else None, highlight=False, soft_wrap=True)
+
+
 def print_yaml(cfg: HkftConfig) -> None:
     """Plain stdout, never wrapped, so `hkft config x > resolved.yaml` is a valid preset."""
     typer.echo(config_to_yaml(cfg), nl=False)
@@ -226,6 +237,7 @@ def train(
     result = run_training(cfg, run, resume=resume, console=console)
     if is_main_process():
         print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
+        print_overfitting(result.overfitting)
 
 
 @app.command("eval", rich_help_panel=RUN_PANEL)

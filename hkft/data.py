@@ -35,6 +35,8 @@ class PreparedData:
     validation: Dataset | None
     test: Dataset | None
     label_names: list[str] | None
+    # Untokenised rows, in the order of the tokenised split: a causal LM's prompts and references
+    # (generation), a classifier's or regressor's text columns (for predictions.jsonl).
     raw_validation: Dataset | None = None
     raw_test: Dataset | None = None
 
@@ -379,16 +381,19 @@ def prepare_data(
         split: dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenising {split}")
         for split, dataset in raw.items()
     }
-    generation = {}
+    scored = [split for split in ("validation", "test") if split in raw]
+    untokenised = {}
     if prompted:
-        generation = {split: _generation_set(raw[split], data.template, data.completion_column) for split in ("validation", "test") if split in raw}
+        untokenised = {split: _generation_set(raw[split], data.template, data.completion_column) for split in scored}
+    elif task != "causal-lm":
+        untokenised = {split: raw[split].select_columns(texts) for split in scored}
     return PreparedData(
         train=tokenised.get("train"),
         validation=tokenised.get("validation"),
         test=tokenised.get("test"),
         label_names=label_names,
-        raw_validation=generation.get("validation"),
-        raw_test=generation.get("test"),
+        raw_validation=untokenised.get("validation"),
+        raw_test=untokenised.get("test"),
     )
 
 

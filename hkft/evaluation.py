@@ -6,6 +6,8 @@ batch), causal LM keeps the mean loss and generates in its own batched loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,10 @@ from hkft.metrics import (
     preprocess_logits_for_metrics,
     regression_metrics,
 )
+
+
+# Progress of a loop outside the Trainer: (description, batches) -> a context yielding "one batch done".
+Steps = Callable[[str, int], AbstractContextManager[Callable[[], None]]]
 
 
 @dataclass
@@ -58,15 +64,21 @@ def evaluate_model(
     raw: Dataset | None = None,
     generation: GenerationConfig | None = None,
     tokenizer=None,
+    steps: Steps | None = None,
 ) -> EvalOutcome:
-    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split."""
+    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split. ``raw`` holds
+    the split's untokenised rows: a causal LM's prompts and references (generated for when
+    ``generation`` is given), or the text columns that each prediction row then starts with."""
     output = trainer.predict(dataset, metric_key_prefix="eval")
     metrics = {key.removeprefix("eval_"): float(value) for key, value in output.metrics.items() if _is_metric(key)}
     if task == "causal-lm":
         metrics["perplexity"] = perplexity(metrics["loss"])
         predictions: list[dict[str, Any]] = []
         if raw is not None and generation is not None:
-            texts = generate(trainer.model, tokenizer, raw["prompt_text"], generation, trainer.args.per_device_eval_batch_size)
+            batch_size = trainer.args.per_device_eval_batch_size
+            count = min(generation.max_examples or len(raw), len(raw))
+            with steps("generating", -(-count // batch_size)) if steps else nullcontext(lambda: None) as advance:
+                texts = generate(trainer.model, tokenizer, raw["prompt_text"], generation, batch_size, advance)
             prompts, references = raw["prompt_text"][: len(texts)], raw["reference"][: len(texts)]
             metrics.update(generation_metrics(texts, references))
             predictions = [{"prompt": p, "prediction": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
@@ -77,6 +89,8 @@ def evaluate_model(
         rows = [{"prediction": label_names[int(p)], "label": label_names[int(t)]} for p, t in zip(values, labels)]
     else:
         rows = [{"prediction": float(p), "label": float(t)} for p, t in zip(values, labels)]
+    if raw is not None:  # each example's text columns, by name, first
+        rows = [{**texts, **row} for texts, row in zip(raw, rows)]
     return EvalOutcome(metrics, rows)
 
 
@@ -85,8 +99,10 @@ def _is_metric(key: str) -> bool:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int) -> list[str]:
-    """Batched generation with left padding; returns only the newly generated text."""
+def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int,
+             advance: Callable[[], None] = lambda: None) -> list[str]:
+    """Batched generation with left padding; returns only the newly generated text. ``advance`` is
+    called after each batch."""
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
@@ -108,6 +124,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, b
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            advance()
     finally:
         tokenizer.padding_side = padding_side
     return outputs

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
+from rich.markup import escape
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -28,7 +29,7 @@ from hkft.config.schema import DropoutConfig
 from hkft.data import SPLITS, make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
 from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
-from hkft.evaluation import EvalOutcome, evaluate_model, metric_hooks
+from hkft.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
 from hkft.first_token import compute_first_token_only
 from hkft.io import DiskFullError, atomic_dir, atomic_write_json, atomic_write_text, is_disk_full
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
@@ -49,6 +50,7 @@ from hkft.modeling import (
     save_lora_adapter,
 )
 from hkft.interrupts import StopOnSignal
+from hkft.monitor import OverfittingMonitor, Verdict, verdict
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import SIDECAR, RunDir, checkpoint_is_complete, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
@@ -60,6 +62,7 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     metrics: dict[str, float]
+    overfitting: Verdict | None = None  # None: the monitor was off or the run never evaluated
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,15 @@ def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     return summary
 
 
+def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, model) -> str:
+    """What is about to train, where and on what, in one line."""
+    trainable, total = model.get_nb_trainable_parameters()
+    device = f"{args.world_size} x {args.device.type}" if args.world_size > 1 else str(args.device)
+    validation = len(data.validation) if data.validation is not None else 0
+    return (f"{run.root}: {cfg.model.name} on {device}, {len(data.train):,} training / {validation:,} validation "
+            f"examples, {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,})")
+
+
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
           callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """``callbacks`` join hkft's own, after them (a tuning trial's pruner sees an evaluation once it is logged)."""
@@ -234,10 +246,14 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, task, controller)
+    if args.process_index == 0:
+        console.print(escape(startup_line(run, cfg, args, data, model)), highlight=False, soft_wrap=True)
 
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)
     callbacks = [progress, stopper]
+    if has_eval and cfg.train.overfitting.enabled:
+        callbacks.append(OverfittingMonitor(cfg, args.metric_for_best_model, progress.notice))
     if "tensorboard" in cfg.output.report_to and args.process_index == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
@@ -277,13 +293,15 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
         save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
-    outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
+    outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
     metrics = {"split": split, **outcome.metrics}
+    found = verdict(cfg, trainer.state.log_history, args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
-        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
-        plot_run_curves(run.root)
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+        overfitting = None if found is None else found.as_json()
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics, "overfitting": overfitting})
+        plot_run_curves(run.root, None if found is None else found.best_step)
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
 
 
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
@@ -302,7 +320,8 @@ def disk_full_in_training(run: RunDir) -> DiskFullError:
     return DiskFullError(f"no space left on the device while training into {run.root}", f"free some disk space, then {how}")
 
 
-def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer,
+                     steps: Steps | None = None) -> EvalOutcome:
     dataset = getattr(data, split)
     if dataset is None:
         return EvalOutcome({}, [])
@@ -311,9 +330,10 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
         dataset,
         cfg.model.task,
         label_names=data.label_names,
-        raw=getattr(data, f"raw_{split}", None) if cfg.eval.generate else None,
-        generation=cfg.eval.generation,
+        raw=getattr(data, f"raw_{split}", None),
+        generation=cfg.eval.generation if cfg.eval.generate else None,
         tokenizer=tokenizer,
+        steps=steps,
     )
 
 

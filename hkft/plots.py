@@ -61,20 +61,28 @@ def read_curves(path: Path) -> dict[str, Curve]:
     return {key: sorted(points.items()) for key, points in series.items()}
 
 
-def figure_run_curves(curves: dict[str, Curve], metric: str) -> Figure:
-    """Left: training loss (kl_loss on its own axis, it is orders of magnitude smaller); right: eval metric."""
+def figure_run_curves(curves: dict[str, Curve], metric: str, best_step: int | None = None) -> Figure:
+    """Left: training and validation loss on one axis, so the generalisation gap shows (kl_loss on its
+    own axis, it is orders of magnitude smaller); right: eval metric. Both mark the best step."""
     figure = Figure(figsize=(2 * PANEL[0], PANEL[1]), layout="constrained")
     loss_axes, eval_axes = figure.subplots(1, 2)
-    loss_axes.set(title="training loss", xlabel="step", ylabel="loss")
+    loss_axes.set(title="training and validation loss", xlabel="step", ylabel="loss")
     if "loss" in curves:
         _plot(loss_axes, curves["loss"], label="loss", color="C0")
     else:
         _no_data(loss_axes)
+    if "eval_loss" in curves:
+        _plot(loss_axes, curves["eval_loss"], label="validation loss", color="C3", marker="o")
+    if best_step is not None:
+        for axes in (loss_axes, eval_axes):
+            axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
     if "kl_loss" in curves:
         kl_axes = loss_axes.twinx()
         _plot(kl_axes, curves["kl_loss"], label="kl_loss", color="C1")
         kl_axes.set_ylabel("kl_loss", color="C1")
         loss_axes.legend(handles=[*loss_axes.get_lines(), *kl_axes.get_lines()], fontsize="small")
+    elif len(loss_axes.get_lines()) > 1:
+        loss_axes.legend(fontsize="small")
     key = f"eval_{metric}"
     eval_axes.set(title=f"eval {metric}", xlabel="step", ylabel=metric)
     if key in curves:
@@ -84,7 +92,7 @@ def figure_run_curves(curves: dict[str, Curve], metric: str) -> Figure:
     return figure
 
 
-def plot_run_curves(run_dir: Path) -> Path:
+def plot_run_curves(run_dir: Path, best_step: int | None = None) -> Path:
     run = RunDir(Path(run_dir))
     task = load_config(run.config_path).model.task
-    return save_figure(figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task]), run.curves_png)
+    return save_figure(figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task], best_step), run.curves_png)

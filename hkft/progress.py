@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from hkft.io import append_jsonl, atomic_write_text
 
@@ -63,10 +66,14 @@ class ProgressCallback(TrainerCallback):
         self.console = console
         self.progress: Progress | None = None
         self.task: TaskID | None = None
+        self.training = False
+        self._evaluation: ExitStack | None = None
+        self._advance: Callable[[], None] | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        self.training = True
         if state.global_step > 0:
             drop_events_after(self.metrics_path, state.global_step)
         if self.console.is_terminal:
@@ -96,18 +103,53 @@ class ProgressCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.close()
 
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           eval_dataloader: Any = None, **kwargs: Any) -> None:
+        """The final evaluation, after training, gets a bar of its own (evaluations during training
+        are short and end in their own log line)."""
+        if self.training or not state.is_world_process_zero or not has_length(eval_dataloader):
+            return
+        if self._evaluation is None:
+            self._evaluation = ExitStack()
+            self._advance = self._evaluation.enter_context(self.steps("evaluating", len(eval_dataloader)))
+        self._advance()
+
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._evaluation is not None:
+            self._evaluation.close()
+            self._evaluation = self._advance = None
+
+    @contextmanager
+    def steps(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        """Progress of work outside the training loop (final evaluation, generation): a bar on a
+        terminal, a start line in a log. Yields the function that counts one batch done."""
+        if not self.console.is_terminal:
+            self._print(f"{description}: {total} batches")
+            yield lambda: None
+            return
+        bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=self.console, transient=True)
+        task = bar.add_task(description, total=total)
+        with bar:
+            yield lambda: bar.advance(task)
+
     def close(self) -> None:
         """Stop the live bar (also after a failed run, so the error line is not drawn over)."""
+        self.training = False
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
-    def _print(self, text: str) -> None:
+    def notice(self, text: str) -> None:
+        """A line that must stand out from the progress lines (the overfitting monitor's)."""
+        self._print(text, style="yellow")
+
+    def _print(self, text: str, style: str | None = None) -> None:
         """Above the live bar on a terminal; with a timestamp in a log file."""
         if self.progress is not None:
-            self.progress.console.print(escape(text), soft_wrap=True, highlight=False)
+            self.progress.console.print(escape(text), soft_wrap=True, highlight=False, style=style)
         else:
-            self.console.print(escape(f"{time.strftime('%H:%M:%S')} {text}"), soft_wrap=True, highlight=False)
+            self.console.print(escape(f"{time.strftime('%H:%M:%S')} {text}"), soft_wrap=True, highlight=False, style=style)
 
 
 def summary_table(rows: dict[str, Any], title: str, *, columns: tuple[str, str] = ("metric", "value")) -> Table:

@@ -34,7 +34,7 @@ from hkft.io import atomic_write_json, atomic_write_text
 SIDECAR = "hkft_adapter.json"
 # Keys that may change freely between an interrupted run and its resumption.
 HARMLESS_CHANGES = ("description", "output.", "eval.", "train.logging_steps", "train.num_workers",
-                    "train.save_total_limit", "train.early_stopping_patience")
+                    "train.save_total_limit", "train.early_stopping_patience", "train.overfitting.")
 # Keys that may only grow: a run can be extended, not cut short behind its own checkpoints.
 MAY_GROW = ("train.epochs", "train.max_steps")
 _ABSENT = object()

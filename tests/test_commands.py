@@ -64,7 +64,9 @@ def test_eval_on_another_data_file(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "run/eval.json").read_text())
     assert report["data"] == str(other) and report["split"] == "test"
-    assert len((tmp_path / "run/predictions.jsonl").read_text().splitlines()) == 2
+    predictions = [json.loads(line) for line in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
+    assert [(row["text"], row["label"]) for row in predictions] == [("The lamp is great.", "positive"),
+                                                                    ("The lamp is awful.", "negative")]
 
     # the adapter folder on its own, copied elsewhere: its sidecar rebuilds the config
     shutil.copytree(tmp_path / "run/adapter", tmp_path / "alone")

@@ -71,11 +71,11 @@ def test_csv_and_markdown(three_seeds_and_baseline, tmp_path):
 
     lines = md_path.read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert table[0] == "| dataset | method | rate | kl_weight | seeds | accuracy | macro_f1 | loss |"
+    assert table[0] == "| dataset | method | rate | kl_weight | seeds | accuracy | macro_f1 | loss | overfit | gap |"
     assert table[2] == ("| quickstart/train.jsonl | none | - | - | 1 "
-                        "| 0.7500 | 0.6000 | 0.5000 |")  # one seed: no spread to show
+                        "| 0.7500 | 0.6000 | 0.5000 | - | - |")  # one seed: no spread to show; not watched
     assert table[3] == ("| quickstart/train.jsonl | hiddenkey | 0.1 | 1 | 3 "
-                        "| 0.8300 ± 0.0300 | 0.7000 ± 0.2000 | 0.4000 ± 0.0000 |")
+                        "| 0.8300 ± 0.0300 | 0.7000 ± 0.2000 | 0.4000 ± 0.0000 | - | - |")
     assert not list((tmp_path / "out").glob(".tmp-*"))
 
 
@@ -187,3 +187,39 @@ def test_compare_runs_writes_table_and_plots(three_seeds_and_baseline, tmp_path)
                                                      "metric_by_method.png", "metric_vs_rate.png"]
     shown = console.file.getvalue()
     assert "0.8300 ± 0.0300" in shown and "hiddenkey" in shown
+
+
+def verdict_of(detected: bool, gap: float | None) -> dict:
+    return {"detected": detected, "best_step": 10, "best_metric": 0.8, "first_step": 20 if detected else None,
+            "gap": gap, "suggestion": "try ..." if detected else None}
+
+
+def test_each_setting_shows_how_many_runs_overfit_and_the_median_gap(tmp_path):
+    for seed, (detected, gap) in {1: (True, 0.9), 2: (False, 0.1), 3: (True, 0.5)}.items():
+        fake_run(tmp_path / f"none{seed}", method="none", seed=seed, overfitting=verdict_of(detected, gap))
+    fake_run(tmp_path / "hk1", seed=1)  # made before the monitor, or with it off: not counted
+    rows = comparison_table(collect_runs([tmp_path]))
+    csv_rows = {row["method"]: row for row in csv.DictReader(io.StringIO(write_table(rows, tmp_path)[0].read_text()))}
+    assert (csv_rows["none"]["overfit_runs"], csv_rows["none"]["watched_runs"]) == ("2", "3")
+    assert float(csv_rows["none"]["gap_median"]) == 0.5
+    assert (csv_rows["hiddenkey"]["watched_runs"], csv_rows["hiddenkey"]["gap_median"]) == ("0", "")
+    markdown = table_markdown(rows)
+    assert "| overfit | gap |" in markdown and "| 2/3 | 0.500 |" in markdown
+
+
+def test_the_console_table_is_readable_at_80_columns(tmp_path):
+    for seed in (1, 2):
+        for method in ("none", "hiddenkey-", "hiddenkey"):
+            fake_run(tmp_path / "runs" / f"{method}{seed}", method=method, seed=seed,
+                     metrics={"accuracy": 0.9 + seed / 100, "macro_f1": 0.89, "mcc": 0.8, "loss": 0.3},
+                     overfitting=verdict_of(method == "none", 0.4))
+    console = Console(file=io.StringIO(), width=80)
+    compare_runs([tmp_path / "runs"], tmp_path / "cmp", console)
+    shown = console.file.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in shown)
+    assert "…" not in "".join(shown)
+    methods = [line.split("│")[1].strip() for line in shown if line.startswith("│")]
+    assert methods == ["none", "hiddenkey-", "hiddenkey"]
+    assert any("0.9150 ± 0.0071" in line and "2/2" in line for line in shown)
+    assert any("also in comparison.md: " in line for line in shown)
+    assert "| mcc | loss | overfit | gap |" in (tmp_path / "cmp/comparison.md").read_text()  # every metric in the file

@@ -33,6 +33,20 @@ def test_run_curves_png_and_series(tmp_path):
     assert eval_axes.get_title() == "eval accuracy"
 
 
+def test_run_curves_show_training_and_validation_loss_on_one_axis_with_the_best_step(tmp_path):
+    events = loss_events([1.0, 0.8, 0.7, 0.5], [0.6, 0.75])
+    events[-2]["eval_loss"] = 0.9  # the validation loss rose at step 4
+    run = fake_run(tmp_path / "run", method="none", events=events)
+    figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy", best_step=2)
+    loss_axes, eval_axes = figure.axes
+    lines = lines_by_label(loss_axes)
+    np.testing.assert_array_equal(lines["loss"], [[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.5]])
+    np.testing.assert_array_equal(lines["validation loss"], [[2, 0.6], [4, 0.9]])
+    for axes in (loss_axes, eval_axes):
+        assert lines_by_label(axes)["best (step 2)"][:, 0].tolist() == [2, 2]  # a vertical line at the best step
+    assert plot_run_curves(run, best_step=2).read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_run_curves_without_kl_or_eval(tmp_path):
     run = fake_run(tmp_path / "run", method="none", events=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.8}])
     figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy")

@@ -117,3 +117,27 @@ def test_summary_table_formats_numbers_and_escapes_markup():
     text = buffer.getvalue()
     assert "hkft train" in text and "0.8333" in text and "0.83333" not in text and "120" in text
     assert "[bold]adapter" in text and "runs/x/adapter" in text
+
+
+def test_the_final_evaluation_shows_its_progress_but_evaluations_during_training_do_not(tmp_path):
+    console, buffer = plain_console()
+    callback = ProgressCallback(tmp_path / "metrics.jsonl", console)
+    args, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerControl()
+    batches = [0, 1, 2]
+    callback.on_train_begin(args, state(0), control)
+    callback.on_prediction_step(args, state(5), control, eval_dataloader=batches)
+    callback.on_train_end(args, state(10), control)
+    assert "evaluating" not in buffer.getvalue()
+    for _ in batches:
+        callback.on_prediction_step(args, state(10), control, eval_dataloader=batches)
+    callback.on_predict(args, state(10), control, metrics={})
+    assert [line.split(" ", 1)[1] for line in buffer.getvalue().splitlines()[1:]] == ["evaluating: 3 batches"]
+
+
+def test_work_outside_the_training_loop_gets_a_bar_on_a_terminal(tmp_path):
+    buffer = io.StringIO()
+    callback = ProgressCallback(tmp_path / "m.jsonl", Console(file=buffer, force_terminal=True, width=120))
+    with callback.steps("generating", 4) as advance:
+        for _ in range(4):
+            advance()
+    assert "generating" in buffer.getvalue() and "4/4" in buffer.getvalue()

@@ -174,6 +174,20 @@ class DataConfig(Section):
         return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
 
 
+class OverfittingConfig(Section):
+    """The overfitting monitor (``hkft.monitor``): when it fires, and how sure it must be first."""
+
+    enabled: bool = Field(True, description="Watch every evaluation for overfitting (needs an evaluation split).")
+    patience: Int = Field(3, gt=0, description="Evaluations in a row that must show the symptom.")
+    min_delta: Float = Field(
+        0.02, ge=0, description="How far below its best the validation metric must fall to count (metric units)."
+    )
+    min_loss_change: Float = Field(
+        0.1, ge=0, lt=1,
+        description="How far the validation loss must rise and the training loss fall (relative: 0.1 = 10%) to count.",
+    )
+
+
 class TrainConfig(Section):
     epochs: Float = Field(3.0, gt=0)
     max_steps: Int = Field(-1, ge=-1, description="Overrides epochs when > 0; 0 or -1: epochs decide.")
@@ -197,6 +211,7 @@ class TrainConfig(Section):
     save_total_limit: Int = Field(2, gt=0)
     metric_for_best: str | None = Field(None, description="Defaults to the task's main metric.")
     early_stopping_patience: Int | None = Field(None, gt=0)
+    overfitting: OverfittingConfig = Field(default_factory=OverfittingConfig)
     logging_steps: Int = Field(10, gt=0)
     num_workers: Int = Field(0, ge=0)
 

@@ -49,6 +49,7 @@ class RunSummary:
     setting: tuple[tuple[str, Any], ...]  # the rest of the config, flattened
     metrics: dict[str, float]
     curves: dict[str, Curve]
+    overfitting: dict[str, Any] | None = None  # metrics.json's "overfitting": None if the run was never watched
 
     @property
     def main_metric(self) -> str:
@@ -138,7 +139,14 @@ def summarize_run(run: RunDir) -> RunSummary:
         setting=tuple((key, _hashable(value)) for key, value in setting),
         metrics=read_final_metrics(run),
         curves=read_curves(run.metrics_jsonl),
+        overfitting=read_overfitting(run),
     )
+
+
+def read_overfitting(run: RunDir) -> dict[str, Any] | None:
+    """The overfitting monitor's verdict (None for a run it did not watch, or made before it existed)."""
+    found = json.loads(run.metrics_json.read_text(encoding="utf-8")).get("overfitting")
+    return found if isinstance(found, dict) else None
 
 
 def _hashable(value: Any) -> Any:
@@ -256,7 +264,29 @@ def _cells(row: Row, extras: list[str], metrics: list[str]) -> list[str]:
     own = dict(row.extra)
     head = [row.dataset, row.method, _text(row.rate), _text(row.kl_weight), *(_text(own.get(key)) for key in extras)]
     scores = [_score(row, name) if name in row.median else "" for name in metrics]
-    return [*head, str(len(row.seeds)), *scores]
+    return [*head, str(len(row.seeds)), *scores, *_overfit_cells(row)]
+
+
+def _watched(row: Row) -> list[dict[str, Any]]:
+    return [run.overfitting for run in row.runs if run.overfitting is not None]
+
+
+def overfit_count(row: Row) -> tuple[int, int]:
+    """(runs the overfitting monitor flagged, runs it watched)."""
+    watched = _watched(row)
+    return sum(bool(found["detected"]) for found in watched), len(watched)
+
+
+def median_gap(row: Row) -> float | None:
+    """Median over seeds of the generalisation gap (validation minus training loss at the last evaluation)."""
+    gaps = [found["gap"] for found in _watched(row) if found.get("gap") is not None]
+    return statistics.median(gaps) if gaps else None
+
+
+def _overfit_cells(row: Row) -> list[str]:
+    flagged, watched = overfit_count(row)
+    gap = median_gap(row)
+    return [f"{flagged}/{watched}" if watched else "-", "-" if gap is None else f"{gap:.3f}"]
 
 
 def _score(row: Row, name: str) -> str:
@@ -265,17 +295,44 @@ def _score(row: Row, name: str) -> str:
 
 
 def _header(extras: list[str], metrics: list[str]) -> list[str]:
-    return ["dataset", "method", "rate", "kl_weight", *extras, "seeds", *metrics]
+    return ["dataset", "method", "rate", "kl_weight", *extras, "seeds", *metrics, "overfit", "gap"]
 
 
-def render_table(rows: list[Row]) -> Table:
+def render_table(rows: list[Row], width: int = 200) -> Table:
+    """The console table, readable at ``width`` columns: a single dataset goes into the title, the
+    columns that name a setting never shrink, and metrics other than the main one are left out (to
+    comparison.md) where they would not fit."""
     extras, metrics = extra_names(rows), metric_names(rows)
-    table = Table(title="median ± sample std over seeds", header_style="bold")
-    for index, name in enumerate(_header(extras, metrics)):
-        table.add_column(name, justify="right" if index >= 4 + len(extras) else "left")
-    for row in rows:
-        table.add_row(*_cells(row, extras, metrics))
+    datasets = list(dict.fromkeys(row.dataset for row in rows))
+    skip = 1 if len(datasets) == 1 else 0
+    table_rows = [_cells(row, extras, metrics)[skip:] for row in rows]
+    header = _header(extras, metrics)[skip:]
+    main = {row.main_metric for row in rows}
+    while _table_width(header, table_rows) > width:
+        optional = [index for index, name in enumerate(header) if name in metrics and name not in main]
+        if not optional:
+            break
+        header.pop(optional[-1])
+        table_rows = [cells[: optional[-1]] + cells[optional[-1] + 1:] for cells in table_rows]
+    title = f"{datasets[0]}: " if skip else ""
+    left_out = [name for name in metrics if name not in header]
+    caption = f"also in comparison.md: {', '.join(left_out)}" if left_out else None
+    table = Table(title=f"{title}median ± sample std over seeds; overfit: runs flagged", caption=caption,
+                  header_style="bold")
+    naming = 4 + len(extras) - skip
+    for index, name in enumerate(header):
+        if index < naming:
+            table.add_column(name, no_wrap=True, min_width=max(len(name), *(len(cells[index]) for cells in table_rows)))
+        else:
+            table.add_column(name, justify="right")
+    for cells in table_rows:
+        table.add_row(*cells)
     return table
+
+
+def _table_width(header: list[str], rows: list[list[str]]) -> int:
+    """Characters a rich table with these cells takes when nothing wraps (a border and two spaces a column)."""
+    return 1 + sum(3 + max(len(name), *(len(cells[index]) for cells in rows)) for index, name in enumerate(header))
 
 
 def table_markdown(rows: list[Row]) -> str:
@@ -292,13 +349,14 @@ def table_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["dataset", "task", "method", "rate", "kl_weight", *extras, "n", "seeds",
-                     *(f"{name}_{stat}" for name in metrics for stat in ("median", "std"))])
+                     *(f"{name}_{stat}" for name in metrics for stat in ("median", "std")),
+                     "overfit_runs", "watched_runs", "gap_median"])
     for row in rows:
         own = dict(row.extra)
         scores = [row_stat.get(name, "") for name in metrics for row_stat in (row.median, row.std)]
         writer.writerow([row.dataset, row.task, row.method, _blank(row.rate), _blank(row.kl_weight),
                          *(_blank(own.get(key)) for key in extras), len(row.seeds), " ".join(map(str, row.seeds)),
-                         *scores])
+                         *scores, *overfit_count(row), _blank(median_gap(row))])
     return buffer.getvalue()
 
 
@@ -324,7 +382,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, console: Console) -> list[
     """`hkft compare`: the table on the console, comparison.csv/.md and the comparison plots in out_dir."""
     runs = collect_runs(run_dirs)
     rows = comparison_table(runs)
-    console.print(render_table(rows))
+    console.print(render_table(rows, console.width))
     written = [*write_table(rows, out_dir), *plot_comparison(rows, out_dir)]
     console.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False, markup=False)
     return written
