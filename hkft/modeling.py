@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hkft.config.schema import LoraConfig, ModelConfig
 from hkft.errors import ModelError
+from hkft.gguf import gguf_model_dir
 
 # Hub ids of models that ship inside a PyPI package, so they load with no network.
 EMBEDDED_MODELS = {
@@ -47,8 +48,11 @@ FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name: str, revision: str | None = None) -> str:
-    """A local directory, an embedded model, or a hub id that is cached (or downloadable)."""
+def resolve_model_path(name: str, revision: str | None = None, gguf_file: str | None = None) -> str:
+    """A local directory, an embedded model, or a hub id that is cached (or downloadable); with
+    ``gguf_file``, the directory that file was converted into (see hkft.gguf)."""
+    if gguf_file:
+        return gguf_model_dir(name, gguf_file)
     if name in EMBEDDED_MODELS and importlib.util.find_spec(EMBEDDED_MODELS[name]):
         return str(importlib.import_module(EMBEDDED_MODELS[name]).get_model_path())
     path = Path(name).expanduser()

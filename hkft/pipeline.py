@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -171,11 +172,13 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     args = training_arguments(cfg, run, has_eval)
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
 
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
         data = prepare_data(cfg, tokenizer)
+    for notice in data.notices:
+        console.print(f"[yellow]{escape(notice)}[/]")
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
@@ -269,7 +272,8 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
         "model": cfg.model.model_dump(mode="json"),
         "dropout": controller.describe(),
         "data": cfg.data.model_dump(
-            mode="json", include={"text_column", "label_column", "prompt_column", "completion_column", "template", "max_length"}
+            mode="json", include={"text_column", "label_column", "prompt_column", "completion_column", "template", "max_length",
+                           "format", "messages_column", "chat_template", "train_on"}
         ),
     }
 
@@ -312,10 +316,12 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         setattr(cfg.data, split, data)
     task = cfg.model.task
 
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
     tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task)
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
+    for notice in prepared.notices:
+        console.print(f"[yellow]{escape(notice)}[/]")
     if getattr(prepared, split) is None:
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
     model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
@@ -356,5 +362,6 @@ def metric_implementations(task: str) -> dict[str, str]:
                 "mcc": "sklearn.metrics.matthews_corrcoef"}
     if task == "regression":
         return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
-    return {"loss": "token-level cross-entropy on completion tokens", "perplexity": "exp(loss)",
-            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure"}
+    return {"loss": "token-level cross-entropy on completion (chat: assistant) tokens", "perplexity": "exp(loss)",
+            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure",
+            "exact_match": "reply == reference up to whitespace (chat, short references)"}
