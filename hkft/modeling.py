@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import tempfile
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,8 +20,11 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from peft import EvaConfig, PeftModel, get_peft_model, get_peft_model_state_dict, initialize_lora_eva_weights
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -123,10 +129,13 @@ def _auto_class(task: str) -> type:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
-def _skeleton(cfg: ModelConfig, path: str) -> PreTrainedModel:
-    """The task model's module tree on the meta device: its structure, without reading a weight."""
+def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTrainedModel:
+    """The task model's module tree on the meta device: its structure, without reading a weight.
+    ``config_overrides`` set config attributes (``num_labels=1``)."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_overrides
+        )
         with torch.device("meta"):
             return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
@@ -139,7 +148,7 @@ def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quantization {cfg.quantization} needs bitsandbytes", "pip install 'hkft[gpu]'")
-    skeleton = _skeleton(cfg, path)
+    skeleton = model_skeleton(cfg, path)
     if any(isinstance(module, Conv1D) for module in skeleton.modules()):
         raise ModelError(
             f"{cfg.name} ({skeleton.config.model_type}) uses Conv1D layers, which bitsandbytes cannot quantize",
@@ -188,7 +197,7 @@ def load_base_model(
             kwargs["num_labels"] = num_labels or cfg.num_labels
     if quantize:
         check_quantization_supported(cfg, path)
-        heads = classifier_head_names(_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
+        heads = classifier_head_names(model_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
         kwargs["quantization_config"] = quantization_config(cfg, heads)
         kwargs["device_map"] = _kbit_device_map()
     try:
@@ -330,8 +339,16 @@ def _uses_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
 
 
 def build_lora_model(
-    model: PreTrainedModel, lora: LoraConfig, task: str, *, quantized: bool, gradient_checkpointing: bool
+    model: PreTrainedModel,
+    lora: LoraConfig,
+    task: str,
+    *,
+    quantized: bool,
+    gradient_checkpointing: bool,
+    eva_batches: Iterable[dict] | None = None,
 ) -> PeftModel:
+    """``eva_batches``: the training batches EVA (``lora.init: eva``) computes its SVD over (plain
+    dicts, a sized iterable: peft cycles through it until the SVD converges)."""
     targets = _lora_targets(model, lora.target_modules)
     _check_layers(model, lora.layers_to_transform)
     heads = classifier_head_names(model) if task != "causal-lm" else []
@@ -349,15 +366,56 @@ def build_lora_model(
         bias=lora.bias,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
+        init_lora_weights=True if lora.init == "default" else lora.init,
+        # A label mask selects tokens: only a causal LM's labels are per token.
+        eva_config=EvaConfig(use_label_mask=task == "causal-lm") if lora.init == "eva" else None,
         layers_to_transform=lora.layers_to_transform,
         modules_to_save=sorted(set(heads) | set(lora.modules_to_save)) or None,
         fan_in_fan_out=_uses_conv1d(model, targets),
         task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=lora.init == "eva")  # EVA initialises A itself
+        if lora.init == "eva":
+            if eva_batches is None:
+                raise ModelError("lora.init eva needs the training data to initialise from")
+            initialize_lora_eva_weights(peft_model, eva_batches, show_progress_bar=False)
+        return peft_model
     except ValueError as err:
         raise ModelError(f"lora: {_first_line(err)}", "check the lora: section") from None
+
+
+def initial_adapter(model: PeftModel, lora: LoraConfig) -> dict[str, torch.Tensor] | None:
+    """The adapter as PiSSA or OLoRA initialised it (None for the other initialisations): what
+    `save_lora_adapter` converts the trained adapter against. Rebuilding the model on a resume
+    gives the same one (same base, same seed)."""
+    if not lora.mutates_base:
+        return None
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torch.Tensor] | None) -> None:
+    """A plain peft adapter for the ORIGINAL base model.
+
+    PiSSA and OLoRA train on a base from which their initial adapter was subtracted; peft converts
+    the trained adapter into a plain LoRA of rank 2r, [A | A0] x [B | -B0], that applies to the
+    untouched base (``path_initial_model_for_weight_conversion``). Its conversion keeps only the LoRA
+    matrices, so the trained head (modules_to_save) is carried over from the ordinary save.
+    """
+    if initial is None:
+        model.save_pretrained(directory)
+        return
+    trained = get_peft_model_state_dict(model)
+    others = {name: tensor for name, tensor in trained.items() if ".lora_A." not in name and ".lora_B." not in name}
+    weights = Path(directory) / SAFETENSORS_WEIGHTS_NAME
+    with tempfile.TemporaryDirectory(prefix="hkft-lora-init-") as scratch:
+        initial_dir = Path(scratch) / "initial"
+        initial_dir.mkdir()
+        save_file(initial, initial_dir / SAFETENSORS_WEIGHTS_NAME)
+        with warnings.catch_warnings():  # loading the initial adapter warns that it changes the base: we convert it
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+            model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial_dir))
+    save_file({**load_file(weights), **others}, weights, metadata={"format": "pt"})
 
 
 def base_fingerprint(path: str) -> str:

@@ -7,6 +7,7 @@ eval:  adapter + sidecar -> base model -> data with the training label map -> me
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -33,6 +35,7 @@ from hkft.modeling import (
     base_fingerprint,
     build_lora_model,
     check_quantization_supported,
+    initial_adapter,
     check_same_base,
     ensure_pad_token,
     load_base_model,
@@ -40,6 +43,7 @@ from hkft.modeling import (
     load_adapter_tokenizer,
     load_tokenizer,
     resolve_model_path,
+    save_lora_adapter,
 )
 from hkft.interrupts import StopOnSignal
 from hkft.plots import plot_run_curves
@@ -76,6 +80,7 @@ def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
             branches=dropout.branches,
             layers=dropout.layers,
             position_overrides=overrides,
+            neftune_alpha=dropout.neftune_alpha,
         )
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
@@ -89,6 +94,20 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def check_fsdp_possible() -> None:
+    """accelerate (1.15) switches FSDP on only for multi-accelerator jobs: in a CPU job (gloo) the
+    Trainer would silently train with DDP, and a single process fails with a traceback."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "distributed.strategy fsdp needs GPUs: accelerate shards a model only across accelerators, and on a CPU "
+            "training would silently run as DDP",
+            "use distributed.strategy=ddp on a CPU",
+        )
+    if not (torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError("distributed.strategy fsdp needs a distributed launch",
+                          "start it with torchrun --nproc_per_node N -m hkft train ... or accelerate launch")
+
+
 def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
     train, task = cfg.train, cfg.model.task
     strategy = train.eval_strategy if has_eval else "no"
@@ -100,6 +119,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         )
     distributed = {}
     if cfg.distributed.strategy == "fsdp":
+        check_fsdp_possible()
         distributed["fsdp"] = cfg.distributed.fsdp
     elif cfg.distributed.strategy == "deepspeed":
         if not cfg.distributed.deepspeed_config:
@@ -191,9 +211,17 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     notice = ensure_pad_token(base, tokenizer)
     if notice:
         console.print(f"[yellow]{notice}[/]")
+    collator = make_collator(task, tokenizer)
+    eva_batches = plain_batches(data.train, collator, cfg.train.batch_size) if cfg.lora.init == "eva" else None
     model = build_lora_model(
-        base, cfg.lora, task, quantized=cfg.model.quantization != "none", gradient_checkpointing=cfg.train.gradient_checkpointing
+        base,
+        cfg.lora,
+        task,
+        quantized=cfg.model.quantization != "none",
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        eva_batches=eva_batches,
     )
+    initial = initial_adapter(model, cfg.lora)
     plan = plan_from_config(cfg.dropout)
     try:
         controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
@@ -213,12 +241,13 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation if has_eval else None,
-        data_collator=make_collator(task, tokenizer),
+        data_collator=collator,
         processing_class=tokenizer,
         **metric_hooks(task),
         callbacks=callbacks,
         dropout=controller,
         task=task,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
     checkpoint = latest_checkpoint(run) if resume else None
@@ -234,7 +263,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         )
 
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
-        save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
+        facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
+        save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
     metrics = {"split": split, **outcome.metrics}
@@ -243,6 +273,11 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
         atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
         plot_run_curves(run.root)
     return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+
+
+def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
+    """The training data in order, as plain dicts (peft's EVA rejects a collator's BatchEncoding)."""
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=lambda rows: dict(collator(rows)))
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
@@ -278,9 +313,10 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
     }
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict) -> None:
+def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: dict | None = None) -> None:
+    """``initial``: PiSSA/OLoRA's initial adapter, which the saved one is converted against (see `save_lora_adapter`)."""
     with atomic_dir(adapter_dir) as staging:
-        model.save_pretrained(staging)
+        save_lora_adapter(model, staging, initial)
         tokenizer.save_pretrained(staging)
         write_sidecar(staging, facts)
 

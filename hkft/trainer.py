@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from transformers import Trainer
 
 from hkft.dropout import DropoutController, consistency_loss
@@ -29,8 +30,11 @@ PROGRESS_FILE = "hkft_progress.json"
 
 
 class HkftTrainer(Trainer):
-    def __init__(self, *args: Any, dropout: DropoutController, task: str, **kwargs: Any):
+    def __init__(
+        self, *args: Any, dropout: DropoutController, task: str, loraplus_lr_ratio: float | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         if task != "causal-lm":
             # Sequence-classification and regression heads take **kwargs, so the Trainer assumes they
             # divide their loss by the accumulation window's item count; they return the mean over the
@@ -69,6 +73,23 @@ class HkftTrainer(Trainer):
             "train_runtime": round(runtime, 4),
             "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
         }
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (``lora.loraplus_lr_ratio``): peft's optimizer, in which the B matrices (and the
+        trained vectors) learn at the ratio times the learning rate; the optimizer class and its
+        settings stay the Trainer's. Built here, on the model as the Trainer wraps it."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plan = self.dropout.plan

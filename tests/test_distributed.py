@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
+from conftest import assert_one_line_error
 
 
 def torchrun(tmp_path, *args):
@@ -63,3 +64,16 @@ def test_distributed_run_resumes_from_its_checkpoint(ddp_run):
     events = [json.loads(line) for line in (ddp_run / "run/metrics.jsonl").read_text().splitlines()]
     assert max(event["step"] for event in events if "loss" in event) == 12
     assert (ddp_run / "run/checkpoints/checkpoint-12/trainer_state.json").is_file()
+
+
+def test_fsdp_on_a_cpu_is_refused_in_one_line(cli, tmp_path):
+    """accelerate enables FSDP only for multi-accelerator jobs: a 2-process gloo job with an FSDP plugin
+    trains with DDP (checked with accelerate 1.15, transformers 5.24), and one process gets a traceback
+    from the Trainer. hkft says so before anything runs."""
+    model = save_tiny_model("llama", tmp_path / "model", memorise_texts())
+    data = write_jsonl(tmp_path / "d.jsonl", MEMORISE)
+    preset = {"model": {"name": str(model), "task": "causal-lm"}, "data": {"train": str(data)},
+              "distributed": {"strategy": "fsdp"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(preset))
+    result = cli("train", tmp_path / "p.yaml", "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, "distributed.strategy fsdp needs GPUs", "use distributed.strategy=ddp on a CPU")

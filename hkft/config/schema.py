@@ -6,6 +6,7 @@ did-you-mean, see ``hkft.config.loading``) instead of being silently ignored.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -27,7 +28,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
-DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey", "neftune")
 DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
 
 
@@ -54,6 +55,14 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+# lora.init: peft's init_lora_weights. PiSSA and OLoRA also move the top singular directions (PiSSA)
+# or a QR factor (OLoRA) out of the base weights; the saved adapter is converted to a plain LoRA of
+# rank 2r that applies to the original base. EVA initialises from the SVD of the training data's
+# activations at the adapted layers.
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<K>", "olora", "orthogonal", "eva")
+BASE_MUTATING_INITS = ("pissa", "olora")
+
+
 class LoraConfig(Section):
     r: Int = Field(8, gt=0)
     alpha: Float = Field(16, gt=0)
@@ -64,8 +73,33 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     use_dora: bool = False
+    init: str = Field("default", description="peft's init_lora_weights: " + " | ".join(LORA_INITS) + ".")
+    loraplus_lr_ratio: Float | None = Field(
+        None, gt=0, description="LoRA+: B matrices learn at train.lr times this ratio (16 in the LoRA+ paper)."
+    )
     layers_to_transform: list[Int] | None = None
     modules_to_save: list[str] = Field(default_factory=list, description="Extra trained modules; heads are added for you.")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if value not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", value):
+            raise ValueError(f"unknown LoRA initialisation {value!r}; choose one of {', '.join(LORA_INITS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _dora_keeps_the_base(self) -> LoraConfig:
+        if self.use_dora and self.mutates_base:
+            # DoRA's magnitudes are norms of the mutated weights: the conversion to a plain adapter
+            # on the original base would not hold.
+            raise ValueError(f"lora.init {self.init} changes the base weights, which DoRA's magnitudes are "
+                             "computed from; use one of them, not both")
+        return self
+
+    @property
+    def mutates_base(self) -> bool:
+        """PiSSA and OLoRA subtract their initial adapter from the base weights."""
+        return self.init.startswith(BASE_MUTATING_INITS)
 
 
 Pattern = Literal["element", "column", "span"]
@@ -80,6 +114,7 @@ class DropoutConfig(Section):
     method: str = "hiddenkey"
     rate: Probability = 0.1
     kl_weight: Float = Field(1.0, ge=0.0)
+    neftune_alpha: Float = Field(5.0, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
     compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
     branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
     layers: Literal["auto", "all", "latter-half"] | list[Int] = Field(
@@ -243,6 +278,9 @@ class HkftConfig(Section):
             raise ValueError(f"data.format {self.data.format} is for causal-lm; {self.model.task} reads data.text_column")
         if self.dropout.compensation in ("kl", "js") and self.dropout.kl_weight == 0:
             raise ValueError("dropout.compensation kl/js needs dropout.kl_weight > 0")
+        if self.lora.mutates_base and self.model.quantization != "none":
+            raise ValueError(f"lora.init {self.lora.init} decomposes the full-precision base weights, which a "
+                             f"{self.model.quantization} base does not have; use model.quantization=none")
         output = self.dropout.positions.get("output")
         if self.model.task != "causal-lm" and output is not None and output.pattern == "span":
             # A sequence head reads one vector per example (pooled or first token): no tokens to span.

@@ -17,7 +17,15 @@ from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
 from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, register_attention
-from hkft.dropout.masks import Extent, MaskSampler, apply_feature_mask, feature_keep_mask, feature_scale, token_extent
+from hkft.dropout.masks import (
+    Extent,
+    MaskSampler,
+    apply_feature_mask,
+    embedding_noise,
+    feature_keep_mask,
+    feature_scale,
+    token_extent,
+)
 from hkft.dropout.plan import DropoutPlan, PositionDrop
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
@@ -44,6 +52,20 @@ class FeatureDrop:
 
     def input_hook(self, module: nn.Module, args: tuple) -> tuple:
         return (self.apply(module, args[0]), *args[1:])
+
+
+@dataclass
+class EmbeddingNoise:
+    """NEFTune: uniform noise added to the input embeddings while training (see `embedding_noise`)."""
+
+    alpha: float
+    controller: DropoutController
+
+    def output_hook(self, module: nn.Module, args: tuple, embeddings: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return embeddings
+        extent = self.controller.token_extent(embeddings.shape[0], embeddings.shape[1])
+        return embeddings + embedding_noise(self.controller.sampler, embeddings, self.alpha, extent)
 
 
 @dataclass
@@ -108,7 +130,7 @@ class DropoutController:
 
     def note_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the model: where the call's real tokens are, from its [B, T] padding
-        mask, for the span patterns (found once per forward, read by every dropping layer)."""
+        mask, for the span patterns and NEFTune (found once per forward, read by every layer that needs it)."""
         mask = kwargs.get("attention_mask")
         self.padding = (tuple(mask.shape), token_extent(mask)) if mask is not None and mask.dim() == 2 else None
 
@@ -167,13 +189,14 @@ class DropoutController:
             "branches": self.plan.branches,
             "layers": list(self.layers),
             "model_dropout": self.plan.model_dropout or 0.0,
+            "neftune_alpha": self.plan.neftune_alpha,
         }
 
 
 def shareable_prefix(model: nn.Module, plan: DropoutPlan) -> bool:
     """The layers before the first dropping one are deterministic only if nothing else is random:
-    no input dropout, none of the model's own dropout, no LoRA dropout."""
-    if "input" in plan.active_positions or plan.model_dropout:
+    no input dropout or noise, none of the model's own dropout, no LoRA dropout."""
+    if "input" in plan.active_positions or plan.model_dropout or plan.neftune_alpha:
         return False
     return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
@@ -204,7 +227,7 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
             # backward pass, which checkpointing rejects (the saved tensors differ).
             controller.shared += architecture.attention_input_projections(layers[first])
 
-    if any(drop.pattern == "span" for drop in positions.values()):
+    if plan.neftune_alpha or any(drop.pattern == "span" for drop in positions.values()):
         controller._handles.append(base.register_forward_pre_hook(controller.note_padding, with_kwargs=True))
 
     attention_position = next((p for p in ("attention_logits", "attention_weights") if p in positions), None)
@@ -224,6 +247,9 @@ def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) ->
         hook = FeatureDrop(positions["input"], controller, rescale=False)
         embeddings = architecture.transformers_model(model).get_input_embeddings()
         controller._handles.append(embeddings.register_forward_hook(hook.output_hook))
+    if plan.neftune_alpha:
+        noise = EmbeddingNoise(plan.neftune_alpha, controller)
+        controller._handles.append(base.get_input_embeddings().register_forward_hook(noise.output_hook))
     if "output" in positions:
         hook = FeatureDrop(positions["output"], controller, rescale=True)
         controller._handles.append(architecture.head_module(model).register_forward_pre_hook(hook.input_hook))

@@ -128,6 +128,24 @@ def feature_keep_mask(
     return kept if hidden.dim() == 3 else kept.squeeze(1)
 
 
+def embedding_noise(sampler: MaskSampler, embeddings: torch.Tensor, alpha: float, extent: Extent | None = None) -> torch.Tensor:
+    """NEFTune's noise for [B, T, d] input embeddings: U(-1, 1) scaled by alpha / sqrt(L * d), where
+    L is each example's own number of real tokens (``extent``; all T when the batch is unpadded),
+    and zero on padding, so an example's noise does not depend on the batch it is padded into."""
+    batch, length, dim = embeddings.shape
+    device = embeddings.device
+    if extent is None:
+        count = torch.full((batch,), length, device=device)
+        real = torch.ones(batch, length, dtype=torch.bool, device=device)
+    else:
+        first, count = extent
+        positions = torch.arange(length, device=device)
+        real = (positions >= first[:, None]) & (positions < (first + count)[:, None])
+    scale = alpha / torch.sqrt(count.clamp(min=1).double() * dim)
+    noise = sampler.uniform(embeddings.shape, device).mul_(2).sub_(1)
+    return (noise * (scale[:, None, None] * real[..., None]).float()).to(embeddings.dtype)
+
+
 def feature_scale(pattern: Pattern, rate: float, rescale: bool) -> float:
     """What kept entries are multiplied by: 1/(1-p) when rescaled, never for span (HiddenCut)."""
     return 1.0 / (1.0 - rate) if rescale and pattern != "span" else 1.0

@@ -18,6 +18,8 @@ LayerSelection = Literal["auto", "all", "latter-half"] | tuple[int, ...]
 POSITIONS: tuple[Position, ...] = ("attention_logits", "attention_weights", "hidden", "input", "output")
 PATTERNS: tuple[Pattern, ...] = ("element", "column", "span")
 LAYERED_POSITIONS: frozenset[Position] = frozenset({"attention_logits", "attention_weights", "hidden"})
+# NEFTune's noise scale alpha, as in its paper (Jain et al. 2024) and TRL.
+NEFTUNE_ALPHA = 5.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class PositionDrop:
 
 @dataclass(frozen=True)
 class DropoutPlan:
-    """What to drop where. ``model_dropout`` keeps the model's own dropout modules (method `dropout`)."""
+    """What to drop where. ``model_dropout`` keeps the model's own dropout modules (method `dropout`);
+    ``neftune_alpha`` > 0 adds NEFTune's uniform noise to the input embeddings (method `neftune`), an
+    `input`-position perturbation that adds noise where the positions' masks remove entries."""
 
     positions: dict[Position, PositionDrop] = field(default_factory=dict)
     compensation: Compensation = "rescale"
@@ -42,8 +46,11 @@ class DropoutPlan:
     branches: Literal["one", "both"] = "one"
     layers: LayerSelection = "auto"
     model_dropout: float | None = None
+    neftune_alpha: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.neftune_alpha < 0:
+            raise ValueError(f"NEFTune alpha must be >= 0, got {self.neftune_alpha}")
         unknown = set(self.positions) - set(POSITIONS)
         if unknown:
             raise ValueError(f"unknown dropout position(s) {sorted(unknown)}; choose from {', '.join(POSITIONS)}")
@@ -73,8 +80,8 @@ class DropoutPlan:
         return tuple(sorted(set(selection)))
 
 
-def named_method(name: str, rate: float, kl_weight: float = 1.0) -> DropoutPlan:
-    """The methods compared in the paper, each a point of the three axes."""
+def named_method(name: str, rate: float, kl_weight: float = 1.0, neftune_alpha: float = NEFTUNE_ALPHA) -> DropoutPlan:
+    """The methods compared in the paper, each a point of the three axes, and NEFTune beside them."""
     column_logits = {"attention_logits": PositionDrop("column", rate)}
     element_hidden = {"hidden": PositionDrop("element", rate)}
     methods = {
@@ -85,6 +92,7 @@ def named_method(name: str, rate: float, kl_weight: float = 1.0) -> DropoutPlan:
         "hiddencut": DropoutPlan(positions=element_hidden),
         "hiddenkey-": DropoutPlan(positions={**column_logits, **element_hidden}),
         "hiddenkey": DropoutPlan(positions={**column_logits, **element_hidden}, compensation="kl", kl_weight=kl_weight),
+        "neftune": DropoutPlan(neftune_alpha=neftune_alpha),
     }
     if name not in methods:
         raise ValueError(f"unknown dropout method {name!r}; choose one of {', '.join(methods)}")
@@ -100,9 +108,10 @@ def build_plan(
     branches: Literal["one", "both"] = "one",
     layers: LayerSelection = "auto",
     position_overrides: dict[str, tuple[Pattern, float | None] | None] | None = None,
+    neftune_alpha: float = NEFTUNE_ALPHA,
 ) -> DropoutPlan:
     """A named method, then position-by-position overrides (None switches a position off)."""
-    plan = named_method(method, rate, kl_weight)
+    plan = named_method(method, rate, kl_weight, neftune_alpha)
     positions = dict(plan.positions)
     for name, override in (position_overrides or {}).items():
         if override is None:

@@ -1,0 +1,169 @@
+"""`hkft inspect`: what hkft will do with a model, from its config alone.
+
+The model is built on the meta device (no weight is read or downloaded), wrapped with LoRA and
+instrumented with the dropout plan exactly as `hkft train` does it; whatever would stop training
+stops here, as one line. The report is plain data (the CLI draws it, `--json` prints it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoConfig
+
+from hkft.config import HkftConfig, load_config, presets_dir, validate_config
+from hkft.config.loading import apply_overrides
+from hkft.config.schema import DROPOUT_METHODS
+from hkft.dropout import PATTERNS, architecture, instrument
+from hkft.errors import ConfigError, ModelError
+from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, resolve_model_path
+from hkft.pipeline import plan_from_config
+
+# A bare model has no data to count labels from.
+ASSUMED_LABELS = 2
+
+
+def is_preset(target: str) -> bool:
+    """A YAML file or a shipped preset's name; anything else (a directory, a hub id) is a model."""
+    path = Path(target)
+    if path.is_dir():
+        return False
+    return path.is_file() or (presets_dir() / f"{target.removesuffix('.yaml')}.yaml").is_file()
+
+
+def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
+    """The preset, or hkft's defaults for a bare model; and whether the task was given (else inferred)."""
+    overrides = [*overrides, *([f"model.task={task}"] if task else [])]
+    if is_preset(target):
+        return load_config(target, overrides), True
+    # data.train is required by the schema; inspect reads no data.
+    spec = {"model": {"name": target}, "data": {"train": "(not read by hkft inspect)"}}
+    return validate_config(apply_overrides(spec, overrides), source=target), task is not None or any(
+        override.startswith("model.task=") for override in overrides
+    )
+
+
+def inferred_task(path: str, cfg: HkftConfig) -> str:
+    """A checkpoint saved as a language model is inspected as one; anything else as a classifier."""
+    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    names = getattr(config, "architectures", None) or []
+    return "causal-lm" if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names) else "classification"
+
+
+def inspect_model(target: str, overrides: list[str], task: str | None = None) -> dict[str, Any]:
+    cfg, task_given = inspection_config(target, overrides, task)
+    path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    if not task_given:
+        cfg.model.task = inferred_task(path, cfg)
+    task = cfg.model.task
+    labels = 1 if task == "regression" else cfg.model.num_labels or ASSUMED_LABELS
+    skeleton = model_skeleton(cfg.model, path, **({} if task == "causal-lm" else {"num_labels": labels}))
+    # The count does not depend on the initialisation; PiSSA's SVD cannot run on meta tensors, EVA's needs data.
+    targets = lora_targets(skeleton, cfg)  # before peft wraps the skeleton in place
+    lora = cfg.lora.model_copy(update={"init": "default"})
+    model = build_lora_model(skeleton, lora, task, quantized=False, gradient_checkpointing=False)
+    trainable, total = model.get_nb_trainable_parameters()
+    plan = plan_from_config(cfg.dropout)
+    try:
+        controller = instrument(model, plan, seed=0)
+    except ValueError as err:
+        raise ConfigError(f"dropout: {err}") from None
+    except ModelError as err:
+        raise ModelError(
+            f"{cfg.model.name} ({skeleton.config.model_type}) is not supported by hkft's dropout, because {err}",
+            "see the README's 'Add an architecture'",
+        ) from None
+    layers = architecture.transformer_layers(model)
+    decoder = architecture.is_causal_model(model)
+    return {
+        "model": cfg.model.name,
+        "path": path,
+        "model_type": skeleton.config.model_type,
+        "class": type(skeleton).__name__,
+        "task": task,
+        "task_inferred": not task_given,
+        "num_labels": None if task == "causal-lm" else labels,
+        "kind": "decoder (causal attention)" if decoder else "encoder",
+        "layers": len(layers),
+        "layer_stack": module_path(architecture.transformers_model(model), layers),
+        "attn_implementation": cfg.model.attn_implementation,
+        "quantization": cfg.model.quantization,
+        "positions": available_positions(model, layers[controller.layers[0] if controller.layers else 0], task),
+        "methods": method_layers(cfg, len(layers), decoder),
+        "dropout": {"method": cfg.dropout.method, **controller.describe()},
+        "lora": {
+            "targets": targets,
+            "adapted_modules": sum(isinstance(module, LoraLayer) for module in model.modules()),
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "init": cfg.lora.init,
+            "use_dora": cfg.lora.use_dora,
+            "use_rslora": cfg.lora.use_rslora,
+            "loraplus_lr_ratio": cfg.lora.loraplus_lr_ratio,
+            "modules_to_save": sorted(set(model.peft_config["default"].modules_to_save or [])),
+        },
+        "parameters": {"total": total, "trainable": trainable},
+    }
+
+
+def lora_targets(skeleton: nn.Module, cfg: HkftConfig) -> list[str] | str:
+    requested = cfg.lora.target_modules
+    return requested if requested != "auto" else default_target_modules(skeleton)
+
+
+def module_path(scope: nn.Module, module: nn.Module) -> str:
+    """The module's name inside ``scope``."""
+    return next((name for name, candidate in scope.named_modules() if candidate is module), type(module).__name__)
+
+
+def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[str, dict[str, Any]]:
+    """Where each dropout position would sit, or why it cannot be placed: the layered positions by
+    their name inside a (dropping) transformer layer, the others inside the model."""
+    base = architecture.transformers_model(model)
+    finders = {
+        "attention_logits": (layer, lambda: architecture.attention_module(layer)),
+        "attention_weights": (layer, lambda: architecture.attention_module(layer)),
+        "hidden": (layer, lambda: architecture.ffn_output_module(layer)),
+        "input": (base, base.get_input_embeddings),
+        "output": (base, lambda: architecture.head_module(model)),
+    }
+    positions = {}
+    for name, (scope, find) in finders.items():
+        try:
+            module = find()
+        except ModelError as err:
+            positions[name] = {"error": str(err)}
+            continue
+        # A sequence head reads one vector per example: it has no tokens to span.
+        patterns = [p for p in PATTERNS if not (name == "output" and task != "causal-lm" and p == "span")]
+        positions[name] = {"module": module_path(scope, module), "class": type(module).__name__, "patterns": patterns}
+    return positions
+
+
+def method_layers(cfg: HkftConfig, num_layers: int, decoder: bool) -> dict[str, dict[str, Any]]:
+    """Each named method at the preset's rate, KL weight and layer selection."""
+    methods = {}
+    for method in DROPOUT_METHODS:
+        plan = plan_from_config(cfg.dropout.model_copy(update={"method": method, "positions": {}}))
+        drops = bool(plan.active_positions or plan.model_dropout or plan.neftune_alpha)
+        methods[method] = {
+            "positions": {name: f"{drop.pattern} p={drop.rate:g}" for name, drop in plan.active_positions.items()},
+            "layers": list(plan.layer_indices(num_layers, decoder)) if plan.active_positions or plan.model_dropout else [],
+            "compensation": plan.compensation if drops else None,
+            "neftune_alpha": plan.neftune_alpha or None,
+        }
+    return methods
+
+
+def layer_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    ranges: list[list[int]] = []
+    for index in indices:
+        if ranges and index == ranges[-1][1] + 1:
+            ranges[-1][1] = index
+        else:
+            ranges.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "-"
