@@ -46,6 +46,7 @@ from hkft.modeling import (
     save_lora_adapter,
 )
 from hkft.interrupts import StopOnSignal
+from hkft.packing import PackedCollator, check_packed_attention, pack_training_data
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
@@ -197,6 +198,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
         data = prepare_data(cfg, tokenizer)
+        if cfg.data.packing:
+            data = pack_training_data(data, cfg.data.max_length)
     for notice in data.notices:
         console.print(f"[yellow]{escape(notice)}[/]")
     if data.train is None or len(data.train) == 0:
@@ -212,6 +215,11 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     if notice:
         console.print(f"[yellow]{notice}[/]")
     collator = make_collator(task, tokenizer)
+    if cfg.data.packing:
+        # Without a cache, transformers reads restarting position ids as packed examples; with one
+        # (a model's default use_cache) it attends across them. The Trainer switches it off too.
+        base.config.use_cache = False
+        collator = PackedCollator(tokenizer.pad_token_id, collator)
     eva_batches = plain_batches(data.train, collator, cfg.train.batch_size) if cfg.lora.init == "eva" else None
     model = build_lora_model(
         base,
@@ -228,6 +236,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, task, controller)
+    if cfg.data.packing:
+        check_packed_attention(model)
 
     stopper = StopOnSignal()
     progress = ProgressCallback(run.metrics_jsonl, console)

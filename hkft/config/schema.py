@@ -173,6 +173,9 @@ class DataConfig(Section):
     max_length: Int = Field(256, gt=0)
     max_samples: Int | None = Field(None, gt=0, description="Use only the first N examples of each split.")
     group_by_length: bool = False
+    packing: bool = Field(
+        False, description="Causal LM: several training examples per row of up to max_length tokens, kept apart."
+    )
 
     @field_validator("text_column")
     @classmethod
@@ -276,6 +279,9 @@ class HkftConfig(Section):
             raise ValueError("causal-lm takes one text column (or prompt_column/completion_column)")
         if self.model.task != "causal-lm" and self.data.format != "auto":
             raise ValueError(f"data.format {self.data.format} is for causal-lm; {self.model.task} reads data.text_column")
+        if self.model.task != "causal-lm" and self.data.packing:
+            raise ValueError(f"data.packing is for causal-lm; a {self.model.task} head reads one vector per row, "
+                             "so examples cannot share a row: set data.packing=false")
         if self.dropout.compensation in ("kl", "js") and self.dropout.kl_weight == 0:
             raise ValueError("dropout.compensation kl/js needs dropout.kl_weight > 0")
         if self.lora.mutates_base and self.model.quantization != "none":
