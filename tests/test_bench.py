@@ -93,3 +93,25 @@ def test_readme_benchmark_table_is_the_published_json():
         baseline = workload["train"][0]
         expected = f"({baseline['median_seconds'] * 1000:.0f} ms, {baseline['tokens_per_second']:,.0f} tok/s)"
         assert cells[0][time_column].endswith(expected)
+
+
+def test_packing_pair_trains_on_the_same_examples_padded_and_packed():
+    """The packing rows: both layouts cover exactly the same examples (the same non-padding tokens
+    per pass), the packed one in fewer batches and fewer token slots."""
+    from bench.run import PAD, packed_batches, packing_benchmark, padded_batches, variable_length_examples
+
+    examples = variable_length_examples(12, 32, 64)
+    assert all(16 <= len(example["input_ids"]) <= 32 for example in examples)
+    padded_examples = [ids[:length] for batch in padded_batches(examples, 2)
+                       for ids, length in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(-1).tolist())]
+    packed_examples = []
+    for batch in packed_batches(examples, 2, 32):
+        for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+            starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
+            packed_examples += [ids[begin:end] for begin, end in zip(starts, starts[1:]) if set(ids[begin:end]) != {PAD}]
+    assert sorted(padded_examples) == sorted(packed_examples) == sorted(example["input_ids"] for example in examples)
+
+    measured, shapes = packing_benchmark(6, 2, 32, 64, torch.device("cpu"), warmup=0, repeats=1)
+    padded, packed = measured.values()
+    assert padded.tokens == packed.tokens > 0
+    assert shapes["packed rows (data.packing)"]["token_slots"] < shapes["padded batches"]["token_slots"]
