@@ -115,3 +115,16 @@ def test_packing_pair_trains_on_the_same_examples_padded_and_packed():
     padded, packed = measured.values()
     assert padded.tokens == packed.tokens > 0
     assert shapes["packed rows (data.packing)"]["token_slots"] < shapes["padded batches"]["token_slots"]
+
+
+def test_readme_packing_figures_are_the_published_json():
+    root = Path(__file__).parents[1]
+    readme = " ".join((root / "README.md").read_text().split())
+    padded, packed = json.loads((root / "bench/results-packing-cpu.json").read_text())["packing"]["rows"]
+    low, high = packed["throughput_ratio_quartiles"]
+    assert f"**{packed['throughput_ratio']:.2f}x** ({low:.2f}-{high:.2f})" in readme
+    assert f"({packed['tokens_per_second']:.0f} against {padded['tokens_per_second']:.0f} tok/s)" in readme
+    assert f"({packed['tokens']:,} tokens)" in readme and padded["tokens"] == packed["tokens"]
+    assert f"({padded['batches']} batches, {padded['token_slots']:,} token slots)" in readme
+    assert f"({packed['batches']} batches, {packed['token_slots']:,} slots)" in readme
+    assert f"packing trains {packed['throughput_ratio']:.2f}x the non-padding tokens per second" in readme
