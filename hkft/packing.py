@@ -7,7 +7,7 @@ transformers' `DataCollatorWithFlattening`: position ids restart at every exampl
 example's first label is IGNORE_INDEX, so the last token of one example is never trained to predict
 the first token of the next, while every example keeps its own supervision (the first token of an
 example is never a target unpacked either). Batches carry no attention mask: from the restarting
-position ids transformers' masking builds a block-diagonal causal mask (sdpa, eager, flash), so no
+position ids transformers' masking builds a block-diagonal causal mask (sdpa and eager), so no
 token attends across an example boundary, and hkft's dropout draws its spans and NEFTune's lengths
 per example from the same position ids (`hkft.dropout.masks.packed_extent`).
 
