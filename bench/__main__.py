@@ -14,7 +14,16 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.measure import Measurement
-from bench.run import DECODER_ONE_BRANCH_TARGET, EVAL_TARGETS, TRAIN_TARGETS, benchmark, llama_workload, minilm_workload
+from bench.run import (
+    DECODER_ONE_BRANCH_TARGET,
+    EVAL_TARGETS,
+    PACKING_EXAMPLES,
+    TRAIN_TARGETS,
+    benchmark,
+    llama_workload,
+    minilm_workload,
+    packing_benchmark,
+)
 from hkft.io import atomic_write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -29,6 +38,7 @@ def ensure_caching_malloc() -> None:
     if any(os.environ.get(key) != value for key, value in CACHING_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]], {**os.environ, **CACHING_MALLOC})
 console = Console(width=150)
+DECODER_LENGTH = 256
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -61,9 +71,30 @@ def report(title: str, measurements: dict[str, Measurement], targets: dict, memo
     return table, rows
 
 
+def packing_report(measured: dict[str, Measurement], shapes: dict[str, dict[str, int]]) -> tuple[Table, list[dict]]:
+    """Tokens per second (non-padding tokens) of each layout, and its throughput as a ratio to the
+    first (padded batches): the median of per-round ratios, with quartiles."""
+    baseline = next(iter(measured.values()))
+    table = Table(title="LLaMA-style decoder, variable-length examples, hiddenkey-: padded batches against packed rows")
+    columns = ("layout", "batches", "token slots", "real tokens", "ms per pass (median)", "tokens/s", "throughput ratio")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    rows = []
+    for name, measurement in measured.items():
+        ratio, low, high = baseline.time_ratio(measurement)  # baseline time / this time = this throughput / baseline's
+        slots = shapes[name]["token_slots"]
+        table.add_row(name, str(shapes[name]["batches"]), f"{slots:,}", f"{measurement.tokens / slots:.0%}",
+                      f"{measurement.median * 1000:.0f}", f"{measurement.tokens_per_second:,.0f}",
+                      f"{ratio:.2f}x ({low:.2f}-{high:.2f})")
+        rows.append({"layout": name, **shapes[name], "tokens": measurement.tokens, "median_seconds": measurement.median,
+                     "seconds": measurement.seconds, "tokens_per_second": measurement.tokens_per_second,
+                     "throughput_ratio": ratio, "throughput_ratio_quartiles": [low, high]})
+    return table, rows
+
+
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="minilm, llama or all")] = "all",
+    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all")] = "all",
     device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available)")] = "",
     quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
     warmup: Annotated[int, typer.Option(min=0)] = 2,
@@ -101,6 +132,12 @@ def main(
         console.print(train_table, eval_table)
         results["workloads"].append({"name": workload.name, "batch": {k: list(v.shape) for k, v in workload.batch.items()},
                                      "train": train_rows, "eval": eval_rows})
+    if model in ("packing", "all"):
+        console.print(f"[bold]sequence packing[/]: {PACKING_EXAMPLES} examples, measuring ({warmup} warm-up + {repeats} interleaved rounds)...")
+        measured, shapes = packing_benchmark(PACKING_EXAMPLES, batch_size or 4, DECODER_LENGTH, vocab, torch_device, warmup, repeats)
+        table, rows = packing_report(measured, shapes)
+        console.print(table)
+        results["packing"] = {"examples": PACKING_EXAMPLES, "max_length": DECODER_LENGTH, "batch_size": batch_size or 4, "rows": rows}
     atomic_write_json(output, results)
     console.print(f"results written to {output}")
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AttentionInterface,
     AutoModelForSequenceClassification,
@@ -20,11 +23,13 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bench.measure import Measurement, run_interleaved, weight_bytes
+from hkft.chat import IGNORE_INDEX
 from hkft.config.schema import ModelConfig
 from hkft.dropout import DropoutController, DropoutPlan, build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
 from hkft.first_token import compute_first_token_only
 from hkft.modeling import load_base_model
+from hkft.packing import PackedCollator, pack_dataset
 from hkft.trainer import HkftTrainer
 
 RATE = 0.1
@@ -224,3 +229,84 @@ def benchmark(workload: Workload, device: torch.device, warmup: int, repeats: in
             eval_steps, dict.fromkeys(eval_steps, tokens), warmup=warmup, repeats=repeats, device=device, memory=eval_memory
         ),
     }
+
+
+# --- sequence packing ---------------------------------------------------------------------------
+PAD = 0
+SHORTEST_EXAMPLE = 16
+PACKING_EXAMPLES = 48
+
+
+def variable_length_examples(count: int, max_length: int, vocab: int) -> list[dict]:
+    """Causal-LM examples whose lengths are log-uniform between 16 and ``max_length`` tokens (seeded):
+    the long tail of instruction data, where padding to each batch's longest wastes much of it."""
+    generator = torch.Generator().manual_seed(0)
+    logs = torch.empty(count).uniform_(math.log(SHORTEST_EXAMPLE), math.log(max_length), generator=generator)
+    examples = []
+    for length in logs.exp().round().long().tolist():
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    return examples
+
+
+def padded_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """One example per row, padded to the longest (hkft's dynamic padding without packing)."""
+    ids, labels = ([torch.tensor(row[key]) for row in rows] for key in ("input_ids", "labels"))
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=PAD),
+        "attention_mask": pad_sequence([torch.ones_like(row) for row in ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }
+
+
+def padded_batches(examples: list[dict], batch_size: int) -> list[dict]:
+    """The examples in a seeded random order (as the Trainer samples them), ``batch_size`` a batch."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    return [padded_batch([examples[index] for index in order[begin:begin + batch_size]])
+            for begin in range(0, len(order), batch_size)]
+
+
+def packed_batches(examples: list[dict], batch_size: int, max_length: int) -> list[dict]:
+    """The same examples packed by hkft (``data.packing``) into rows of up to ``max_length``, batched as training batches them."""
+    rows = list(pack_dataset(Dataset.from_list(examples), max_length))
+    collate = PackedCollator(PAD, unpacked=padded_batch)
+    return [collate(rows[begin:begin + batch_size]) for begin in range(0, len(rows), batch_size)]
+
+
+def token_slots(batches: list[dict]) -> int:
+    return sum(batch["input_ids"].numel() for batch in batches)
+
+
+def pass_over(model: torch.nn.Module, trainer: Trainer, batches: list[dict]) -> Callable[[], None]:
+    """One measured step: a training step on every batch in turn, so both configurations train on
+    exactly the same examples and their times per pass compare directly."""
+    pending: list[dict] = []
+    step = training_step(model, lambda: trainer.compute_loss(model, pending.pop()))
+
+    def run() -> None:
+        pending[:] = reversed(batches)
+        while pending:
+            step()
+
+    return run
+
+
+def packing_benchmark(count: int, batch_size: int, max_length: int, vocab: int, device: torch.device, warmup: int,
+                      repeats: int) -> tuple[dict[str, Measurement], dict[str, dict[str, int]]]:
+    """Training tokens per second of `hiddenkey-` on the same variable-length examples, padded per
+    batch and packed (``data.packing``), with ``batch_size`` rows a batch in both; and each
+    configuration's batches and token slots."""
+    workload = llama_workload(batch_size, max_length, "none", vocab)
+    examples = variable_length_examples(count, max_length, vocab)
+    args = TrainingArguments(output_dir="/tmp/hkft-bench", report_to=[], use_cpu=device.type == "cpu")
+    layouts = {"padded batches": padded_batches(examples, batch_size),
+               "packed rows (data.packing)": packed_batches(examples, batch_size, max_length)}
+    steps, shapes = {}, {}
+    for name, batches in layouts.items():
+        model, _, trainer = hkft_model(workload, device, args, build_plan("hiddenkey-", RATE, 0.0))
+        steps[name] = pass_over(model, trainer, [{key: value.to(device) for key, value in b.items()} for b in batches])
+        shapes[name] = {"batches": len(batches), "token_slots": token_slots(batches)}
+    tokens = sum(len(example["input_ids"]) for example in examples)
+    measured = run_interleaved(steps, dict.fromkeys(steps, tokens), warmup=warmup, repeats=repeats, device=device,
+                               memory=dict.fromkeys(steps, 0))
+    return measured, shapes

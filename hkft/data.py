@@ -20,12 +20,13 @@ from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from hkft import chat
+from hkft.chat import IGNORE_INDEX
 from hkft.config.schema import DataConfig, HkftConfig, HubSource
 from hkft.errors import DataError
 from hkft.hub import offline_unless_hub_reachable
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 
 
@@ -39,6 +40,7 @@ class PreparedData:
     # (generation), a classifier's or regressor's text columns (for predictions.jsonl).
     raw_validation: Dataset | None = None
     raw_test: Dataset | None = None
+    notices: tuple[str, ...] = ()  # what the user should know about the data (truncated conversations)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -347,12 +349,18 @@ def prepare_data(
     # validation is asked for alone: `hkft eval` scores the split training selected on.
     held_out = "validation" in splits and data.validation is None
     raw = _load_splits(data, [*splits, "train"] if held_out and "train" not in splits else splits)
-    prompted = task == "causal-lm" and _is_prompted(raw, data)
-    if task == "causal-lm":
+    layout = _chat_layout(raw, data) if task == "causal-lm" else None
+    prompted = task == "causal-lm" and layout is None and (
+        data.format == "prompt-completion" or (data.format == "auto" and _is_prompted(raw, data))
+    )
+    if layout is not None:
+        texts, needed = [], chat.required_columns(data, layout)
+    elif task == "causal-lm":
         texts = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
+        needed = texts
     else:
         texts = data.text_columns
-    needed = texts if task == "causal-lm" else [*texts, data.label_column]
+        needed = [*texts, data.label_column]
     for split, dataset in raw.items():
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)
@@ -361,6 +369,8 @@ def prepare_data(
         raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
         if "train" not in splits:
             del raw["train"]
+    if layout is not None:
+        return _prepare_chat(raw, data, tokenizer, layout, cfg.model.name)
 
     if task == "classification":
         label_names = label_names if label_names is not None else _build_label_names(raw, data.label_column)
@@ -394,6 +404,37 @@ def prepare_data(
         label_names=label_names,
         raw_validation=untokenised.get("validation"),
         raw_test=untokenised.get("test"),
+    )
+
+
+def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> str | None:
+    layouts = {split: chat.chat_format(data, dataset) for split, dataset in raw.items()}
+    if len(set(layouts.values())) > 1:
+        found = ", ".join(f"{split}: {layout or 'not chat'}" for split, layout in layouts.items())
+        raise DataError(f"the data splits have different layouts ({found})", "give every split the same columns, or set data.format")
+    return next(iter(layouts.values()), None)
+
+
+def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str,
+                  model_name: str) -> PreparedData:
+    """Conversations: rendered with the chat template, labels on the assistant's tokens (hkft.chat)."""
+    chat.use_chat_template(tokenizer, data, model_name)
+    tokenised, notices = {}, []
+    for split, dataset in raw.items():
+        encoded = dataset.map(chat.chat_encoder(tokenizer, data, layout, split), batched=True, with_indices=True,
+                              remove_columns=dataset.column_names, desc=f"tokenising {split}")
+        tokenised[split], notice = chat.count_truncation(encoded, split, data.max_length)
+        notices += [notice] if notice else []
+    generation = {split: chat.chat_generation_set(tokenizer, raw[split], data, layout, split)
+                  for split in ("validation", "test") if split in raw}
+    return PreparedData(
+        train=tokenised.get("train"),
+        validation=tokenised.get("validation"),
+        test=tokenised.get("test"),
+        label_names=None,
+        raw_validation=generation.get("validation"),
+        raw_test=generation.get("test"),
+        notices=tuple(notices),
     )
 
 

@@ -18,7 +18,9 @@ from transformers import Trainer
 
 from hkft.config.schema import GenerationConfig
 from hkft.metrics import (
+    SHORT_REFERENCE_WORDS,
     classification_metrics,
+    exact_match,
     generation_metrics,
     perplexity,
     preprocess_logits_for_metrics,
@@ -74,11 +76,10 @@ def evaluate_model(
     if task == "causal-lm":
         metrics["perplexity"] = perplexity(metrics["loss"])
         predictions: list[dict[str, Any]] = []
+        if raw is not None and generation is not None and "conversation" in raw.column_names:
+            return _chat_outcome(trainer, raw, generation, tokenizer, metrics, steps)
         if raw is not None and generation is not None:
-            batch_size = trainer.args.per_device_eval_batch_size
-            count = min(generation.max_examples or len(raw), len(raw))
-            with steps("generating", -(-count // batch_size)) if steps else nullcontext(lambda: None) as advance:
-                texts = generate(trainer.model, tokenizer, raw["prompt_text"], generation, batch_size, advance)
+            texts = _generate_with_progress(trainer, tokenizer, raw, generation, steps)
             prompts, references = raw["prompt_text"][: len(texts)], raw["reference"][: len(texts)]
             metrics.update(generation_metrics(texts, references))
             predictions = [{"prompt": p, "prediction": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
@@ -94,13 +95,35 @@ def evaluate_model(
     return EvalOutcome(metrics, rows)
 
 
+def _generate_with_progress(trainer: Trainer, tokenizer, raw: Dataset, generation: GenerationConfig,
+                            steps: Steps | None, **options) -> list[str]:
+    batch_size = trainer.args.per_device_eval_batch_size
+    count = min(generation.max_examples or len(raw), len(raw))
+    with steps("generating", -(-count // batch_size)) if steps else nullcontext(lambda: None) as advance:
+        return generate(trainer.model, tokenizer, raw["prompt_text"], generation, batch_size, advance, **options)
+
+
+def _chat_outcome(trainer: Trainer, raw: Dataset, generation: GenerationConfig, tokenizer, metrics: dict[str, float],
+                  steps: Steps | None) -> EvalOutcome:
+    """Replies generated after each conversation's generation prompt, scored against its last
+    assistant reply; exact match too when every reference is short."""
+    # The template writes its own special tokens.
+    texts = _generate_with_progress(trainer, tokenizer, raw, generation, steps, add_special_tokens=False)
+    references, conversations = raw["reference"][: len(texts)], raw["conversation"][: len(texts)]
+    metrics.update(generation_metrics(texts, references))
+    if all(len(reference.split()) <= SHORT_REFERENCE_WORDS for reference in references):
+        metrics["exact_match"] = exact_match(texts, references)
+    rows = [{"conversation": c, "prediction": t, "reference": r} for c, t, r in zip(conversations, texts, references)]
+    return EvalOutcome(metrics, rows)
+
+
 def _is_metric(key: str) -> bool:
     return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time"))
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int,
-             advance: Callable[[], None] = lambda: None) -> list[str]:
+             advance: Callable[[], None] = lambda: None, *, add_special_tokens: bool = True) -> list[str]:
     """Batched generation with left padding; returns only the newly generated text. ``advance`` is
     called after each batch."""
     model.eval()
@@ -112,7 +135,8 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, b
         for start in range(0, min(limit, len(prompts)), batch_size):
             chunk = prompts[start : min(start + batch_size, limit)]
             # Some decoder tokenizers (Falcon's) emit token_type_ids, which generate() rejects.
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False,
+                                add_special_tokens=add_special_tokens).to(device)
             generated = model.generate(
                 **encoded,
                 max_new_tokens=settings.max_new_tokens,

@@ -87,7 +87,7 @@ def merge_adapter(
     output_dir = Path(output_dir)
     facts = read_sidecar(adapter_dir)
     cfg = _model_config(adapter_dir, facts)
-    base_path = resolve_model_path(cfg.name, cfg.revision)
+    base_path = resolve_model_path(cfg.name, cfg.revision, cfg.gguf_file)
     local_base = [Path(base_path)] if Path(base_path).is_dir() else []
     _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))

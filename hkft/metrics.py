@@ -22,6 +22,8 @@ EVAL_METRICS = {
     "causal-lm": ("loss",),
 }
 LOWER_IS_BETTER = frozenset({"loss", "mse", "perplexity"})
+# Chat evaluation reports exact match when every reference reply has at most this many words.
+SHORT_REFERENCE_WORDS = 16
 
 
 def greater_is_better(metric: str) -> bool:
@@ -74,6 +76,14 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]] | list
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score_multi(refs, hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, per_example)]
     return {"bleu": float(bleu), "rouge_l": 100.0 * float(np.mean(rouge))}
+
+
+def exact_match(hypotheses: list[str], references: list[str]) -> float:
+    """Share of hypotheses equal to their reference up to surrounding and repeated whitespace, 0-100."""
+    if not hypotheses:
+        return 0.0
+    same = [" ".join(hyp.split()) == " ".join(ref.split()) for hyp, ref in zip(hypotheses, references, strict=True)]
+    return 100.0 * sum(same) / len(same)
 
 
 def preprocess_logits_for_metrics(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

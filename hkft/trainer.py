@@ -174,7 +174,7 @@ class HkftTrainer(Trainer):
         if not both:
             stack.enter_context(torch.no_grad())
         if self.dropout.plan.compensation == "js":
-            stack.enter_context(_eval_mode(model))
+            stack.enter_context(eval_mode(model))
         return stack
 
     def _objective_weights(self, labels: torch.Tensor, num_items_in_batch: Any, both: bool) -> ObjectiveWeights:
@@ -255,9 +255,9 @@ def _without_labels(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """The `js` target is the eval-mode model: hkft's masks, the model's own dropout and peft's
-    lora_dropout all off. Each module's mode is put back afterwards."""
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The eval-mode model (the `js` target, the packing check): hkft's masks, the model's own
+    dropout and peft's lora_dropout all off. Each module's mode is put back afterwards."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

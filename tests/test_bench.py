@@ -107,3 +107,38 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert len(summary["sdpa_dispatch"]["paths"]) == 6
     assert summary["fp16"]["finite_from_step_1"] and summary["fp16"]["max_loss_difference"] < 1e-3
     assert summary["qlora"]["merge_max_abs_logit_diff"] < 1e-3
+
+
+def test_packing_pair_trains_on_the_same_examples_padded_and_packed():
+    """The packing rows: both layouts cover exactly the same examples (the same non-padding tokens
+    per pass), the packed one in fewer batches and fewer token slots."""
+    from bench.run import PAD, packed_batches, packing_benchmark, padded_batches, variable_length_examples
+
+    examples = variable_length_examples(12, 32, 64)
+    assert all(16 <= len(example["input_ids"]) <= 32 for example in examples)
+    padded_examples = [ids[:length] for batch in padded_batches(examples, 2)
+                       for ids, length in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(-1).tolist())]
+    packed_examples = []
+    for batch in packed_batches(examples, 2, 32):
+        for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+            starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
+            packed_examples += [ids[begin:end] for begin, end in zip(starts, starts[1:]) if set(ids[begin:end]) != {PAD}]
+    assert sorted(padded_examples) == sorted(packed_examples) == sorted(example["input_ids"] for example in examples)
+
+    measured, shapes = packing_benchmark(6, 2, 32, 64, torch.device("cpu"), warmup=0, repeats=1)
+    padded, packed = measured.values()
+    assert padded.tokens == packed.tokens > 0
+    assert shapes["packed rows (data.packing)"]["token_slots"] < shapes["padded batches"]["token_slots"]
+
+
+def test_readme_packing_figures_are_the_published_json():
+    root = Path(__file__).parents[1]
+    readme = " ".join((root / "README.md").read_text().split())
+    padded, packed = json.loads((root / "bench/results-packing-cpu.json").read_text())["packing"]["rows"]
+    low, high = packed["throughput_ratio_quartiles"]
+    assert f"**{packed['throughput_ratio']:.2f}x** ({low:.2f}-{high:.2f})" in readme
+    assert f"({packed['tokens_per_second']:.0f} against {padded['tokens_per_second']:.0f} tok/s)" in readme
+    assert f"({packed['tokens']:,} tokens)" in readme and padded["tokens"] == packed["tokens"]
+    assert f"({padded['batches']} batches, {padded['token_slots']:,} token slots)" in readme
+    assert f"({packed['batches']} batches, {packed['token_slots']:,} slots)" in readme
+    assert f"packing trains {packed['throughput_ratio']:.2f}x the non-padding tokens per second" in readme

@@ -40,6 +40,9 @@ class ModelConfig(Section):
     name: str = Field(description="Hub id or local directory of the base model.")
     task: Task = "classification"
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file (a path, or a file name in model.name's directory): dequantized once, cached."
+    )
     dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPUs that support it, else float32.")
     quantization: Quantization = "none"
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -144,6 +147,7 @@ class HubSource(Section):
 
 
 DataSource = str | HubSource
+DataFormat = Literal["auto", "text", "prompt-completion", "messages", "sharegpt", "alpaca"]
 
 
 class DataConfig(Section):
@@ -158,9 +162,20 @@ class DataConfig(Section):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     template: str = Field("{prompt}", description="Causal LM: how a prompt is rendered before its completion.")
+    format: DataFormat = Field(
+        "auto", description="Causal LM: auto = prompt/completion, messages, sharegpt or alpaca by the columns, else text."
+    )
+    messages_column: str | None = Field(None, description="Chat: defaults to messages (sharegpt: conversations).")
+    chat_template: str | None = Field(None, description="Chat: a Jinja template replacing the tokenizer's.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Chat: the loss on every assistant turn or on the last one."
+    )
     max_length: Int = Field(256, gt=0)
     max_samples: Int | None = Field(None, gt=0, description="Use only the first N examples of each split.")
     group_by_length: bool = False
+    packing: bool = Field(
+        False, description="Causal LM: several training examples per row of up to max_length tokens, kept apart."
+    )
 
     @field_validator("text_column")
     @classmethod
@@ -277,6 +292,11 @@ class HkftConfig(Section):
     def _cross_field_rules(self) -> HkftConfig:
         if self.model.task == "causal-lm" and self.data.text_column != "text" and len(self.data.text_columns) > 1:
             raise ValueError("causal-lm takes one text column (or prompt_column/completion_column)")
+        if self.model.task != "causal-lm" and self.data.format != "auto":
+            raise ValueError(f"data.format {self.data.format} is for causal-lm; {self.model.task} reads data.text_column")
+        if self.model.task != "causal-lm" and self.data.packing:
+            raise ValueError(f"data.packing is for causal-lm; a {self.model.task} head reads one vector per row, "
+                             "so examples cannot share a row: set data.packing=false")
         if self.dropout.compensation in ("kl", "js") and self.dropout.kl_weight == 0:
             raise ValueError("dropout.compensation kl/js needs dropout.kl_weight > 0")
         if self.lora.mutates_base and self.model.quantization != "none":

@@ -24,6 +24,7 @@ from hkft.dropout.masks import (
     embedding_noise,
     feature_keep_mask,
     feature_scale,
+    packed_extent,
     token_extent,
 )
 from hkft.dropout.plan import DropoutPlan, PositionDrop
@@ -96,7 +97,7 @@ class DropoutController:
     sampler: MaskSampler
     layers: tuple[int, ...] = ()
     shared: list[nn.Module] = field(default_factory=list, repr=False)
-    # The current forward's [B, T] shape and where its real tokens are (see `note_padding`).
+    # The current forward's [B, T] shape and where its examples' real tokens are (see `note_padding`).
     padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
@@ -145,16 +146,24 @@ class DropoutController:
 
     def token_extent(self, batch: int, length: int) -> Extent | None:
         """Where each example's real tokens are in the current forward's [batch, length] activations,
-        when the batch is padded (spans are drawn inside them); None when every position is a token."""
+        when the batch is padded or packed (spans are drawn inside them); None when every row is
+        one example and every position a token."""
         if self.padding is None or self.padding[0] != (batch, length):
             return None
         return self.padding[1]
 
     def note_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the model: where the call's real tokens are, from its [B, T] padding
-        mask, for the span patterns and NEFTune (found once per forward, read by every layer that needs it)."""
-        mask = kwargs.get("attention_mask")
-        self.padding = (tuple(mask.shape), token_extent(mask)) if mask is not None and mask.dim() == 2 else None
+        mask, or for packed rows (no mask, position ids restarting at each example: transformers'
+        packed-sequence format) from the position ids, for the span patterns and NEFTune (found once
+        per forward, read by every layer that needs it)."""
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if mask is not None and mask.dim() == 2:
+            self.padding = (tuple(mask.shape), token_extent(mask))
+        elif mask is None and positions is not None and positions.dim() == 2:
+            self.padding = (tuple(positions.shape), packed_extent(positions))
+        else:
+            self.padding = None
 
     def drops_token_spans(self, layer: int) -> bool:
         """Whether ``layer``'s feed-forward output loses a span of tokens, drawn over its length."""

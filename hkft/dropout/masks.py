@@ -13,7 +13,8 @@ import torch
 
 from hkft.dropout.plan import Pattern
 
-# (first real position, number of real tokens) per example: see `token_extent`.
+# (first position, number of tokens) of the examples in each row: [B] for one example per row (its
+# real tokens, see `token_extent`), [B, S] for packed rows of up to S examples (see `packed_extent`).
 Extent = tuple[torch.Tensor, torch.Tensor]
 # Large odd multiplier so that (seed, rank) pairs map to well-separated generator seeds.
 _RANK_STRIDE = 1_000_003
@@ -66,20 +67,44 @@ def bernoulli(sampler: MaskSampler, shape: tuple[int, ...], rate: float, device:
 def span(
     sampler: MaskSampler, rows: tuple[int, ...], length: int, rate: float, device: torch.device, extent: Extent | None = None
 ) -> torch.Tensor:
-    """True on one contiguous run of round(rate * n) positions per row, start uniform, where n is
-    the row's sequence length: its real tokens when ``extent`` is given, else all ``length``.
+    """True on one contiguous run of round(rate * n) positions per row and example, start uniform,
+    where n is the example's length: its real tokens when ``extent`` is given, else all ``length``.
 
     Returns shape ``rows + (length,)``. A padded example's span lies inside its own tokens and
-    scales with its own length, so every example loses the same share of its tokens.
+    scales with its own length, so every example loses the same share of its tokens; in a packed
+    row each example draws its own span inside its own tokens.
     """
-    if extent is None:  # float64 on both paths: round(p * n) as Python rounds it (float32 moves some .5 cases)
-        first, count = (torch.tensor(value, dtype=torch.float64, device=device) for value in (0.0, float(length)))
-    else:
-        first, count = (t.reshape(t.shape + (1,) * (len(rows) - t.dim())).double() for t in extent)
+    # float64 throughout: round(p * n) as Python rounds it (float32 moves some .5 cases)
+    first, count = (bound.view((bound.shape[0],) + (1,) * (len(rows) - 1) + bound.shape[-1:])
+                    for bound in example_bounds(extent, length, device))
     span_length = torch.round(rate * count)
-    starts = first + (sampler.uniform(rows, device) * (count - span_length + 1)).floor()
+    starts = first + (sampler.uniform(rows + first.shape[-1:], device) * (count - span_length + 1)).floor()
+    starts, span_length = (at_positions(values, extent, length) for values in (starts, span_length.expand_as(starts)))
     positions = torch.arange(length, device=device)
-    return (positions >= starts.unsqueeze(-1)) & (positions < (starts + span_length).unsqueeze(-1))
+    return (positions >= starts) & (positions < starts + span_length)
+
+
+def example_bounds(extent: Extent | None, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first position, number of tokens) of each example, float64 [B or 1, S]: one example of
+    ``length`` tokens per row without ``extent``."""
+    if extent is None:
+        return (torch.zeros((1, 1), dtype=torch.float64, device=device),
+                torch.full((1, 1), float(length), dtype=torch.float64, device=device))
+    first, count = (bound.double() if bound.dim() == 2 else bound.double().unsqueeze(-1) for bound in extent)
+    return first, count
+
+
+def at_positions(values: torch.Tensor, extent: Extent | None, length: int) -> torch.Tensor:
+    """Per-example ``values`` [B, ..., S] read at each position of the row, [B, ..., length]: every
+    position takes its own example's value. One example per row: ``values`` as they are ([..., 1]
+    broadcasts over the positions)."""
+    if values.shape[-1] == 1:
+        return values
+    first = extent[0].contiguous()
+    positions = torch.arange(length, device=first.device).expand(first.shape[0], length).contiguous()
+    example = (torch.searchsorted(first, positions, right=True) - 1).clamp_(min=0)
+    example = example.view((first.shape[0],) + (1,) * (values.dim() - 2) + (length,))
+    return values.gather(-1, example.expand(values.shape[:-1] + (length,)))
 
 
 def token_extent(attention_mask: torch.Tensor) -> Extent:
@@ -87,6 +112,20 @@ def token_extent(attention_mask: torch.Tensor) -> Extent:
     tokens are contiguous (left or right padding, as tokenizers and collators pad)."""
     real = attention_mask.bool()
     return real.int().argmax(dim=-1), real.sum(dim=-1)
+
+
+def packed_extent(position_ids: torch.Tensor) -> Extent:
+    """(first position, number of tokens) [B, S] of the examples packed into each row of a [B, T]
+    batch, found as transformers finds them for its attention mask: a new example starts wherever the
+    position id does not follow on from the previous one. Rows with fewer than S examples fill their
+    last slots with (T, 0)."""
+    batch, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    example = starts.long().cumsum(-1) - 1
+    count = torch.zeros(batch, int(example.max()) + 1, dtype=torch.long, device=position_ids.device)
+    count.scatter_add_(1, example, torch.ones_like(example))
+    return count.cumsum(-1) - count, count
 
 
 def attention_drop_mask(
@@ -130,20 +169,17 @@ def feature_keep_mask(
 
 def embedding_noise(sampler: MaskSampler, embeddings: torch.Tensor, alpha: float, extent: Extent | None = None) -> torch.Tensor:
     """NEFTune's noise for [B, T, d] input embeddings: U(-1, 1) scaled by alpha / sqrt(L * d), where
-    L is each example's own number of real tokens (``extent``; all T when the batch is unpadded),
-    and zero on padding, so an example's noise does not depend on the batch it is padded into."""
-    batch, length, dim = embeddings.shape
+    L is each example's own number of real tokens (``extent``; all T when the batch is unpadded;
+    each packed example its own), and zero on padding, so an example's noise does not depend on the
+    batch or row it is put into."""
+    length, dim = embeddings.shape[1:]
     device = embeddings.device
-    if extent is None:
-        count = torch.full((batch,), length, device=device)
-        real = torch.ones(batch, length, dtype=torch.bool, device=device)
-    else:
-        first, count = extent
-        positions = torch.arange(length, device=device)
-        real = (positions >= first[:, None]) & (positions < (first + count)[:, None])
-    scale = alpha / torch.sqrt(count.clamp(min=1).double() * dim)
+    first, count = (at_positions(bound, extent, length) for bound in example_bounds(extent, length, device))
+    positions = torch.arange(length, device=device)
+    real = (positions >= first) & (positions < first + count)
+    scale = alpha / torch.sqrt(count.clamp(min=1) * dim)
     noise = sampler.uniform(embeddings.shape, device).mul_(2).sub_(1)
-    return (noise * (scale[:, None, None] * real[..., None]).float()).to(embeddings.dtype)
+    return (noise * (scale * real)[..., None].float()).to(embeddings.dtype)
 
 
 def feature_scale(pattern: Pattern, rate: float, rescale: bool) -> float:
