@@ -3,9 +3,9 @@
 accelerate (1.15) switches FSDP on only for accelerator jobs, so the Trainer cannot shard a CPU job
 and hkft refuses `distributed.strategy: fsdp` there (test_distributed.py). Here torch's
 `fully_shard` wraps each decoder layer and then the root of an hkft-instrumented LoRA LLaMA, as
-accelerate's FSDP2 preparation does, and both ranks run what hkft's trainer runs: HiddenKey with a
-one-branch KL and the shared-prefix replay. Every number is compared with the same code run in one
-process without sharding.
+accelerate's FSDP2 preparation does, and both ranks run hkft's trainer loss: HiddenKey with the KL
+on one branch and on both, with and without the shared-prefix replay. Every number is compared with
+the same code run in one process without sharding.
 """
 
 import json
