@@ -442,8 +442,10 @@ def initial_adapter(model: PeftModel, lora: LoraConfig) -> dict[str, torch.Tenso
     return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
 
 
-def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torch.Tensor] | None) -> None:
-    """A plain peft adapter for the ORIGINAL base model.
+def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torch.Tensor] | None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A plain peft adapter for the ORIGINAL base model, from ``state_dict`` when given (the gathered
+    weights of a sharded model) or else the model's own.
 
     PiSSA and OLoRA train on a base from which their initial adapter was subtracted; peft converts
     the trained adapter into a plain LoRA of rank 2r, [A | A0] x [B | -B0], that applies to the
@@ -451,9 +453,9 @@ def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torc
     matrices, so the trained head (modules_to_save) is carried over from the ordinary save.
     """
     if initial is None:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
         return
-    trained = get_peft_model_state_dict(model)
+    trained = get_peft_model_state_dict(model, state_dict=state_dict)
     others = {name: tensor for name, tensor in trained.items() if ".lora_A." not in name and ".lora_B." not in name}
     weights = Path(directory) / SAFETENSORS_WEIGHTS_NAME
     with tempfile.TemporaryDirectory(prefix="hkft-lora-init-") as scratch:
@@ -462,7 +464,7 @@ def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torc
         save_file(initial, initial_dir / SAFETENSORS_WEIGHTS_NAME)
         with warnings.catch_warnings():  # loading the initial adapter warns that it changes the base: we convert it
             warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
-            model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(initial_dir))
+            model.save_pretrained(directory, state_dict=state_dict, path_initial_model_for_weight_conversion=str(initial_dir))
     save_file({**load_file(weights), **others}, weights, metadata={"format": "pt"})
 
 

@@ -302,9 +302,10 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
             "continue with the same command and --resume",
         )
 
+    gathered = trainer.adapter_state_dict()  # on every rank: FSDP gathers the shards collectively
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
         facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
-        save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial)
+        save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial, state_dict=gathered)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
     metrics = {"split": split, **outcome.metrics}
@@ -368,10 +369,12 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
     }
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: dict | None = None) -> None:
-    """``initial``: PiSSA/OLoRA's initial adapter, which the saved one is converted against (see `save_lora_adapter`)."""
+def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: dict | None = None,
+                 state_dict: dict | None = None) -> None:
+    """``initial``: PiSSA/OLoRA's initial adapter, which the saved one is converted against (see `save_lora_adapter`);
+    ``state_dict``: the gathered weights of a sharded model."""
     with atomic_dir(adapter_dir) as staging:
-        save_lora_adapter(model, staging, initial)
+        save_lora_adapter(model, staging, initial, state_dict)
         tokenizer.save_pretrained(staging)
         write_sidecar(staging, facts)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from peft.optimizers import create_loraplus_optimizer
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -75,6 +77,14 @@ class HkftTrainer(Trainer):
             "train_runtime": round(runtime, 4),
             "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
         }
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict when FSDP2 shards it (gathered to rank 0, as accelerate does for
+        the Trainer's checkpoints; every rank must call this); None for an unsharded model, whose own
+        state dict is whole. Without it, rank 0 alone would save its shards of the adapter."""
+        if not isinstance(self.model, FSDPModule):
+            return None
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def create_optimizer(self, model=None):
         """LoRA+ (``lora.loraplus_lr_ratio``): peft's optimizer, in which the B matrices (and the
