@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -19,7 +20,16 @@ import hkft
 from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
 from hkft.config.loading import read_yaml_mapping
 from hkft.errors import HkftError
-from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
+from hkft.rundir import (
+    RunDir,
+    check_resume_compatible,
+    check_run_location,
+    default_run_dir,
+    holds_run,
+    prepare_run_dir,
+    save_run_config,
+    training_run_dir,
+)
 
 
 app = typer.Typer(
@@ -153,16 +163,17 @@ def train(
     cfg = load_config(preset, [*(overrides or []), *(extra or [])])
     root = output_dir if output_dir is not None else default_run_dir(cfg, resolve_preset_path(preset))
     cfg.output.dir = str(root)
+    check_run_location(root)
     if dry_run:
         print_yaml(cfg)
         print_table(run_facts(cfg, root), "derived (dry run: nothing loaded, nothing written)", ("fact", "value"))
         return
     quiet_libraries()
-    run = start_run(cfg, root, resume=resume, overwrite=overwrite)
-
     from hkft.pipeline import train as run_training
 
-    result = run_training(cfg, run, resume=resume, console=console)
+    with training_run_dir(root) if is_main_process() else contextlib.nullcontext():
+        run = start_run(cfg, root, resume=resume, overwrite=overwrite)
+        result = run_training(cfg, run, resume=resume, console=console)
     if is_main_process():
         print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
 

@@ -17,7 +17,7 @@ from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
 from hkft.io import atomic_dir
 from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
-from hkft.rundir import find_adapter_dir, read_sidecar
+from hkft.rundir import READER_BUSY_HINT, find_adapter_dir, owned, read_sidecar, run_root_of
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
                "A third, shorter one.")
@@ -70,11 +70,18 @@ def merge_adapter(
     *,
     overwrite: bool = False,
 ) -> MergeReport:
-    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default."""
+    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default.
+    The run is locked while it is read: one that a training still writes is refused, never half read."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not supported", f"choose one of {', '.join(DTYPES)}")
-    adapter_dir = find_adapter_dir(Path(adapter_dir))
-    output_dir = Path(output_dir)
+    with owned(run_root_of(Path(adapter_dir)), READER_BUSY_HINT, required=False):
+        return _merge(Path(adapter_dir), Path(output_dir), dtype, check_inputs, tolerance, overwrite)
+
+
+def _merge(
+    adapter_dir: Path, output_dir: Path, dtype: str, check_inputs: list[str] | None, tolerance: float | None, overwrite: bool
+) -> MergeReport:
+    adapter_dir = find_adapter_dir(adapter_dir)
     facts = read_sidecar(adapter_dir)
     cfg = _model_config(adapter_dir, facts)
     base_path = resolve_model_path(cfg.name, cfg.revision)

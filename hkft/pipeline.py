@@ -43,7 +43,7 @@ from hkft.modeling import (
 from hkft.interrupts import StopOnSignal
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
-from hkft.rundir import RunDir, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
+from hkft.rundir import READER_BUSY_HINT, RunDir, find_adapter_dir, latest_checkpoint, owned, read_sidecar, run_root_of, write_sidecar
 from hkft.trainer import HkftTrainer
 
 
@@ -224,22 +224,35 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
             progress.close()  # also after a failure, so the error line is not drawn under a live bar
-    if stopper.received:
-        raise InterruptedRun(
-            f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
-            "continue with the same command and --resume",
-        )
+        if stopper.received:
+            raise InterruptedRun(
+                f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
+                "continue with the same command and --resume",
+            )
+        stopper.stop_at_once()
+        try:
+            facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
+            outcome = _write_results(trainer, output, model, tokenizer, facts, data, cfg, run)
+        except KeyboardInterrupt:
+            raise InterruptedRun(
+                f"stopped by {stopper.received or 'SIGINT'} after the last training step ({trainer.state.global_step}), "
+                f"before the adapter and final metrics were all written; checkpoint saved in {run.checkpoints_dir}",
+                "continue with the same command and --resume (it trains no further step)",
+            ) from None
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
 
+
+def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, data, cfg: HkftConfig, run: RunDir) -> EvalOutcome:
+    """The adapter, then the final evaluation and metrics.json (each file atomic)."""
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
-        save_adapter(model, tokenizer, run.adapter_dir, sidecar(cfg, model_path, data.label_names, num_labels, controller))
+        save_adapter(model, tokenizer, run.adapter_dir, facts)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
-    metrics = {"split": split, **outcome.metrics}
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
-        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": {"split": split, **outcome.metrics}})
         plot_run_curves(run.root)
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+    return outcome
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
@@ -302,6 +315,13 @@ def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: lis
 
 
 def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
+    """Scores an adapter only while no other process uses its run: never a half-written adapter,
+    nor results that a training still running is about to replace."""
+    with owned(run_root_of(target), READER_BUSY_HINT, required=False):
+        return _evaluate(target, data=data, split=split, overrides=overrides)
+
+
+def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str]) -> EvalResult:
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     cfg, run = eval_config(adapter_dir, facts, data, overrides)

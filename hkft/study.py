@@ -34,7 +34,7 @@ from hkft.compare import compare_runs
 from hkft.config import HkftConfig, load_config, presets_dir, resolve_preset_path
 from hkft.config.loading import describe_validation_error, read_yaml_mapping
 from hkft.errors import ConfigError
-from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config
+from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config, training_run_dir
 
 STUDIES_SUBDIR = "studies"
 
@@ -193,13 +193,14 @@ def train_cell(cell: Cell, *, resume: bool, console: Console) -> None:
     """What `hkft train PRESET --set ... --output-dir DIR [--resume]` does for one cell."""
     from hkft.pipeline import train
 
-    run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
-    if resume:
-        check_resume_compatible(load_config(run.config_path), cell.config)
-    argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
-            f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
-    save_run_config(run, cell.config, argv)
-    train(cell.config, run, resume=resume, console=console)
+    with training_run_dir(cell.run_dir):
+        run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
+        if resume:
+            check_resume_compatible(load_config(run.config_path), cell.config)
+        argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
+                f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
+        save_run_config(run, cell.config, argv)
+        train(cell.config, run, resume=resume, console=console)
 
 
 def is_finished(run_dir: Path) -> bool:
