@@ -7,12 +7,14 @@ eval:  adapter + sidecar -> base model -> data with the training label map -> me
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -33,6 +35,7 @@ from hkft.modeling import (
     build_lora_model,
     check_quantization_supported,
     check_same_base,
+    check_task_fits_model,
     ensure_pad_token,
     load_base_model,
     load_adapter_model,
@@ -45,6 +48,11 @@ from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import READER_BUSY_HINT, RunDir, find_adapter_dir, latest_checkpoint, owned, read_sidecar, run_root_of, write_sidecar
 from hkft.trainer import HkftTrainer
+
+
+# Far beyond any finetuning run (at ten steps a second, twelve days); a typo such as
+# `train.epochs: 1e9` otherwise starts a run with an ETA of centuries.
+MAX_OPTIMIZER_STEPS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,20 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     )
 
 
+def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
+    """An absurd number of optimizer steps (``train.epochs: 1e9``) is a typo, not a run to start."""
+    train = cfg.train
+    per_epoch = max(1, math.ceil(examples / (train.batch_size * train.grad_accum * world_size)))
+    steps = train.max_steps if train.max_steps > 0 else math.ceil(train.epochs * per_epoch)
+    if steps > MAX_OPTIMIZER_STEPS:
+        length = f"train.max_steps {train.max_steps}" if train.max_steps > 0 else (
+            f"train.epochs {train.epochs:g} over {examples} examples ({per_epoch} steps an epoch)")
+        raise ConfigError(
+            f"{length} is {steps:,} optimizer steps, more than hkft's limit of {MAX_OPTIMIZER_STEPS:,}",
+            "set train.epochs or train.max_steps to the length you mean",
+        )
+
+
 def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     """The Trainer's final summary with loss, time and steps per second over the whole run
     (``whole_run``, across resumes), plus the throughput of the last training log (non-padding
@@ -172,12 +194,16 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
 
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    check_task_fits_model(cfg.model, model_path)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
         data = prepare_data(cfg, tokenizer)
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
+    check_step_count(cfg, len(data.train), args.world_size)
+    for warning in data.warnings:
+        console.print(f"[yellow]{escape(warning)}[/]", highlight=False)
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
     if data.label_names and cfg.model.num_labels not in (None, num_labels):
         raise ConfigError(
