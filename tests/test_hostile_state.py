@@ -405,3 +405,56 @@ def test_an_encoder_trained_as_a_causal_lm_is_refused(cli, tiny, tmp_path):
     result = cli("train", tiny / "p.yaml", "--set", f"model.name={bert}", "--output-dir", tmp_path / "run")
     assert_one_line_error(result, "needs a decoder", "bidirectional")
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+# --- widened: a signal at every stage of a run, then --resume ------------------------------------
+
+STAGES = ["data", "step:3", "checkpoint", "adapter", "final-eval"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_signal_at_any_stage_then_resume_gives_the_uninterrupted_run(cli, tiny, finished, stage, how):
+    """A signal during data loading, a step, a checkpoint, the adapter save or the final evaluation ->
+    exit 130 with one line (or death by SIGKILL), no half-written output; --resume (or, with no
+    checkpoint yet, a clean refusal and a new start) -> exactly the uninterrupted run."""
+    run = tiny / f"signal-{stage.replace(':', '')}-{how}"
+    process = driver(tiny, stage, how, *train_args(tiny, run))
+    _, stderr = process.communicate(timeout=600)
+    if how == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL, stderr
+    else:
+        assert process.returncode == 130, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in stderr, stderr
+        assert staging_left(run) == []
+    if (run / "adapter").exists():  # never a half-written adapter
+        assert (run / "adapter" / "hkft_adapter.json").is_file() and adapter(run)
+    assert not (run / "metrics.json").exists()
+    result = cli(*train_args(tiny, run, "--resume"))
+    if result.exit_code == 3:  # nothing to resume yet: refused, and a plain start reuses the folder
+        assert_one_line_error(result, "no checkpoint to resume from", code=3)
+        result = cli(*train_args(tiny, run))
+    assert result.exit_code == 0, result.output
+    assert_same_adapter_and_metrics(run, finished)
+    assert staging_left(run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["data", "checkpoint", "adapter", "final-eval"])
+def test_a_second_process_at_every_stage_is_refused(cli, tiny, stage, tmp_path):
+    """A training paused at each stage -> a second train, an eval and a merge of its run are refused (exit 3)."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    run = tiny / f"busy-{stage}"
+    process = driver(tiny, stage, "pause", *train_args(tiny, run), flags=flags)
+    try:
+        wait_for(flags / "ready", process)
+        assert_one_line_error(cli(*train_args(tiny, run, "--overwrite")), "in use by another hkft process", code=3)
+        assert_one_line_error(cli("eval", run), "in use by another hkft process", code=3)
+        assert_one_line_error(cli("merge-adapter", run, "--output", tmp_path / "m"), "in use", code=3)
+    finally:
+        (flags / "go").touch()
+        _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
