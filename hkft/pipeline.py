@@ -46,7 +46,16 @@ from hkft.modeling import (
 from hkft.interrupts import StopOnSignal
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
-from hkft.rundir import READER_BUSY_HINT, RunDir, find_adapter_dir, latest_checkpoint, owned, read_sidecar, run_root_of, write_sidecar
+from hkft.rundir import (
+    READER_BUSY_HINT,
+    RunDir,
+    find_adapter_dir,
+    latest_checkpoint,
+    owned,
+    read_sidecar,
+    run_root_of,
+    write_sidecar,
+)
 from hkft.trainer import HkftTrainer
 
 
