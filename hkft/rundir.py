@@ -168,12 +168,8 @@ def remove_stale_staging(run: RunDir) -> None:
     left (see hkft.io); only the run's owner calls this, so none of them is still being written."""
     names = tuple(f"{TEMP_PREFIX}{path.name}-" for path in written_paths(run))
     for path in run.root.glob(f"{TEMP_PREFIX}*"):
-        if not path.name.startswith(names):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        if path.name.startswith(names):
+            _remove(path)
 
 
 def _make_dir(root: Path) -> None:
@@ -222,10 +218,14 @@ def written_paths(run: RunDir) -> tuple[Path, ...]:
 def remove_run_files(run: RunDir) -> None:
     """Only what hkft writes: --overwrite on a directory that holds other files keeps them."""
     for path in written_paths(run):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def checkpoint_is_complete(path: Path) -> bool:
