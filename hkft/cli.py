@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,7 +23,16 @@ from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, re
 from hkft.config.loading import preset_keys, read_yaml_mapping
 from hkft.errors import HkftError
 from hkft.io import check_can_create_dir, environment_error
-from hkft.rundir import RunDir, check_resume_compatible, default_run_dir, holds_run, prepare_run_dir, save_run_config
+from hkft.rundir import (
+    RunDir,
+    check_resume_compatible,
+    check_run_location,
+    default_run_dir,
+    holds_run,
+    prepare_run_dir,
+    save_run_config,
+    training_run_dir,
+)
 
 if TYPE_CHECKING:
     from hkft.monitor import Verdict
@@ -65,7 +77,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             check_utf8_arguments([*args, *kwargs.values()])
-            return command(*args, **kwargs)
+            with sigterm_as_ctrl_c():
+                return command(*args, **kwargs)
         except HkftError as err:
             raise exit_with(err) from None
         except KeyboardInterrupt:
@@ -131,6 +144,20 @@ def preset_key_for_option(option: str) -> str | None:
     name = option.split("=", 1)[0].lstrip("-").replace("-", "_")
     matches = [key for key in preset_keys() if key == name or key.rsplit(".", 1)[-1] == name]
     return matches[0] if len(matches) == 1 else None
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM outside training (loading data, a model, evaluating) ends like Ctrl-C: exit 130 and
+    one line, where its default action kills the process without a word (training installs its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_libraries() -> None:
@@ -224,17 +251,18 @@ def train(
     cfg = load_config(preset, [*(overrides or []), *(extra or [])])
     root = output_dir if output_dir is not None else default_run_dir(cfg, resolve_preset_path(preset))
     cfg.output.dir = str(root)
+    check_run_location(root)
     check_can_create_dir(root, "--output-dir")
     if dry_run:
         print_yaml(cfg)
         print_table(run_facts(cfg, root), "derived (dry run: nothing loaded, nothing written)", ("fact", "value"))
         return
     quiet_libraries()
-    run = start_run(cfg, root, resume=resume, overwrite=overwrite)
-
     from hkft.pipeline import train as run_training
 
-    result = run_training(cfg, run, resume=resume, console=console)
+    with training_run_dir(root) if is_main_process() else contextlib.nullcontext():
+        run = start_run(cfg, root, resume=resume, overwrite=overwrite)
+        result = run_training(cfg, run, resume=resume, console=console)
     if is_main_process():
         print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
         print_overfitting(result.overfitting)

@@ -28,6 +28,9 @@ from hkft.hub import offline_unless_hub_reachable
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
+# A class held by at most this share of the training rows (or by a single row) is worth a warning:
+# most often a typo in the label column, which silently becomes a class of its own.
+RARE_LABEL_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class PreparedData:
     # (generation), a classifier's or regressor's text columns (for predictions.jsonl).
     raw_validation: Dataset | None = None
     raw_test: Dataset | None = None
-    notices: tuple[str, ...] = ()  # what the user should know about the data (truncated conversations)
+    notices: tuple[str, ...] = ()  # what the user should know about the data (rare labels, truncated conversations)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -204,6 +207,45 @@ def _require_strings(dataset: Dataset, columns: list[str], where: str) -> None:
             )
 
 
+def _require_some_text(dataset: Dataset, columns: list[str], where: str) -> None:
+    """Every text empty trains on nothing but special tokens, and scores the same."""
+    if all(not value.strip() for column in columns for value in dataset[column]):
+        raise DataError(f"{where}: every text in {', '.join(map(repr, columns))} is empty", "check data.text_column and the file")
+
+
+def _check_room(tokenizer: PreTrainedTokenizerBase, data: DataConfig, task: str) -> None:
+    """data.max_length must leave room for a text token after the tokenizer's special tokens (and,
+    for a causal LM, for a second token to predict)."""
+    pair = task != "causal-lm" and len(data.text_columns) == 2
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = max(special + 1, 2 if task == "causal-lm" else 1)
+    if data.max_length < needed:
+        raise DataError(
+            f"data.max_length {data.max_length} leaves no room for text (the tokenizer adds {special} special tokens"
+            f"{'; a causal LM needs two tokens to predict one' if task == 'causal-lm' else ''})",
+            "raise data.max_length (the presets use 128 to 512)",
+        )
+
+
+def rare_label_warnings(raw: dict[str, Dataset], column: str) -> list[str]:
+    """Classes held by a single training row or by at most RARE_LABEL_SHARE of them, and missing
+    from the validation data when it is given: most often a stray value. A warning, not an error:
+    imbalanced data has rare classes too."""
+    counts: dict[str, int] = {}
+    for value in raw["train"][column]:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    total = sum(counts.values())
+    evaluated = {str(value) for split in ("validation", "test") if split in raw for value in raw[split][column]}
+    warnings = []
+    for label, count in sorted(counts.items()):
+        if (count == 1 or count <= RARE_LABEL_SHARE * total) and (not evaluated or label not in evaluated):
+            warnings.append(
+                f"warning: label {label!r} is in {count} of {total} training rows{' and in no validation or test row' if evaluated else ''}: "
+                f"it becomes a class of its own; if it is a typo, fix data.label_column's values"
+            )
+    return warnings
+
+
 def _check_known_labels(dataset: Dataset, column: str, label_names: list[str], split: str) -> None:
     known = set(label_names)
     unknown = next((value for value in dataset[column] if str(value) not in known), None)
@@ -362,15 +404,20 @@ def prepare_data(
         texts = data.text_columns
         needed = [*texts, data.label_column]
     for split, dataset in raw.items():
+        where = f"{describe_source(getattr(data, split))} (data.{split})"
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)
-        _require_strings(dataset, texts, f"{describe_source(getattr(data, split))} (data.{split})")
+        _require_strings(dataset, texts, where)
+        _require_some_text(dataset, texts, where)
+    _check_room(tokenizer, data, task)
     if held_out and "train" in raw:
         raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
         if "train" not in splits:
             del raw["train"]
     if layout is not None:
         return _prepare_chat(raw, data, tokenizer, layout, cfg.model.name)
+    training = task == "classification" and label_names is None and "train" in raw
+    notices = rare_label_warnings(raw, data.label_column) if training else []
 
     if task == "classification":
         label_names = label_names if label_names is not None else _build_label_names(raw, data.label_column)
@@ -404,6 +451,7 @@ def prepare_data(
         label_names=label_names,
         raw_validation=untokenised.get("validation"),
         raw_test=untokenised.get("test"),
+        notices=tuple(notices),
     )
 
 

@@ -1,4 +1,7 @@
-"""Stop gracefully on SIGINT/SIGTERM: finish the step, write a checkpoint, then stop."""
+"""Stop gracefully on SIGINT/SIGTERM: finish the step, write a checkpoint, then stop.
+
+After the last step there is no step to finish: a signal then stops at once (KeyboardInterrupt),
+and the adapter and results, written atomically, are rebuilt from the final checkpoint by --resume."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._at_once = False
 
     def __enter__(self) -> StopOnSignal:
         for sig in STOP_SIGNALS:
@@ -26,8 +30,13 @@ class StopOnSignal(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def stop_at_once(self) -> None:
+        """Training is over: from now on the first signal raises KeyboardInterrupt."""
+        self._at_once = True
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
+        if self.received is not None or self._at_once:
+            self.received = self.received or signal.Signals(signum).name
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 

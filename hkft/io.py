@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -130,15 +132,17 @@ def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``final`` only once everything in it is written."""
+def atomic_dir(final: Path, keep: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a staging directory that replaces ``final`` only once everything in it is written.
+    The entries of the old ``final`` named in ``keep`` (and not written anew) move into the new one."""
     final = Path(final)
     staging = _temp_beside(final)
     try:
         staging.mkdir(parents=True)
         yield staging
         default_file_modes(staging)
-        _swap_in(staging, final)
+        with _signals_deferred():
+            _swap_in(staging, final, keep)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         os_error = os_error_in(err)
@@ -159,16 +163,36 @@ def default_file_modes(folder: Path) -> None:
             path.chmod(mode)
 
 
-def _swap_in(staging: Path, final: Path) -> None:
+def _swap_in(staging: Path, final: Path, keep: Sequence[str] = ()) -> None:
     """Two renames when ``final`` exists; if the second fails the old ``final`` is put back."""
     if not final.exists():
         os.replace(staging, final)
         return
+    kept = [name for name in keep if (final / name).exists() and not (staging / name).exists()]
+    for name in kept:
+        os.replace(final / name, staging / name)
     retired = _temp_beside(final)
     os.replace(final, retired)
     try:
         os.replace(staging, final)
     except OSError:
         os.replace(retired, final)
+        for name in kept:
+            os.replace(staging / name, final / name)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM between the renames of a swap would leave neither the old folder nor the
+    new one in place: the signal is held for the microseconds they take (POSIX main thread)."""
+    blockable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if not blockable:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

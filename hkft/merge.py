@@ -15,9 +15,9 @@ import torch
 
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
-from hkft.io import atomic_dir, check_can_create_dir
+from hkft.io import atomic_dir, atomic_write_json, check_can_create_dir
 from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
-from hkft.rundir import find_adapter_dir, read_sidecar
+from hkft.rundir import READER_BUSY_HINT, find_adapter_dir, owned, read_sidecar, run_root_of
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
                "A third, shorter one.")
@@ -25,6 +25,11 @@ CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters me
 # largest |logit| (at least 1): a 7B model's vocabulary logits of ~20 carry proportionally larger
 # rounding differences than a classifier's logits of ~1.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+# Written beside the merged model: what was merged, and which files the merge wrote (what a later
+# `--overwrite` replaces; anything else in the folder is the user's and is kept).
+MERGE_RECORD = "hkft_merge.json"
 
 
 @dataclass(frozen=True)
@@ -49,18 +54,40 @@ def _model_config(adapter_dir: Path, facts: dict) -> ModelConfig:
     return ModelConfig(name=name, task=task)
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool, keep: list[Path]) -> None:
+def _check_output_dir(output_dir: Path, overwrite: bool, keep: list[Path]) -> list[str]:
+    """Refuses an output that is not ours to replace; returns the names in it that are not an
+    earlier merge's (the user's own files), which the new merge keeps."""
     if Path.cwd().is_relative_to(output_dir.resolve()):
         raise ModelError(f"--output {output_dir} is the current directory or holds it",
                          "merge into a new folder, e.g. --output merged")
     check_can_create_dir(output_dir, "--output")
     if output_dir.exists() and not output_dir.is_dir():
         raise ModelError(f"{output_dir} exists and is not a directory", "choose another --output")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ModelError(f"{output_dir} already exists and is not empty", "choose another --output or pass --overwrite")
     for path in keep:
         if path.resolve().is_relative_to(output_dir.resolve()):
             raise ModelError(f"--output {output_dir} would replace {path}", "choose an output directory outside it")
+    present = sorted(entry.name for entry in output_dir.iterdir()) if output_dir.is_dir() else []
+    if not present:
+        return []
+    if not overwrite:
+        raise ModelError(f"{output_dir} already exists and is not empty", "choose another --output or pass --overwrite")
+    merged = _earlier_merge(output_dir)
+    if merged is None:
+        raise ModelError(
+            f"{output_dir} is not a model merged by hkft (it holds {', '.join(present[:3])}{' ...' if len(present) > 3 else ''}): "
+            "--overwrite replaces only an earlier merge",
+            "choose a new or empty --output folder",
+        )
+    return [name for name in present if name not in merged]
+
+
+def _earlier_merge(output_dir: Path) -> set[str] | None:
+    """The files an earlier merge wrote into ``output_dir`` (its MERGE_RECORD included), or None."""
+    try:
+        record = json.loads((output_dir / MERGE_RECORD).read_text(encoding="utf-8"))
+        return {*record["files"], MERGE_RECORD}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @torch.no_grad()
@@ -80,16 +107,23 @@ def merge_adapter(
     *,
     overwrite: bool = False,
 ) -> MergeReport:
-    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default."""
+    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default.
+    The run is locked while it is read: one that a training still writes is refused, never half read."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not supported", f"choose one of {', '.join(DTYPES)}")
-    adapter_dir = find_adapter_dir(Path(adapter_dir))
-    output_dir = Path(output_dir)
+    with owned(run_root_of(Path(adapter_dir)), READER_BUSY_HINT, required=False):
+        return _merge(Path(adapter_dir), Path(output_dir), dtype, check_inputs, tolerance, overwrite)
+
+
+def _merge(
+    adapter_dir: Path, output_dir: Path, dtype: str, check_inputs: list[str] | None, tolerance: float | None, overwrite: bool
+) -> MergeReport:
+    adapter_dir = find_adapter_dir(adapter_dir)
     facts = read_sidecar(adapter_dir)
     cfg = _model_config(adapter_dir, facts)
     base_path = resolve_model_path(cfg.name, cfg.revision, cfg.gguf_file)
     local_base = [Path(base_path)] if Path(base_path).is_dir() else []
-    _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
+    users_files = _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))
 
     tokenizer = load_adapter_tokenizer(adapter_dir, base_path, cfg.task)
@@ -106,7 +140,10 @@ def merge_adapter(
             "nothing was written" + ("; merge with --dtype float32" if dtype != "float32" else ""),
         )
 
-    with atomic_dir(output_dir) as staging:
+    with atomic_dir(output_dir, keep=users_files) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        written = sorted(entry.name for entry in staging.iterdir())
+        atomic_write_json(staging / MERGE_RECORD, {"adapter": str(adapter_dir), "dtype": dtype, "max_abs_diff": difference,
+                                                   "files": written})
     return MergeReport(output_dir, difference, dtype)

@@ -37,6 +37,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 from hkft.config.schema import LoraConfig, ModelConfig
@@ -181,6 +182,25 @@ def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, lim
             raise ConfigError(
                 f"data.max_length is {max_length}, but {name} has {limit} positions and {split} example {longest} "
                 f"is {lengths[longest]} tokens long", f"set data.max_length={limit} or less")
+
+
+def check_task_fits_model(cfg: ModelConfig, path: str) -> None:
+    """Refuse causal-LM training of an encoder (BERT, RoBERTa, MiniLM, ...): transformers loads its
+    LM-head class, but with bidirectional attention every position sees the token it predicts."""
+    if cfg.task != "causal-lm":
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the config of {cfg.name}: {_first_line(err)}") from None
+    encoder = (getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
+               and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if encoder:
+        raise ModelError(
+            f"model.task causal-lm needs a decoder, but {cfg.name} ({config.model_type}) is an encoder with bidirectional "
+            "attention: every position would see the token it is trained to predict",
+            "use a decoder (GPT-2, LLaMA, Qwen2, ...) for causal-lm, or model.task classification or regression with this model",
+        )
 
 
 def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
@@ -486,9 +506,21 @@ def check_same_base(path: str, adapter_dir: Path, recorded: str | None) -> None:
 
 
 def load_adapter_tokenizer(adapter_dir: Path, base_path: str, task: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside the adapter, else the base model's (a plain peft adapter has none)."""
-    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    return load_tokenizer(str(adapter_dir) if has_tokenizer else base_path, task)
+    """The tokenizer saved beside the adapter, else the base model's (a plain peft adapter has none).
+    hkft saves a copy of the base model's tokenizer (it adds no token); one whose vocabulary differs
+    (a tokenizer file deleted or replaced) would give other token ids, hence other numbers: refused."""
+    base = load_tokenizer(base_path, task)
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return base
+    saved = load_tokenizer(str(adapter_dir), task)
+    if saved.get_vocab() != base.get_vocab():
+        size = f"{len(saved)} tokens against the base model's {len(base)}" if len(saved) != len(base) else "other tokens"
+        raise ModelError(
+            f"the tokenizer in {adapter_dir} does not match the vocabulary of the base model ({size}): its files are "
+            "incomplete or replaced",
+            f"restore them from the base model, or delete {Path(adapter_dir) / 'tokenizer_config.json'} to use the base model's tokenizer",
+        )
+    return saved
 
 
 def load_adapter_model(

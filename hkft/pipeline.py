@@ -7,6 +7,7 @@ eval:  adapter + sidecar -> base model -> data with the training label map -> me
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from hkft.modeling import (
     check_quantization_supported,
     initial_adapter,
     check_same_base,
+    check_task_fits_model,
     ensure_pad_token,
     load_base_model,
     load_adapter_model,
@@ -54,8 +56,24 @@ from hkft.monitor import OverfittingMonitor, Verdict, verdict
 from hkft.packing import PackedCollator, check_packed_attention, pack_training_data
 from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
-from hkft.rundir import SIDECAR, RunDir, checkpoint_is_complete, find_adapter_dir, latest_checkpoint, read_sidecar, write_sidecar
+from hkft.rundir import (
+    READER_BUSY_HINT,
+    SIDECAR,
+    RunDir,
+    checkpoint_is_complete,
+    find_adapter_dir,
+    latest_checkpoint,
+    owned,
+    read_sidecar,
+    run_root_of,
+    write_sidecar,
+)
 from hkft.trainer import HkftTrainer
+
+
+# Far beyond any finetuning run (at ten steps a second, twelve days); a typo such as
+# `train.epochs: 1e9` otherwise starts a run with an ETA of centuries.
+MAX_OPTIMIZER_STEPS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,20 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     )
 
 
+def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
+    """An absurd number of optimizer steps (``train.epochs: 1e9``) is a typo, not a run to start."""
+    train = cfg.train
+    per_epoch = max(1, math.ceil(examples / (train.batch_size * train.grad_accum * world_size)))
+    steps = train.max_steps if train.max_steps > 0 else math.ceil(train.epochs * per_epoch)
+    if steps > MAX_OPTIMIZER_STEPS:
+        length = f"train.max_steps {train.max_steps}" if train.max_steps > 0 else (
+            f"train.epochs {train.epochs:g} over {examples} examples ({per_epoch} steps an epoch)")
+        raise ConfigError(
+            f"{length} is {steps:,} optimizer steps, more than hkft's limit of {MAX_OPTIMIZER_STEPS:,}",
+            "set train.epochs or train.max_steps to the length you mean",
+        )
+
+
 def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     """The Trainer's final summary with loss, time and steps per second over the whole run
     (``whole_run``, across resumes), plus the throughput of the last training log (non-padding
@@ -213,6 +245,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
 
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
+    check_task_fits_model(cfg.model, model_path)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
@@ -220,11 +253,12 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         if cfg.data.packing:
             data = pack_training_data(data, cfg.data.max_length)
     for notice in data.notices:
-        console.print(f"[yellow]{escape(notice)}[/]")
+        console.print(f"[yellow]{escape(notice)}[/]", highlight=False)
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     check_fits_positions({split: getattr(data, split) for split in SPLITS}, cfg.data.max_length,
                          position_limit(cfg.model, model_path), cfg.model.name)
+    check_step_count(cfg, len(data.train), args.world_size)
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
     if data.label_names and cfg.model.num_labels not in (None, num_labels):
         raise ConfigError(
@@ -296,26 +330,41 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
             raise disk_full_in_training(run) from None
         finally:
             progress.close()  # also after a failure, so the error line is not drawn under a live bar
-    if stopper.received:
-        raise InterruptedRun(
-            f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
-            "continue with the same command and --resume",
-        )
+        if stopper.received:
+            raise InterruptedRun(
+                f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
+                "continue with the same command and --resume",
+            )
+        stopper.stop_at_once()
+        try:
+            facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
+            outcome, found = _write_results(trainer, output, model, tokenizer, facts, data, cfg, run, initial, progress)
+        except KeyboardInterrupt:
+            raise InterruptedRun(
+                f"stopped by {stopper.received or 'SIGINT'} after the last training step ({trainer.state.global_step}), "
+                f"before the adapter and final metrics were all written; checkpoint saved in {run.checkpoints_dir}",
+                "continue with the same command and --resume (it trains no further step)",
+            ) from None
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
 
+
+def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, data, cfg: HkftConfig, run: RunDir,
+                   initial, progress: ProgressCallback) -> tuple[EvalOutcome, Verdict | None]:
+    """The adapter, then the final evaluation, the overfitting verdict and metrics.json (each file atomic)."""
     gathered = trainer.adapter_state_dict()  # on every rank: FSDP gathers the shards collectively
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
-        facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
         save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial, state_dict=gathered)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
-    metrics = {"split": split, **outcome.metrics}
-    found = verdict(cfg, trainer.state.log_history, args.metric_for_best_model) if has_eval else None
+    has_eval = cfg.train.eval_strategy != "no"
+    found = verdict(cfg, trainer.state.log_history, trainer.args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
         overfitting = None if found is None else found.as_json()
-        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics, "overfitting": overfitting})
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": {"split": split, **outcome.metrics},
+                                             "overfitting": overfitting})
         plot_run_curves(run.root, None if found is None else found.best_step)
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
+    return outcome, found
 
 
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
@@ -400,6 +449,13 @@ def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: lis
 
 
 def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
+    """Scores an adapter only while no other process uses its run: never a half-written adapter,
+    nor results that a training still running is about to replace."""
+    with owned(run_root_of(target), READER_BUSY_HINT, required=False):
+        return _evaluate(target, data=data, split=split, overrides=overrides, console=console)
+
+
+def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     cfg, run = eval_config(adapter_dir, facts, data, overrides)

@@ -12,6 +12,7 @@ runs/<name>/
   curves.png          training loss and eval metric against steps
   tb/                 TensorBoard event files
   eval.json, predictions.jsonl   written by `hkft eval`
+  .hkft.lock          locked by the one process that uses the run (released by the OS when it ends)
 ```
 
 A directory is a run once it holds results or checkpoints; one left by a start that failed earlier
@@ -23,15 +24,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hkft.config import HkftConfig, config_to_yaml
-from hkft.errors import ModelError, TrainingError
-from hkft.io import atomic_write_json, atomic_write_text
+from filelock import FileLock, Timeout
+
+from hkft.config import HkftConfig, config_to_yaml, presets_dir
+from hkft.errors import ConfigError, ModelError, TrainingError
+from hkft.io import TEMP_PREFIX, atomic_write_json, atomic_write_text
 
 SIDECAR = "hkft_adapter.json"
+LOCK_FILE = ".hkft.lock"
+READER_BUSY_HINT = "wait until it has finished: eval and merge-adapter read a run only once nothing writes it"
 # Keys that may change freely between an interrupted run and its resumption.
 HARMLESS_CHANGES = ("description", "output.", "eval.", "train.logging_steps", "train.num_workers",
                     "train.save_total_limit", "train.early_stopping_patience", "train.overfitting.")
@@ -89,6 +96,89 @@ def default_run_dir(cfg: HkftConfig, preset_path: Path) -> Path:
     return Path(cfg.output.dir) if cfg.output.dir else Path("runs") / preset_path.stem
 
 
+def check_run_location(root: Path) -> None:
+    """A run needs a folder of its own. Refused: the file system root, the current directory or one
+    above it (an empty --output-dir, say an unset shell variable, is the current directory), the
+    home directory or above, and the shipped presets (`hkft presets` would list the run's config)."""
+    where = Path(root).expanduser().resolve()
+    presets = presets_dir().resolve()
+    if where == Path(where.anchor):
+        problem = "is the file system root"
+    elif Path.cwd().resolve().is_relative_to(where):
+        problem = "is the current directory" if where == Path.cwd().resolve() else "holds the current directory"
+    elif Path.home().resolve().is_relative_to(where):
+        problem = "is the home directory" if where == Path.home().resolve() else "holds the home directory"
+    elif where.is_relative_to(presets) or presets.is_relative_to(where):
+        problem = f"{'is in' if where.is_relative_to(presets) else 'holds'} hkft's shipped presets ({presets})"
+    else:
+        return
+    raise ConfigError(f"run directory {str(root)!r} {problem}", "give the run a folder of its own, e.g. --output-dir runs/NAME")
+
+
+def run_root_of(target: Path) -> Path:
+    """The run directory that ``target`` (a run, or its adapter/ folder) belongs to; a standalone
+    adapter folder is its own."""
+    target = Path(target)
+    if not (target / "hkft_config.yaml").is_file() and (target.parent / "hkft_config.yaml").is_file():
+        return target.parent
+    return target
+
+
+@contextmanager
+def owned(root: Path, busy_hint: str, *, required: bool = True) -> Iterator[None]:
+    """Hold the run directory's lock while a command uses it: one process at a time. The lock is an
+    OS file lock on ``.hkft.lock``, released when the process ends however it ends (SIGKILL
+    included), so it can never go stale. Without ``required``, a folder where no lock file can be
+    created (read-only: nobody writes there either) or that does not exist is used unlocked."""
+    if not required and not Path(root).is_dir():
+        yield  # the command's own checks report what is missing
+        return
+    lock = FileLock(Path(root) / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingError(f"{root} is in use by another hkft process", busy_hint) from None
+    except OSError as err:
+        if required:
+            raise TrainingError(f"cannot lock the run directory {root} ({err.strerror or err})",
+                                "check that it is writable, or choose another --output-dir") from None
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def training_run_dir(root: Path) -> Iterator[None]:
+    """`hkft train`'s hold on its run directory, from before anything in it is read or replaced
+    until the last result is written; staging folders that a killed process left are removed."""
+    check_run_location(root)
+    if Path(root).exists() and not Path(root).is_dir():
+        raise TrainingError(f"{root} is a file, not a run directory", "choose another --output-dir")
+    _make_dir(Path(root))
+    with owned(root, "wait for it to finish, or choose another --output-dir"):
+        remove_stale_staging(RunDir(Path(root)))
+        yield
+
+
+def remove_stale_staging(run: RunDir) -> None:
+    """`.tmp-<name>-*` folders and files beside hkft's outputs are what a process killed mid-write
+    left (see hkft.io); only the run's owner calls this, so none of them is still being written."""
+    names = tuple(f"{TEMP_PREFIX}{path.name}-" for path in written_paths(run))
+    for path in run.root.glob(f"{TEMP_PREFIX}*"):
+        if path.name.startswith(names):
+            _remove(path)
+
+
+def _make_dir(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"cannot create the run directory {root} ({err.strerror})", "choose another --output-dir") from None
+
+
 def holds_run(run: RunDir) -> bool:
     return run.adapter_dir.exists() or run.metrics_json.exists() or any(run.checkpoints_dir.glob("checkpoint-*"))
 
@@ -115,10 +205,7 @@ def prepare_run_dir(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
             "choose another --output-dir, or pass --overwrite to replace them",
         )
     remove_run_files(run)
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise TrainingError(f"cannot create the run directory {run.root} ({err.strerror})", "choose another --output-dir") from None
+    _make_dir(run.root)
     return run
 
 
@@ -131,10 +218,14 @@ def written_paths(run: RunDir) -> tuple[Path, ...]:
 def remove_run_files(run: RunDir) -> None:
     """Only what hkft writes: --overwrite on a directory that holds other files keeps them."""
     for path in written_paths(run):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def checkpoint_is_complete(path: Path) -> bool:

@@ -66,6 +66,15 @@ class HkftTrainer(Trainer):
         finally:
             self._training = False
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """A run that already reached max_steps, resumed from its last checkpoint mid-epoch (a run
+        that ended mid-epoch, or was stopped while writing its final checkpoint), enters that epoch
+        again, and the Trainer would take a step before it checks the limit."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def whole_run(self, output) -> dict[str, float]:
         """The Trainer's ``output`` covers this session only; after a resume, its mean loss and time
         leave out the steps before the checkpoint. These are over every step of the run."""

@@ -189,8 +189,13 @@ def test_existing_output_needs_overwrite(llama_dir, tmp_path):
     with pytest.raises(ModelError, match="already exists and is not empty"):
         merge_adapter(adapter, tmp_path / "merged")
     assert (tmp_path / "merged" / "old.txt").is_file()
+    with pytest.raises(ModelError, match="not a model merged by hkft"):  # --overwrite replaces a merge, not the user's files
+        merge_adapter(adapter, tmp_path / "merged", overwrite=True)
+    assert (tmp_path / "merged" / "old.txt").read_text() == "keep me"
+    (tmp_path / "merged" / "old.txt").unlink()
+    merge_adapter(adapter, tmp_path / "merged")
     merge_adapter(adapter, tmp_path / "merged", overwrite=True)
-    assert not (tmp_path / "merged" / "old.txt").exists() and (tmp_path / "merged" / "config.json").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 def test_output_that_would_swallow_the_adapter_or_the_base_is_refused(llama_dir, tmp_path):

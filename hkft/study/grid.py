@@ -24,7 +24,7 @@ from rich.console import Console
 from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
 from hkft.io import check_can_create_dir
-from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config
+from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config, training_run_dir
 from hkft.study.comparison import compare_runs
 from hkft.study.spec import Study
 
@@ -120,13 +120,14 @@ def train_cell(cell: Cell, *, resume: bool, console: Console, callbacks: Sequenc
     join the Trainer's (a tuning trial's pruner)."""
     from hkft.pipeline import train
 
-    run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
-    if resume:
-        check_resume_compatible(load_config(run.config_path), cell.config)
-    argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
-            f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
-    save_run_config(run, cell.config, argv)
-    train(cell.config, run, resume=resume, console=console, callbacks=callbacks)
+    with training_run_dir(cell.run_dir):
+        run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
+        if resume:
+            check_resume_compatible(load_config(run.config_path), cell.config)
+        argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
+                f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
+        save_run_config(run, cell.config, argv)
+        train(cell.config, run, resume=resume, console=console, callbacks=callbacks)
 
 
 def is_finished(run_dir: Path) -> bool:
