@@ -9,7 +9,7 @@ the first token of the next, while every example keeps its own supervision (the 
 example is never a target unpacked either). Batches carry no attention mask: from the restarting
 position ids transformers' masking builds a block-diagonal causal mask (sdpa and eager), so no
 token attends across an example boundary, and hkft's dropout draws its spans and NEFTune's lengths
-per example from the same position ids (`hkft.dropout.masks.packed_extent`).
+per example from the same position ids (`hkft.dropout.patterns.packed_extent`).
 
 Only the training split is packed: evaluation batches stay one example per row, so a packed and an
 unpacked run report the same evaluation loss for the same model.

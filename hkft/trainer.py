@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hkft.dropout import DropoutController, consistency_loss
 from hkft.dropout.architecture import head_module, transformers_model
-from hkft.dropout.consistency import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
+from hkft.dropout.compensation import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
 from hkft.errors import TrainingError
 from hkft.io import atomic_write_json, default_file_modes
 from hkft.rundir import checkpoint_is_complete

@@ -10,7 +10,7 @@ import hkft.dropout.attention as attention
 from hkft.dropout import build_plan, instrument, named_method
 from hkft.dropout.attention import AttentionDrop, drop_attention_forward, keep_mask
 from hkft.dropout.controller import DropoutController
-from hkft.dropout.masks import MaskSampler
+from hkft.dropout.patterns import MaskSampler
 from hkft.dropout.plan import PositionDrop
 from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 

@@ -27,7 +27,7 @@ from transformers import TrainingArguments
 from hkft.config.schema import DistributedConfig, LoraConfig
 from hkft.dropout import instrument
 from hkft.dropout.architecture import layer_stack
-from hkft.dropout.masks import MaskSampler
+from hkft.dropout.patterns import MaskSampler
 from hkft.dropout.plan import build_plan
 from hkft.modeling import build_lora_model, save_lora_adapter
 from hkft.trainer import HkftTrainer

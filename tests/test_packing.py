@@ -21,7 +21,7 @@ from hkft.config.schema import HkftConfig, LoraConfig
 from hkft.data import make_collator, prepare_data
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import ffn_output_module, transformer_layers
-from hkft.dropout.masks import MaskSampler, embedding_noise, packed_extent, span
+from hkft.dropout.patterns import MaskSampler, embedding_noise, packed_extent, span
 from hkft.errors import ConfigError
 from hkft.modeling import build_lora_model
 from hkft.packing import PackedCollator, best_fit_decreasing, check_packed_attention, pack_training_data

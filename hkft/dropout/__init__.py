@@ -1,10 +1,11 @@
 """The unified dropout framework of Wang et al. 2024 (position x pattern x compensation) and HiddenKey.
 
 No I/O and no CLI in here: a plan is built from values, applied to a model, and the consistency
-loss is a pure function of two forward passes.
+loss is a pure function of two forward passes. One file per axis: `positions.py` (with
+`attention.py`), `patterns.py`, `compensation.py`.
 """
 
-from hkft.dropout.consistency import consistency_loss
+from hkft.dropout.compensation import consistency_loss
 from hkft.dropout.controller import DropoutController, instrument
 from hkft.dropout.plan import PATTERNS, POSITIONS, DropoutPlan, PositionDrop, build_plan, named_method
 

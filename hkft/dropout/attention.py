@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hkft.dropout.masks import attention_drop_mask, causal_mask, guarded_keep_mask
+from hkft.dropout.patterns import attention_drop_mask, causal_mask, guarded_keep_mask
 from hkft.dropout.plan import Position, PositionDrop
 from hkft.errors import ModelError
 

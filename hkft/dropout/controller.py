@@ -11,67 +11,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
 from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, intercept_attention, register_attention
-from hkft.dropout.masks import (
-    Extent,
-    MaskSampler,
-    apply_feature_mask,
-    embedding_noise,
-    feature_keep_mask,
-    feature_scale,
-    packed_extent,
-    token_extent,
-)
-from hkft.dropout.plan import DropoutPlan, PositionDrop
+from hkft.dropout.patterns import Extent, MaskSampler, packed_extent, token_extent
+from hkft.dropout.plan import DropoutPlan
+from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
-
-
-def always() -> bool:
-    return True
-
-
-@dataclass
-class FeatureDrop:
-    """Drops entries, feature columns or token spans of an activation (hidden, input, output)."""
-
-    drop: PositionDrop
-    controller: DropoutController
-    rescale: bool
-    selected: Callable[[], bool] = always  # see `AttentionDrop.selected`
-
-    def apply(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if not (module.training and self.drop.rate > 0 and self.selected()):
-            return hidden
-        spans = self.drop.pattern == "span" and hidden.dim() == 3
-        extent = self.controller.token_extent(hidden.shape[0], hidden.shape[1]) if spans else None
-        keep = feature_keep_mask(self.controller.sampler, self.drop.pattern, self.drop.rate, hidden, extent)
-        return apply_feature_mask(hidden, keep, feature_scale(self.drop.pattern, self.drop.rate, self.rescale))
-
-    def output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self.apply(module, output)
-
-    def input_hook(self, module: nn.Module, args: tuple) -> tuple:
-        return (self.apply(module, args[0]), *args[1:])
-
-
-@dataclass
-class EmbeddingNoise:
-    """NEFTune: uniform noise added to the input embeddings while training (see `embedding_noise`)."""
-
-    alpha: float
-    controller: DropoutController
-
-    def output_hook(self, module: nn.Module, args: tuple, embeddings: torch.Tensor) -> torch.Tensor:
-        if not module.training:
-            return embeddings
-        extent = self.controller.token_extent(embeddings.shape[0], embeddings.shape[1])
-        return embeddings + embedding_noise(self.controller.sampler, embeddings, self.alpha, extent)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hkft.dropout.masks import (
+from hkft.dropout.patterns import (
     MaskSampler,
     attention_drop_mask,
     bernoulli,

@@ -231,7 +231,7 @@ def reference_kl(a: torch.Tensor, b: torch.Tensor, symmetric: bool) -> torch.Ten
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("target_grad", [True, False])
 def test_chunked_kl_gradients_match_autograd(monkeypatch, symmetric, target_grad):
-    import hkft.dropout.consistency as consistency
+    import hkft.dropout.compensation as consistency
 
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 40)  # several chunks of 4 rows
     torch.manual_seed(3)
@@ -315,7 +315,7 @@ def assert_same_gradients(grads: dict[str, torch.Tensor], expected: dict[str, to
     [("one", "kl", 0.0), ("both", "kl", 0.0), ("one", "js", 0.0), ("one", "kl", 0.1), ("both", "kl", 0.1)],
 )
 def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeypatch, branches, compensation, smoothing):
-    import hkft.dropout.consistency as consistency
+    import hkft.dropout.compensation as consistency
 
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)  # chunks of 3 rows of the 128-token vocabulary
     model = tiny_model("llama")
@@ -352,7 +352,7 @@ def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
 
 
 def test_segments_are_runs_of_consecutive_rows_cut_at_the_chunk_size():
-    from hkft.dropout.consistency import _segments
+    from hkft.dropout.compensation import _segments
 
     rows = torch.tensor([0, 1, 2, 3, 4, 7, 8, 10])
     segments = _segments(rows, step=2)
@@ -380,7 +380,7 @@ def test_the_lm_head_runs_on_supervised_positions_only():
 def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(monkeypatch, method, smoothing, num_items):
     """Without a compensation term a causal LM still gets the chunked cross-entropy (head on the
     supervised rows, gradient written in the forward pass): same loss and gradients as the Trainer's."""
-    import hkft.dropout.consistency as consistency
+    import hkft.dropout.compensation as consistency
     from transformers import Trainer
 
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)
