@@ -95,6 +95,24 @@ def print_table(rows: dict[str, Any], title: str, columns: tuple[str, str] = ("m
     console.print(summary_table(rows, title, columns=columns))
 
 
+def print_before_and_after(result: Any, title: str) -> None:
+    """eval.compare_base: the metrics of the base model and of the finetuned one, then sample replies."""
+    from hkft.progress import format_value
+
+    table = Table(title=title, header_style="bold")
+    for column in ("metric", "base model", "finetuned"):
+        table.add_column(column)
+    for name, value in result.metrics.items():
+        table.add_row(escape(name), escape(format_value(result.base_metrics.get(name, ""))), escape(format_value(value)))
+    table.add_row("adapter", "", escape(str(result.adapter_dir)))
+    console.print(table)
+    for sample in result.samples:
+        last = sample["input"][-1]["content"] if isinstance(sample["input"], list) else sample["input"]
+        replies = {"base model": sample["base"], "finetuned": sample["finetuned"], "reference": sample["reference"]}
+        lines = [f"> {last}", *(f"  {name + ':':<12}{reply!r}" for name, reply in replies.items())]
+        console.print(escape("\n".join(lines)), highlight=False)
+
+
 def print_yaml(cfg: HkftConfig) -> None:
     """Plain stdout, never wrapped, so `hkft config x > resolved.yaml` is a valid preset."""
     typer.echo(config_to_yaml(cfg), nl=False)
@@ -163,7 +181,9 @@ def train(
     from hkft.pipeline import train as run_training
 
     result = run_training(cfg, run, resume=resume, console=console)
-    if is_main_process():
+    if is_main_process() and result.base_metrics is not None:
+        print_before_and_after(result, f"hkft train: {cfg.model.name}")
+    elif is_main_process():
         print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
 
 

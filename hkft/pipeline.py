@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,8 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     metrics: dict[str, float]
+    base_metrics: dict[str, float] | None = None  # eval.compare_base: the base model on the same split
+    samples: list[dict] = field(default_factory=list)  # eval.compare_base: replies before and after
 
 
 @dataclass(frozen=True)
@@ -238,11 +240,29 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console) -> T
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer)
     metrics = {"split": split, **outcome.metrics}
+    base = base_evaluation(trainer, data, split, cfg, tokenizer) if cfg.eval.compare_base and task == "causal-lm" else None
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
-        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics})
+        atomic_write_json(run.metrics_json, {"train": summary, "eval": metrics,
+                                             **({"base_eval": {"split": split, **base.metrics}} if base else {})})
         plot_run_curves(run.root)
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+    if base is None:
+        return TrainResult(run.root, run.adapter_dir, outcome.metrics)
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics, base.metrics, before_and_after(base, outcome))
+
+
+def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+    """The same evaluation with the adapter switched off: what training changed."""
+    with trainer.model.disable_adapter():
+        return final_evaluation(trainer, data, split, cfg, tokenizer)
+
+
+def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> list[dict]:
+    return [
+        {"input": row.get("conversation", row.get("prompt")), "base": before["prediction"], "finetuned": row["prediction"],
+         "reference": row["reference"]}
+        for before, row in zip(base.predictions[:count], tuned.predictions[:count])
+    ]
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
