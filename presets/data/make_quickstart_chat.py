@@ -9,9 +9,10 @@ answer is deterministic, so exact match measures the skill; no sentence appears 
 
 import calendar
 import json
-import os
 import random
 from pathlib import Path
+
+from make_quickstart import write_atomically  # the script's own folder is on sys.path
 
 SYSTEM = "Convert the date in the user's message to ISO 8601 (YYYY-MM-DD). Reply with the date only."
 EVENTS = ["The invoice was paid on {date}.", "We moved house on {date}.", "My sister was born on {date}.",
@@ -55,12 +56,6 @@ def conversation(rng: random.Random, seen: set[str]) -> list[dict]:
         user = sentence if turn == 0 else rng.choice(FOLLOW_UPS).format(sentence=sentence)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": iso}]
     return messages
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".tmp-{path.name}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def main() -> None:
