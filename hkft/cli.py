@@ -192,6 +192,24 @@ def print_overfitting(found: Verdict | None) -> None:
         console.print(escape(verdict_line(found)), style="yellow" if found.detected else None, highlight=False, soft_wrap=True)
 
 
+def print_before_and_after(result: Any, title: str) -> None:
+    """eval.compare_base: the metrics of the base model and of the finetuned one, then sample replies."""
+    from hkft.progress import format_value
+
+    table = Table(title=title, header_style="bold")
+    for column in ("metric", "base model", "finetuned"):
+        table.add_column(column)
+    for name, value in result.metrics.items():
+        table.add_row(escape(name), escape(format_value(result.base_metrics.get(name, ""))), escape(format_value(value)))
+    table.add_row("adapter", "", escape(str(result.adapter_dir)))
+    console.print(table)
+    for sample in result.samples:
+        last = sample["input"][-1]["content"] if isinstance(sample["input"], list) else sample["input"]
+        replies = {"base model": sample["base"], "finetuned": sample["finetuned"], "reference": sample["reference"]}
+        lines = [f"> {last}", *(f"  {name + ':':<12}{reply!r}" for name, reply in replies.items())]
+        console.print(escape("\n".join(lines)), highlight=False)
+
+
 def print_yaml(cfg: HkftConfig) -> None:
     """Plain stdout, never wrapped, so `hkft config x > resolved.yaml` is a valid preset."""
     typer.echo(config_to_yaml(cfg), nl=False)
@@ -263,9 +281,13 @@ def train(
     with training_run_dir(root) if is_main_process() else contextlib.nullcontext():
         run = start_run(cfg, root, resume=resume, overwrite=overwrite)
         result = run_training(cfg, run, resume=resume, console=console)
-    if is_main_process():
+    if not is_main_process():
+        return
+    if result.base_metrics is not None:
+        print_before_and_after(result, f"hkft train: {cfg.model.name}")
+    else:
         print_table({**result.metrics, "adapter": str(result.adapter_dir)}, f"hkft train: {cfg.model.name}")
-        print_overfitting(result.overfitting)
+    print_overfitting(result.overfitting)
 
 
 @app.command("eval", rich_help_panel=RUN_PANEL)

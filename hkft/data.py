@@ -444,13 +444,18 @@ def prepare_data(
         untokenised = {split: _generation_set(raw[split], data.template, data.completion_column) for split in scored}
     elif task != "causal-lm":
         untokenised = {split: raw[split].select_columns(texts) for split in scored}
+    return _prepared(tokenised, untokenised, label_names, notices)
+
+
+def _prepared(tokenised: dict[str, Dataset], generation: dict[str, Dataset], label_names: list[str] | None,
+              notices: Sequence[str] = ()) -> PreparedData:
     return PreparedData(
         train=tokenised.get("train"),
         validation=tokenised.get("validation"),
         test=tokenised.get("test"),
         label_names=label_names,
-        raw_validation=untokenised.get("validation"),
-        raw_test=untokenised.get("test"),
+        raw_validation=generation.get("validation"),
+        raw_test=generation.get("test"),
         notices=tuple(notices),
     )
 
@@ -475,15 +480,7 @@ def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrain
         notices += [notice] if notice else []
     generation = {split: chat.chat_generation_set(tokenizer, raw[split], data, layout, split)
                   for split in ("validation", "test") if split in raw}
-    return PreparedData(
-        train=tokenised.get("train"),
-        validation=tokenised.get("validation"),
-        test=tokenised.get("test"),
-        label_names=None,
-        raw_validation=generation.get("validation"),
-        raw_test=generation.get("test"),
-        notices=tuple(notices),
-    )
+    return _prepared(tokenised, generation, None, notices)
 
 
 def make_collator(task: str, tokenizer: PreTrainedTokenizerBase) -> Callable:

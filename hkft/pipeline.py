@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -82,6 +82,8 @@ class TrainResult:
     adapter_dir: Path
     metrics: dict[str, float]
     overfitting: Verdict | None = None  # None: the monitor was off or the run never evaluated
+    base_metrics: dict[str, float] | None = None  # eval.compare_base: the base model on the same split
+    samples: list[dict] = field(default_factory=list)  # eval.compare_base: replies before and after
 
 
 @dataclass(frozen=True)
@@ -338,33 +340,51 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         stopper.stop_at_once()
         try:
             facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
-            outcome, found = _write_results(trainer, output, model, tokenizer, facts, data, cfg, run, initial, progress)
+            result = _write_results(trainer, output, model, tokenizer, facts, data, cfg, run, initial, progress)
         except KeyboardInterrupt:
             raise InterruptedRun(
                 f"stopped by {stopper.received or 'SIGINT'} after the last training step ({trainer.state.global_step}), "
                 f"before the adapter and final metrics were all written; checkpoint saved in {run.checkpoints_dir}",
                 "continue with the same command and --resume (it trains no further step)",
             ) from None
-    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
+    return result
 
 
 def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, data, cfg: HkftConfig, run: RunDir,
-                   initial, progress: ProgressCallback) -> tuple[EvalOutcome, Verdict | None]:
+                   initial, progress: ProgressCallback) -> TrainResult:
     """The adapter, then the final evaluation, the overfitting verdict and metrics.json (each file atomic)."""
     gathered = trainer.adapter_state_dict()  # on every rank: FSDP gathers the shards collectively
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
         save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial, state_dict=gathered)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
+    base = base_evaluation(trainer, data, split, cfg, tokenizer) if cfg.eval.compare_base and cfg.model.task == "causal-lm" else None
     has_eval = cfg.train.eval_strategy != "no"
     found = verdict(cfg, trainer.state.log_history, trainer.args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
         summary = train_summary(trainer.state.log_history, trainer.whole_run(output))
         overfitting = None if found is None else found.as_json()
         atomic_write_json(run.metrics_json, {"train": summary, "eval": {"split": split, **outcome.metrics},
+                                             **({"base_eval": {"split": split, **base.metrics}} if base else {}),
                                              "overfitting": overfitting})
         plot_run_curves(run.root, None if found is None else found.best_step)
-    return outcome, found
+    if base is None:
+        return TrainResult(run.root, run.adapter_dir, outcome.metrics, found)
+    return TrainResult(run.root, run.adapter_dir, outcome.metrics, found, base.metrics, before_and_after(base, outcome))
+
+
+def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+    """The same evaluation with the adapter switched off: what training changed."""
+    with trainer.model.disable_adapter():
+        return final_evaluation(trainer, data, split, cfg, tokenizer)
+
+
+def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> list[dict]:
+    return [
+        {"input": row.get("conversation", row.get("prompt")), "base": before["prediction"], "finetuned": row["prediction"],
+         "reference": row["reference"]}
+        for before, row in zip(base.predictions[:count], tuned.predictions[:count])
+    ]
 
 
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:

@@ -261,6 +261,9 @@ class EvalConfig(Section):
     batch_size: Int | None = Field(None, gt=0, description="Defaults to train.batch_size.")
     split: Literal["validation", "test"] = "test"
     generate: bool = Field(True, description="Causal LM: also generate and score BLEU / ROUGE-L.")
+    compare_base: bool = Field(
+        False, description="Causal LM: after training, also score the base model (adapter off), shown side by side."
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
