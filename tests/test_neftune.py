@@ -13,7 +13,8 @@ from conftest import assert_one_line_error
 from hkft.config import load_config
 from hkft.dropout import build_plan, instrument, named_method
 from hkft.pipeline import plan_from_config
-from hkft.study import expand_cells, load_study
+from hkft.study.grid import expand_cells
+from hkft.study.spec import load_study
 from test_dropout_methods import task_for, zero_dropout
 from tiny_models import batch, tiny_model
 
