@@ -408,7 +408,8 @@ def prepare_data(
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)
         _require_strings(dataset, texts, where)
-        _require_some_text(dataset, texts, where)
+        if texts:  # conversations are checked message by message (hkft.chat)
+            _require_some_text(dataset, texts, where)
     _check_room(tokenizer, data, task)
     if held_out and "train" in raw:
         raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
