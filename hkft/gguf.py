@@ -80,7 +80,9 @@ def gguf_model_dir(name: str, gguf_file: str) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target.parent / f"{key}.lock")):
             if not (target / "config.json").is_file():  # another process may have finished it meanwhile
-                with atomic_dir(target) as staging:
+                # The model built from its config draws initial weights: on a forked generator, so that
+                # the run that converts trains exactly like the later ones that read the cache.
+                with atomic_dir(target) as staging, torch.random.fork_rng(devices=[]):
                     convert_gguf(source, staging)
     return str(target)
 

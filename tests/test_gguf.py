@@ -39,6 +39,18 @@ def test_conversion_keeps_every_dequantized_weight_ties_embeddings_and_saves_the
     assert AutoTokenizer.from_pretrained(converted).chat_template == CHAT_TEMPLATE
 
 
+def test_a_conversion_leaves_the_global_random_state_alone(tmp_path):
+    """The first run (which converts) must train like every later run (which reads the cache): building
+    the model from its config draws initial weights, which would move torch's generator under a seed
+    already set and change the LoRA initialisation."""
+    source = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    gguf_model_dir("unused", str(source))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_the_cache_is_keyed_by_content_and_reused(tmp_path, monkeypatch):
     source = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     first = gguf_model_dir("unused", str(source))
