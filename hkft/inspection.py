@@ -12,14 +12,13 @@ from typing import Any
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import AutoConfig
 
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
 from hkft.config.schema import DROPOUT_METHODS
 from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.errors import ConfigError, ModelError
-from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, resolve_model_path
+from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path
 from hkft.pipeline import plan_from_config
 
 # A bare model has no data to count labels from.
@@ -48,7 +47,7 @@ def inspection_config(target: str, overrides: list[str], task: str | None) -> tu
 
 def inferred_task(path: str, cfg: HkftConfig) -> str:
     """A checkpoint saved as a language model is inspected as one; anything else as a classifier."""
-    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    config = read_model_config(cfg.model, path)
     names = getattr(config, "architectures", None) or []
     return "causal-lm" if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names) else "classification"
 

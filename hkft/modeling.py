@@ -34,6 +34,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -139,26 +140,29 @@ def _auto_class(task: str) -> type:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
+def read_model_config(cfg: ModelConfig, path: str, **config_overrides) -> PretrainedConfig:
+    """The model's config, read once per command; ``config_overrides`` set attributes (``num_labels=1``)."""
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                          **config_overrides)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"cannot read the config of {cfg.name}: {_first_line(err)}") from None
+
+
 def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTrainedModel:
     """The task model's module tree on the meta device: its structure, without reading a weight.
     ``config_overrides`` set config attributes (``num_labels=1``)."""
+    config = read_model_config(cfg, path, **config_overrides)
     try:
-        config = AutoConfig.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_overrides
-        )
         with torch.device("meta"):
             return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {_first_line(err)}") from None
 
 
-def position_limit(cfg: ModelConfig, path: str) -> int | None:
+def position_limit(config: PretrainedConfig) -> int | None:
     """How many tokens the model's position embeddings cover (None when its config names no limit).
     RoBERTa-style models number positions from pad_token_id + 1, so two of RoBERTa's 514 are unusable."""
-    try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, ImportError) as err:
-        raise ModelError(f"cannot read the config of {cfg.name}: {_first_line(err)}") from None
     config = getattr(config, "text_config", None) or config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(positions, int):
@@ -184,15 +188,11 @@ def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, lim
                 f"is {lengths[longest]} tokens long", f"set data.max_length={limit} or less")
 
 
-def check_task_fits_model(cfg: ModelConfig, path: str) -> None:
+def check_task_fits_model(cfg: ModelConfig, config: PretrainedConfig) -> None:
     """Refuse causal-LM training of an encoder (BERT, RoBERTa, MiniLM, ...): transformers loads its
     LM-head class, but with bidirectional attention every position sees the token it predicts."""
     if cfg.task != "causal-lm":
         return
-    try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the config of {cfg.name}: {_first_line(err)}") from None
     encoder = (getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
                and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     if encoder:

@@ -48,6 +48,7 @@ from hkft.modeling import (
     load_adapter_tokenizer,
     load_tokenizer,
     position_limit,
+    read_model_config,
     resolve_model_path,
     save_lora_adapter,
 )
@@ -247,7 +248,8 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
 
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
-    check_task_fits_model(cfg.model, model_path)
+    model_config = read_model_config(cfg.model, model_path)
+    check_task_fits_model(cfg.model, model_config)
     check_quantization_supported(cfg.model, model_path)
     tokenizer = load_tokenizer(model_path, task)
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
@@ -259,7 +261,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     check_fits_positions({split: getattr(data, split) for split in SPLITS}, cfg.data.max_length,
-                         position_limit(cfg.model, model_path), cfg.model.name)
+                         position_limit(model_config), cfg.model.name)
     check_step_count(cfg, len(data.train), args.world_size)
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
     if data.label_names and cfg.model.num_labels not in (None, num_labels):
@@ -497,8 +499,8 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
         console.print(f"[yellow]{escape(notice)}[/]")
     if getattr(prepared, split) is None:
         raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
-    check_fits_positions({split: getattr(prepared, split)}, cfg.data.max_length, position_limit(cfg.model, model_path),
-                         cfg.model.name)
+    check_fits_positions({split: getattr(prepared, split)}, cfg.data.max_length,
+                         position_limit(read_model_config(cfg.model, model_path)), cfg.model.name)
     model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
 
     with tempfile.TemporaryDirectory(prefix="hkft-eval-") as scratch:  # the Trainer wants an output_dir; eval writes none
