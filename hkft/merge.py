@@ -17,7 +17,7 @@ from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
 from hkft.io import atomic_dir, atomic_write_json, check_can_create_dir
 from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
-from hkft.rundir import READER_BUSY_HINT, find_adapter_dir, owned, read_sidecar, run_root_of
+from hkft.rundir import READER_BUSY_HINT, check_run_location, find_adapter_dir, owned, read_sidecar, run_root_of
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
                "A third, shorter one.")
@@ -57,9 +57,7 @@ def _model_config(adapter_dir: Path, facts: dict) -> ModelConfig:
 def _check_output_dir(output_dir: Path, overwrite: bool, keep: list[Path]) -> list[str]:
     """Refuses an output that is not ours to replace; returns the names in it that are not an
     earlier merge's (the user's own files), which the new merge keeps."""
-    if Path.cwd().is_relative_to(output_dir.resolve()):
-        raise ModelError(f"--output {output_dir} is the current directory or holds it",
-                         "merge into a new folder, e.g. --output merged")
+    check_run_location(output_dir, "--output", "merge output", "merged")
     check_can_create_dir(output_dir, "--output")
     if output_dir.exists() and not output_dir.is_dir():
         raise ModelError(f"{output_dir} exists and is not a directory", "choose another --output")

@@ -96,10 +96,12 @@ def default_run_dir(cfg: HkftConfig, preset_path: Path) -> Path:
     return Path(cfg.output.dir) if cfg.output.dir else Path("runs") / preset_path.stem
 
 
-def check_run_location(root: Path) -> None:
-    """A run needs a folder of its own. Refused: the file system root, the current directory or one
-    above it (an empty --output-dir, say an unset shell variable, is the current directory), the
-    home directory or above, and the shipped presets (`hkft presets` would list the run's config)."""
+def check_run_location(root: Path, setting: str = "--output-dir", what: str = "run directory",
+                       example: str = "runs/NAME") -> None:
+    """A run (or a merged model) needs a folder of its own. Refused: the file system root, the current
+    directory or one above it (an empty --output-dir, say an unset shell variable, is the current
+    directory), the home directory or above, and the shipped presets (`hkft presets` would list the
+    run's config)."""
     where = Path(root).expanduser().resolve()
     presets = presets_dir().resolve()
     if where == Path(where.anchor):
@@ -112,7 +114,7 @@ def check_run_location(root: Path) -> None:
         problem = f"{'is in' if where.is_relative_to(presets) else 'holds'} hkft's shipped presets ({presets})"
     else:
         return
-    raise ConfigError(f"run directory {str(root)!r} {problem}", "give the run a folder of its own, e.g. --output-dir runs/NAME")
+    raise ConfigError(f"{what} {str(root)!r} {problem}", f"give it a folder of its own, e.g. {setting} {example}")
 
 
 def run_root_of(target: Path) -> Path:

@@ -455,3 +455,11 @@ def test_a_tune_study_output_below_a_regular_file_is_one_line(cli, tmp_path):
     study.write_text(f"base: quickstart\noutput: {tmp_path / 'file' / 'study'}\nsearch:\n  train.lr: {{low: 1.0e-4, high: 1.0e-3}}\n"
                      "tune: {trials: 1}\n")
     assert_one_line_error(cli("tune", study), "study output")
+
+
+def test_merge_into_the_shipped_presets_is_refused_like_a_run_directory(cli, run_copy):
+    """`merge-adapter --output` gets the checks of `train --output-dir`: not inside hkft's presets."""
+    from hkft.config import presets_dir
+
+    assert_one_line_error(cli("merge-adapter", run_copy, "--output", presets_dir() / "merged"), "shipped presets")
+    assert not (presets_dir() / "merged").exists()
