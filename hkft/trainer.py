@@ -31,6 +31,10 @@ from hkft.rundir import checkpoint_is_complete
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 # What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
 PROGRESS_FILE = "hkft_progress.json"
+# Trainer's private names HkftTrainer overrides or reads. They are not transformers' API: pyproject
+# caps transformers at the versions tested, and tests/test_trainer_internals.py names any that is gone.
+TRAINER_PRIVATE_METHODS = ("_run_epoch", "_save_rng_state", "_save_checkpoint", "_load_rng_state", "_get_output_dir")
+TRAINER_PRIVATE_ATTRIBUTES = ("_tr_loss", "_total_loss_scalar")
 
 
 class HkftTrainer(Trainer):

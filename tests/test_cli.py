@@ -321,3 +321,17 @@ def test_python_dash_m_hkft_error_is_the_only_line_on_stderr(tmp_path, preset):
 def test_python_dash_m_hkft_env_writes_nothing_to_stderr(tmp_path):
     result = run_module("env", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == "" and torch.__version__ in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_hub_is_probed_before_bitsandbytes_fetches_its_kernel(tmp_path):
+    """bitsandbytes reaches for the hub at import (an optional CPU kernel); on a machine where the hub
+    is unreachable, hkft must already have switched to offline mode by then, and print nothing."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=str(REPO), HF_ENDPOINT="http://127.0.0.1:9")  # the discard port: refused at once
+    script = ("import hkft, peft, sys, huggingface_hub.constants as hub;"
+              "print('bitsandbytes' in sys.modules, hub.HF_HUB_OFFLINE)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"] and result.stderr == ""
