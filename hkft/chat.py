@@ -31,6 +31,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 DEFAULT_COLUMNS = {"messages": "messages", "sharegpt": "conversations"}
 ALPACA_COLUMNS = ("instruction", "output")
+ALPACA_TEXT_COLUMNS = (*ALPACA_COLUMNS, "input", "system")
 # Truncation outcome of one conversation, kept as a column until it is counted.
 FITS, TRUNCATED, DROPPED = 0, 1, 2
 
@@ -87,6 +88,11 @@ def required_columns(layout: ChatLayout) -> list[str]:
     return list(ALPACA_COLUMNS) if layout.column is None else [layout.column]
 
 
+def text_columns(layout: ChatLayout) -> list[str]:
+    """The columns of flat text (alpaca's); a messages column holds lists."""
+    return list(ALPACA_TEXT_COLUMNS) if layout.column is None else []
+
+
 def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
     """One example as checked ``{role, content}`` messages; ``where`` names the row in errors."""
     if layout.column is None:
@@ -115,7 +121,7 @@ def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
 
 
 def _from_alpaca(row: dict, where: str) -> list[Message]:
-    for column in (*ALPACA_COLUMNS, "input", "system"):
+    for column in ALPACA_TEXT_COLUMNS:
         if row.get(column) is not None and not isinstance(row[column], str):
             raise DataError(f"{where}: column {column!r} is {_kind(row[column])}", "alpaca columns hold strings")
     if not row.get("instruction") or row.get("output") is None:

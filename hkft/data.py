@@ -8,6 +8,7 @@ exactly when none of those changed. Padding is dynamic (per batch, in the collat
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -113,60 +114,103 @@ def _load_local(path: Path, setting: str) -> Dataset:
     try:
         with _datasets_silenced():
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-            if builder == "json" and _has_dates(dataset.features.arrow_schema):
-                dataset = _json_keeping_strings(path, dataset.features)
+            if builder == "json" and not _reads_as_written(dataset.features.arrow_schema):
+                dataset = _json_as_written(path, dataset.features)
     except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
         raise _local_load_error(path, builder, err) from None
     return dataset
 
 
-# JSON has no date type: a date or time datasets' JSON reader (pyarrow) reports was a string in the
-# file ("2025-05-03", inferred as timestamp[s]), and converting it back would not give the text
-# written ("2025-05-03 00:00:00"). Such a file is read again with Python's json module, each
-# column keeping the type datasets inferred except that these are strings, as written.
+# datasets' JSON reader (pyarrow) changes two kinds of JSON strings. A string that looks like a date
+# or a time ("2025-05-03") comes back as a timestamp, and converting it back does not give the text
+# written ("2025-05-03 00:00:00"). In a field of mixed types (strings and numbers, or lists) every
+# value is kept as JSON text, except a string that is itself valid JSON text, which comes back
+# decoded: "42" as 42, "null" as None, '"hi"' as 'hi'. A file where either happened is read again
+# with Python's json module, each field keeping the type datasets inferred (a date a string), and
+# the values of mixed fields written as their JSON text, which datasets decodes exactly.
 
-def _has_dates(schema: pa.Schema) -> bool:
-    return any(_strings_for_dates(field.type) != field.type for field in schema)
+def _reads_as_written(schema: pa.Schema) -> bool:
+    return all(_as_written(field.type) == field.type and not _has_mixed_types(field.type) for field in schema)
 
 
-def _strings_for_dates(data_type: pa.DataType) -> pa.DataType:
+def _as_written(data_type: pa.DataType) -> pa.DataType:
     """``data_type`` with every date, time or timestamp in it (nested in lists and structs) a string."""
     if pa.types.is_temporal(data_type):
         return pa.string()
     if pa.types.is_struct(data_type):
-        return pa.struct([field.with_type(_strings_for_dates(field.type)) for field in data_type])
+        return pa.struct([field.with_type(_as_written(field.type)) for field in data_type])
     if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
-        value_field = data_type.value_field.with_type(_strings_for_dates(data_type.value_type))
+        value_field = data_type.value_field.with_type(_as_written(data_type.value_type))
         return pa.list_(value_field) if pa.types.is_list(data_type) else pa.large_list(value_field)
     return data_type
 
 
-def _json_keeping_strings(path: Path, inferred: datasets.Features) -> Dataset:
-    schema = pa.schema([field.with_type(_strings_for_dates(field.type)) for field in inferred.arrow_schema])
+def _has_mixed_types(data_type: pa.DataType) -> bool:
+    if isinstance(data_type, pa.JsonType):
+        return True
+    if pa.types.is_struct(data_type):
+        return any(_has_mixed_types(field.type) for field in data_type)
+    return (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and _has_mixed_types(data_type.value_type)
+
+
+def _json_as_written(path: Path, inferred: datasets.Features) -> Dataset:
+    schema = pa.schema([field.with_type(_as_written(field.type)) for field in inferred.arrow_schema])
+    features = datasets.Features.from_arrow_schema(schema)
     stat = path.stat()
-    # Cached like load_dataset's own copy: keyed on the reader, the path and the file's size and mtime.
-    return Dataset.from_generator(_json_rows, features=datasets.Features.from_arrow_schema(schema),
-                                  gen_kwargs={"path": str(path.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)})
+    # Cached like load_dataset's own copy: keyed on the reader, the features, the path, the file's size and mtime.
+    return Dataset.from_generator(_json_rows, features=features, gen_kwargs={
+        "path": str(path.resolve()), "features": features, "stamp": (stat.st_size, stat.st_mtime_ns)})
 
 
-def _json_rows(path: str, stamp: tuple[int, int]) -> Iterator[dict]:
+def _json_rows(path: str, features: datasets.Features, stamp: tuple[int, int]) -> Iterator[dict]:
     """The rows datasets' JSON reader reads: one object per line (JSON Lines), or a top-level list
     of objects (or of strings, each a row's ``text``). ``stamp`` only keys the cache."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        yield from ({"text": row} if isinstance(row, str) else row for row in json.loads(text))
-        return
-    yield from (json.loads(line) for line in text.split("\n") if line.strip())  # not splitlines: U+2028 is valid in JSON text
+    types = {field.name: field.type for field in features.arrow_schema}
+    for row in _json_values(Path(path)):
+        row = {"text": row} if isinstance(row, str) else row
+        yield {name: _json_text_where_mixed(row.get(name), data_type) for name, data_type in types.items()}
 
 
-def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
-    if "corresponds to no data" in str(err):
-        return DataError(f"{path} has no examples", "add examples to the file")
-    cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
-    if isinstance(cause, PermissionError):
-        return DataError(f"{path}: cannot read the file (permission denied)", "check its permissions")
-    first_line = next(iter(str(cause).strip().splitlines()), "") or type(cause).__name__
-    return DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format")
+def _json_values(path: Path) -> Iterator[object]:
+    with path.open("rb") as handle:
+        if handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+            handle.seek(0)
+            yield from json.loads(handle.read().decode("utf-8-sig"))
+            return
+        handle.seek(0)
+        for line in handle:  # binary lines end at line feeds alone: U+2028 and its kind are valid inside JSON text
+            if line.strip():
+                yield json.loads(line.decode("utf-8-sig"))
+
+
+def _json_text_where_mixed(value: object, data_type: pa.DataType) -> object:
+    """``value`` with each value of a mixed-type field replaced by its JSON text."""
+    if value is None:
+        return None
+    if isinstance(data_type, pa.JsonType):
+        return json.dumps(value, ensure_ascii=False)
+    if pa.types.is_struct(data_type) and isinstance(value, dict):
+        return {field.name: _json_text_where_mixed(value.get(field.name), field.type) for field in data_type}
+    if (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and isinstance(value, list):
+        return [_json_text_where_mixed(item, data_type.value_type) for item in value]
+    return value
+
+
+def _csv_text_as_written(dataset: Dataset, source: str | HubSource, columns: list[str], limit: int | None) -> Dataset:
+    """A CSV file's text columns as written: pandas reads "007" as the number 7 and "1.50" as 1.5
+    (CSV has no quotes that say "text"), so a text column of anything else is read again as strings."""
+    if not isinstance(source, str) or LOCAL_FORMATS.get(Path(source).suffix.lower()) != "csv":
+        return dataset
+    text = datasets.Value("string")
+    retyped = {column for column in columns if column in dataset.features and dataset.features[column] != text}
+    if not retyped:
+        return dataset
+    features = datasets.Features({name: text if name in retyped else feature for name, feature in dataset.features.items()})
+    try:
+        with _datasets_silenced():
+            return _first(datasets.load_dataset("csv", data_files=source, split="train", features=features), limit)
+    except Exception as err:  # as in _load_local
+        raise _local_load_error(Path(source), "csv", err) from None
 
 
 def _require_utf8(path: Path) -> None:
@@ -448,6 +492,8 @@ def prepare_data(
         texts = data.text_columns
         needed = [*texts, data.label_column]
     for split, dataset in raw.items():
+        raw[split] = dataset = _csv_text_as_written(dataset, getattr(data, split), chat.text_columns(layout) if layout else texts,
+                                                    data.max_samples)
         where = f"{describe_source(getattr(data, split))} (data.{split})"
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)

@@ -149,6 +149,41 @@ def test_quoted_dates_in_a_classifier_s_text_column_stay_text(tmp_path):
     assert data.raw_validation["text"] == [row["text"] for row in rows]
 
 
+def test_json_strings_in_a_field_of_mixed_types_stay_strings_and_the_odd_value_is_named(tmp_path):
+    """A field of strings and one number: datasets decodes the strings that look like JSON ("42",
+    "null", '"hi"'); hkft reads them as written, and names the row that holds the number."""
+    from hkft.data import load_source
+
+    rows = [{"prompt": "a", "completion": "42"}, {"prompt": "b", "completion": '"quoted"'},
+            {"prompt": "c", "completion": "null"}, {"prompt": "d", "completion": 7}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    assert load_source(str(path))["completion"] == ["42", '"quoted"', "null", 7]
+    with pytest.raises(HkftError, match=r"column 'completion' holds int values \(row 3\)"):
+        prepare_data(causal_config(train=str(path)), chat_tokenizer(), splits=("train",))
+    chats = [{"messages": [{"role": "user", "content": "true"}, {"role": "assistant", "content": '["a"]'}]},
+             {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, REPLY[1]]}]
+    path = write_jsonl(tmp_path / "chats.jsonl", chats)
+    assert load_source(str(path))["messages"] == [row["messages"] for row in chats]
+    with pytest.raises(HkftError, match="train data row 1: message 1's content is a list"):
+        prepare_data(causal_config(train=str(path)), chat_tokenizer(), splits=("train",))
+
+
+def test_csv_text_columns_are_read_as_written_not_as_numbers(tmp_path):
+    from hkft.modeling import load_tokenizer, resolve_model_path
+
+    (tmp_path / "t.csv").write_text("text,label\n007,1\n1.50,2\n12,1\n", encoding="utf-8")
+    cfg = HkftConfig.model_validate({"model": {"name": "unused"},
+                                     "data": {"train": str(tmp_path / "t.csv"), "validation": str(tmp_path / "t.csv")}})
+    tokenizer = load_tokenizer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), "classification")
+    data = prepare_data(cfg, tokenizer)
+    assert data.raw_validation["text"] == ["007", "1.50", "12"] and data.label_names == ["1", "2"]
+    assert data.train["input_ids"] == tokenizer(["007", "1.50", "12"])["input_ids"]
+    (tmp_path / "a.csv").write_text("instruction,input,output\nDouble it,21,42\nDouble it,0.5,1.0\n", encoding="utf-8")
+    data = prepare_data(causal_config(train=str(tmp_path / "a.csv"), validation=str(tmp_path / "a.csv")), chat_tokenizer())
+    assert data.raw_validation["reference"] == ["42", "1.0"]
+    assert [m[0]["content"] for m in data.raw_validation["conversation"]] == ["Double it\n\n21", "Double it\n\n0.5"]
+
+
 # --- GGUF files ---------------------------------------------------------------------------------------
 
 def gguf_preset(folder: Path, gguf_file: Path) -> Path:
