@@ -121,6 +121,16 @@ def _load_local(path: Path, setting: str) -> Dataset:
     return dataset
 
 
+def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
+    if "corresponds to no data" in str(err):
+        return DataError(f"{path} has no examples", "add examples to the file")
+    cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+    if isinstance(cause, PermissionError):
+        return DataError(f"{path}: cannot read the file (permission denied)", "check its permissions")
+    first_line = next(iter(str(cause).strip().splitlines()), "") or type(cause).__name__
+    return DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format")
+
+
 # datasets' JSON reader (pyarrow) changes two kinds of JSON strings. A string that looks like a date
 # or a time ("2025-05-03") comes back as a timestamp, and converting it back does not give the text
 # written ("2025-05-03 00:00:00"). In a field of mixed types (strings and numbers, or lists) every
