@@ -107,11 +107,11 @@ def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or not all(key in turn and turn[key] is not None for key in keys):
             raise DataError(f"{where}: message {number} is not a {{{keys[0]}, {keys[1]}}} mapping", f"got {turn!r:.80}")
+        known = SHAREGPT_ROLES if sharegpt else {name: name for name in ROLES}
         role, content = turn[keys[0]], turn[keys[1]]
-        role = SHAREGPT_ROLES.get(role) if sharegpt else (role if role in ROLES else None)
+        role = known.get(role) if isinstance(role, str) else None  # a list or a mapping is no role (nor hashable)
         if role is None:
-            allowed = ", ".join(SHAREGPT_ROLES if sharegpt else ROLES)
-            raise DataError(f"{where}: message {number} has {keys[0]} {turn[keys[0]]!r}", f"use one of {allowed}")
+            raise DataError(f"{where}: message {number} has {keys[0]} {turn[keys[0]]!r:.80}", f"use one of {', '.join(known)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {number}'s {keys[1]} is {_kind(content)}", "it must be a string")
         messages.append({"role": role, "content": content})

@@ -278,3 +278,172 @@ def test_eval_shows_its_evaluation_and_generation_progress_like_train(cli, tmp_p
     assert result.exit_code == 0, result.stderr
     lines = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line[:2].isdigit() and line[2:3] == ":"]
     assert lines == ["evaluating: 2 batches", "generating: 2 batches"]
+
+
+# --- widened: generated conversations, templates and GGUF files --------------------------------------
+# The property: a correct result (labels equal to a reference built independently of hkft), or one
+# HkftError line, never any other exception.
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+WIDE = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+STYLES = {  # key of the role, key of the content, the roles as the README documents them
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "sharegpt": ("from", "value", {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                                   "assistant": "assistant"}),
+}
+PLAIN_TURN = "{{ '<|im_start|>' + m['role'] + '\\n' + CONTENT + '<|im_end|>' + '\\n' }}"
+GENERATION = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+TEMPLATES = {
+    "plain": CHATML_PLAIN,
+    "smollm2": CHATML,  # a default system message when the conversation has none
+    "trim": "{% for m in messages %}" + PLAIN_TURN.replace("CONTENT", "(m['content'] | trim)") + "{% endfor %}" + GENERATION,
+    "no-system": ("{% for m in messages %}{% if m['role'] != 'system' %}" + PLAIN_TURN.replace("CONTENT", "m['content']")
+                  + "{% endif %}{% endfor %}" + GENERATION),
+    "alternating": ("{% set ns = namespace(last='') %}{% for m in messages %}{% if m['role'] == ns.last %}"
+                    "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{% set ns.last = m['role'] %}"
+                    + PLAIN_TURN.replace("CONTENT", "m['content']") + "{% endfor %}" + GENERATION),
+    "runtime-error": "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}",
+    "syntax-error": "{% for m in messages %}{{ m['content'] }}",
+    "undefined": "{% for m in messages %}{{ m.meta.name }}{% endfor %}",
+    "rewriting": ("{% for m in messages %}{{ m['role'] }}: {% if loop.last %}{{ m['content'] }}{% else %}"
+                  "{{ m['content'][:1] }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"),
+}
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TEXT = (st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+        | st.sampled_from(["<|im_end|>", "<|im_start|>assistant\n", "  padded  ", "\n", "2025-05-03", "2024-01-02T10:00",
+                           "42", "null", "true", '"quoted"', "[1, 2]", "{}", "{{ x }}", "{% raw %}"]))
+ODD_VALUES = (st.none() | st.integers() | st.floats() | st.booleans() | st.lists(TEXT, max_size=2)
+              | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), min_size=1, max_size=2))
+
+
+@st.composite
+def chat_rows(draw) -> tuple[str, str, list]:
+    """(style, column, rows): conversations of any order and length, with odd roles, contents and turns."""
+    style = draw(st.sampled_from(sorted(STYLES)))
+    role_key, content_key, roles = STYLES[style]
+    column = draw(st.sampled_from(["messages", "conversations"]))
+    clean = draw(st.booleans())  # every turn a valid message: the labels get checked
+
+    by_meaning = {meaning: [name for name in sorted(roles) if roles[name] == meaning] for meaning in ("system", "user", "assistant")}
+
+    def turn(meaning: str | None = None):
+        kind = "valid" if clean else draw(st.sampled_from(["valid"] * 4 + ["odd-role", "odd-content", "missing", "other"]))
+        if kind == "other":
+            return draw(st.none() | TEXT | st.integers() | st.lists(TEXT, max_size=2))
+        names = by_meaning[meaning] if meaning else sorted(roles)
+        role = draw(st.sampled_from(names) if kind != "odd-role" else st.sampled_from(["tool", "bot", "", "USER"])
+                    | st.integers() | st.lists(st.sampled_from(names), max_size=1) | st.dictionaries(TEXT, TEXT, max_size=1))
+        content = draw(ODD_VALUES if kind == "odd-content" else TEXT)
+        message = {role_key: role, content_key: content}
+        return {key: message[key] for key in draw(st.sampled_from([(role_key,), (content_key,)]))} if kind == "missing" else message
+
+    def conversation():
+        if not clean and draw(st.integers(0, 9)) == 0:
+            return draw(st.none() | TEXT | st.integers() | st.just([]))
+        if draw(st.booleans()):  # any order of any roles
+            return [turn() for _ in range(draw(st.integers(1 if clean else 0, 6)))]
+        # the usual shape: a system message or not, then a user message and a reply, some more times
+        meanings = ["system"] * draw(st.integers(0, 1)) + ["user", "assistant"] * draw(st.integers(1, 3))
+        return [turn(meaning) for meaning in meanings]
+
+    return style, column, [{column: conversation()} for _ in range(draw(st.integers(1, 3)))]
+
+
+def as_messages(value: object, style: str) -> list[dict] | None:
+    """The README's rules, written out: a non-empty list of mappings with both keys, a documented
+    role and a string content, and a reply somewhere; None if the conversation breaks one."""
+    role_key, content_key, roles = STYLES[style]
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict) or turn.get(role_key) is None or turn.get(content_key) is None:
+            return None
+        role, content = turn[role_key], turn[content_key]
+        if not isinstance(role, str) or role not in roles or not isinstance(content, str):
+            return None
+        messages.append({"role": roles[role], "content": content})
+    return messages if any(message["role"] == "assistant" for message in messages) else None
+
+
+def reference_tokens(tokenizer, template: str, messages: list[dict], supervised: set[int]) -> tuple[list[int], list[int]]:
+    """The rendering built segment by segment (as in test_chat), for the ChatML-shaped templates."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if template == "smollm2" and messages[0]["role"] != "system":
+        messages, supervised = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages], {i + 1 for i in supervised}
+    input_ids, labels = [], []
+    for index, message in enumerate(messages):
+        if template == "no-system" and message["role"] == "system":
+            continue
+        content = message["content"].strip() if template == "trim" else message["content"]
+        head, body, tail = ids(f"<|im_start|>{message['role']}\n"), ids(content + "<|im_end|>"), ids("\n")
+        input_ids += head + body + tail
+        labels += [IGNORE_INDEX] * len(head) + (body if index in supervised else [IGNORE_INDEX] * len(body)) + [IGNORE_INDEX] * len(tail)
+    return input_ids, labels
+
+
+def expected_outcome(template: str, train_on: str, conversations: list[list[dict] | None]) -> bool:
+    """Whether hkft must succeed: every conversation valid, a prompt before every supervised reply and
+    before the last one (generated for), and a template that renders it."""
+    for messages in conversations:
+        if messages is None:
+            return False
+        replies = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+        if replies[-1] == 0 or (train_on == "all_assistant" and replies[0] == 0):
+            return False
+        if template == "alternating" and any(a["role"] == b["role"] for a, b in zip(messages, messages[1:])):
+            return False
+    return template in ("plain", "smollm2", "trim", "no-system", "alternating")
+
+
+@WIDE
+@given(chat_rows(), st.sampled_from(["plain", "plain", "smollm2", "smollm2", "trim", "no-system", "alternating", *TEMPLATES]),
+       st.sampled_from(["all_assistant", "last_assistant"]))
+def test_fuzz_conversations_and_templates(tmp_path_factory, rows, template, train_on):
+    style, column, rows = rows
+    path = write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", rows)
+    tokenizer = chat_tokenizer(None)
+    cfg = causal_config(train=str(path), validation=str(path), chat_template=TEMPLATES[template], train_on=train_on,
+                        max_length=4096)
+    conversations = [as_messages(row[column], style) for row in rows]
+    try:
+        data = prepare_data(cfg, tokenizer)
+    except HkftError as err:
+        event(f"refused: {str(err).split(': ', 1)[-1][:40]}")  # shown by pytest --hypothesis-show-statistics
+        assert len(str(err).splitlines()) == 1
+        assert not expected_outcome(template, train_on, conversations), str(err)
+        return
+    event(f"learned with template {template}")
+    assert expected_outcome(template, train_on, conversations) or template in ("undefined", "rewriting")
+    if template in ("undefined", "rewriting"):
+        return
+    for messages, input_ids, labels in zip(conversations, data.train["input_ids"], data.train["labels"]):
+        replies = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+        supervised = set(replies if train_on == "all_assistant" else replies[-1:])
+        assert (input_ids, labels) == reference_tokens(tokenizer, template, messages, supervised)
+    last = [max(i for i, m in enumerate(messages) if m["role"] == "assistant") for messages in conversations]
+    assert data.raw_validation["reference"] == [messages[i]["content"] for messages, i in zip(conversations, last)]
+    assert data.raw_validation["conversation"] == [messages[:i] for messages, i in zip(conversations, last)]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(chat_rows())
+def test_fuzz_conversations_are_read_as_the_readme_says(rows):
+    """Row by row (no file, no template: thousands of shapes a second): the messages the README's
+    rules give, or one DataError line."""
+    from hkft.chat import ChatLayout, conversation
+    from hkft.errors import DataError
+
+    style, column, rows = rows
+    for index, row in enumerate(rows):
+        expected = as_messages(row[column], style)
+        try:
+            messages = conversation(row, ChatLayout(style, column), f"train data row {index}")
+        except DataError as err:
+            assert expected is None and len(str(err).splitlines()) == 1, str(err)
+        else:
+            assert messages == expected
