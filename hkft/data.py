@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,7 +114,12 @@ def _load_local(path: Path, setting: str) -> Dataset:
         _require_utf8(path)  # pyarrow's JSON reader stores invalid bytes and fails only when they are read
     try:
         with _datasets_silenced():
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            try:
+                dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except Exception as err:
+                if builder != "json" or not _failed_on_a_date(err):
+                    raise
+                return _json_as_written(path, None)
             if builder == "json" and not _reads_as_written(dataset.features.arrow_schema):
                 dataset = _json_as_written(path, dataset.features)
     except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
@@ -133,11 +139,17 @@ def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
 
 # datasets' JSON reader (pyarrow) changes two kinds of JSON strings. A string that looks like a date
 # or a time ("2025-05-03") comes back as a timestamp, and converting it back does not give the text
-# written ("2025-05-03 00:00:00"). In a field of mixed types (strings and numbers, or lists) every
+# written ("2025-05-03 00:00:00"); when the file's first 10 MB hold only dates in a field, a later
+# string there fails the whole file. In a field of mixed types (strings and numbers, or lists) every
 # value is kept as JSON text, except a string that is itself valid JSON text, which comes back
-# decoded: "42" as 42, "null" as None, '"hi"' as 'hi'. A file where either happened is read again
-# with Python's json module, each field keeping the type datasets inferred (a date a string), and
-# the values of mixed fields written as their JSON text, which datasets decodes exactly.
+# decoded: "42" as 42, "null" as None, '"hi"' as 'hi'. A file where any of this happened is read
+# again with Python's json module, each field keeping the type datasets inferred (a date a string),
+# and the values of mixed fields written as their JSON text, which datasets decodes exactly.
+
+def _failed_on_a_date(err: Exception) -> bool:
+    cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+    return re.search(r"\b(timestamp|date32|date64|time32|time64)\b", str(cause)) is not None
+
 
 def _reads_as_written(schema: pa.Schema) -> bool:
     return all(_as_written(field.type) == field.type and not _has_mixed_types(field.type) for field in schema)
@@ -163,22 +175,25 @@ def _has_mixed_types(data_type: pa.DataType) -> bool:
     return (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and _has_mixed_types(data_type.value_type)
 
 
-def _json_as_written(path: Path, inferred: datasets.Features) -> Dataset:
-    schema = pa.schema([field.with_type(_as_written(field.type)) for field in inferred.arrow_schema])
-    features = datasets.Features.from_arrow_schema(schema)
+def _json_as_written(path: Path, inferred: datasets.Features | None) -> Dataset:
+    """``inferred``: the features datasets read; None (it failed): inferred from the Python values."""
+    features = None
+    if inferred is not None:
+        schema = pa.schema([field.with_type(_as_written(field.type)) for field in inferred.arrow_schema])
+        features = datasets.Features.from_arrow_schema(schema)
     stat = path.stat()
     # Cached like load_dataset's own copy: keyed on the reader, the features, the path, the file's size and mtime.
     return Dataset.from_generator(_json_rows, features=features, gen_kwargs={
         "path": str(path.resolve()), "features": features, "stamp": (stat.st_size, stat.st_mtime_ns)})
 
 
-def _json_rows(path: str, features: datasets.Features, stamp: tuple[int, int]) -> Iterator[dict]:
+def _json_rows(path: str, features: datasets.Features | None, stamp: tuple[int, int]) -> Iterator[dict]:
     """The rows datasets' JSON reader reads: one object per line (JSON Lines), or a top-level list
     of objects (or of strings, each a row's ``text``). ``stamp`` only keys the cache."""
-    types = {field.name: field.type for field in features.arrow_schema}
+    types = {field.name: field.type for field in features.arrow_schema} if features is not None else None
     for row in _json_values(Path(path)):
         row = {"text": row} if isinstance(row, str) else row
-        yield {name: _json_text_where_mixed(row.get(name), data_type) for name, data_type in types.items()}
+        yield row if types is None else {name: _json_text_where_mixed(row.get(name), data_type) for name, data_type in types.items()}
 
 
 def _json_values(path: Path) -> Iterator[object]:

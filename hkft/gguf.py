@@ -62,7 +62,7 @@ def locate_gguf(name: str, gguf_file: str) -> Path:
     else:
         candidate = Path(name).expanduser() / gguf_file
     if not candidate.is_file():
-        raise ModelError(f"GGUF file {candidate} does not exist",
+        raise ModelError(f"GGUF file {candidate} {'is a directory' if candidate.is_dir() else 'does not exist'}",
                          "set model.gguf_file to a file path, or to a file name in model.name's directory")
     return candidate
 

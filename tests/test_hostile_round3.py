@@ -137,6 +137,27 @@ def test_quoted_dates_in_json_are_learned_as_the_text_written(tmp_path, rows, co
     assert [text.removesuffix("<|im_end|>") for text in supervised] == ["2025-05-03", "2024-01-02T10:00"]
 
 
+def test_conversations_whose_every_message_is_a_date_are_learned_as_written(tmp_path):
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    rows = [{"messages": [{"role": "user", "content": "2025-05-03"}, {"role": "assistant", "content": "2025-05-03T00:00"}]}]
+    path = write_jsonl(tmp_path / "dates.jsonl", rows)
+    data = prepare_data(causal_config(train=str(path), validation=str(path)), tokenizer)
+    assert data.raw_validation["conversation"] == [rows[0]["messages"][:1]]
+    assert supervised_text(tokenizer, data.train["labels"][0]) == "2025-05-03T00:00<|im_end|>"
+
+
+@pytest.mark.slow  # a 12 MB file: datasets' JSON reader infers types per 10 MB
+def test_a_json_file_whose_first_10_mb_hold_only_dates_in_a_column_is_read(tmp_path):
+    from hkft.data import load_source
+
+    path = tmp_path / "big.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"prompt": f"p{index}", "completion": "2025-05-03"}) + "\n" for index in range(250_000))
+        handle.write(json.dumps({"prompt": "last", "completion": "not a date"}) + "\n")
+    dataset = load_source(str(path))
+    assert len(dataset) == 250_001 and dataset[0]["completion"] == "2025-05-03" and dataset[-1]["completion"] == "not a date"
+
+
 def test_quoted_dates_in_a_classifier_s_text_column_stay_text(tmp_path):
     from hkft.modeling import load_tokenizer, resolve_model_path
 
@@ -216,6 +237,12 @@ def test_a_damaged_gguf_file_is_one_line_naming_what_is_wrong(cli, tmp_path, dam
     (tmp_path / "bad.gguf").write_bytes(damage(raw))
     result = cli("train", gguf_preset(tmp_path, tmp_path / "bad.gguf"), "--output-dir", tmp_path / "run")
     assert_one_line_error(result, str(tmp_path / "bad.gguf"), message)
+
+
+def test_a_gguf_file_that_is_a_directory_is_named_as_one(cli, tmp_path):
+    (tmp_path / "model.gguf").mkdir()
+    result = cli("train", gguf_preset(tmp_path, tmp_path / "model.gguf"), "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, f"GGUF file {tmp_path / 'model.gguf'} is a directory")
 
 
 def test_inspect_of_a_gguf_preset_works_offline_and_converts_nothing(cli, tmp_path):
@@ -447,3 +474,41 @@ def test_fuzz_conversations_are_read_as_the_readme_says(rows):
             assert expected is None and len(str(err).splitlines()) == 1, str(err)
         else:
             assert messages == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+
+
+def damaged_gguf(raw: bytes, data: st.DataObject) -> bytes:
+    """The file cut at any byte, or with another magic or another version (either byte order)."""
+    how = data.draw(st.sampled_from(["cut", "cut", "magic", "version"]))
+    if how == "cut":
+        return raw[: data.draw(st.integers(0, len(raw) - 1))]
+    if how == "magic":
+        magic = data.draw(st.binary(min_size=0, max_size=4).filter(lambda head: head != b"GGUF"))
+        return magic + raw[4:] if len(magic) == 4 else magic
+    version = data.draw(st.integers(0, 2**32 - 1).filter(lambda number: number not in (2, 3)) | st.sampled_from([2, 3]))
+    order = data.draw(st.sampled_from(["<", ">"]))
+    if order == "<" and version in (2, 3):
+        version = 1
+    return raw[:4] + struct.pack(f"{order}I", version) + raw[8:]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.data())
+def test_fuzz_damaged_gguf_files(tiny_gguf, tmp_path_factory, data):
+    """Converting (train, eval, merge-adapter) or reading the config (inspect) of a damaged GGUF file:
+    one ModelError line, and nothing left in the cache."""
+    from hkft.errors import ModelError
+    from hkft.gguf import cache_root, gguf_config_source, gguf_model_dir
+
+    folder = tmp_path_factory.mktemp("damaged")
+    (folder / "model.gguf").write_bytes(damaged_gguf(tiny_gguf, data))
+    for read in (gguf_model_dir, gguf_config_source):
+        with pytest.raises(ModelError) as caught:
+            read(str(folder), "model.gguf")
+        assert len(str(caught.value).splitlines()) == 1 and str(folder / "model.gguf") in str(caught.value)
+        event(str(caught.value).replace(str(folder / "model.gguf"), "FILE")[:50])
+    assert not (cache_root() / "gguf").exists() or all(path.suffix == ".lock" for path in (cache_root() / "gguf").iterdir())
