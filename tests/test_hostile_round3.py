@@ -512,3 +512,54 @@ def test_fuzz_damaged_gguf_files(tiny_gguf, tmp_path_factory, data):
         assert len(str(caught.value).splitlines()) == 1 and str(folder / "model.gguf") in str(caught.value)
         event(str(caught.value).replace(str(folder / "model.gguf"), "FILE")[:50])
     assert not (cache_root() / "gguf").exists() or all(path.suffix == ".lock" for path in (cache_root() / "gguf").iterdir())
+
+
+JSON_TEXT = TEXT | st.sampled_from(["2025-05-03", "2025-05-03 10:00:00", "1999-12-31T23:59", "0", "-1.5", "1e5", "NaN",
+                                    "false", "[]", "{\"a\": 1}", "\"\""])
+JSON_VALUES = (JSON_TEXT | st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
+               | st.floats(allow_nan=False, allow_infinity=False) | st.lists(JSON_TEXT | st.integers(0, 9) | st.none(), max_size=3))
+
+
+DATES = (st.dates().map(str) | st.datetimes().map(lambda moment: moment.isoformat(sep=" ")[:16])
+         | st.datetimes().map(lambda moment: moment.isoformat()[:19]))
+JSON_LOOKING = st.sampled_from(["42", "-1.5", "null", "true", '"quoted"', "[1]", "{}"]) | st.integers(0, 9) | st.none()
+
+
+@st.composite
+def json_rows(draw) -> list[dict]:
+    """A few rows; each column holds dates only, JSON-looking text among numbers, or anything."""
+    columns = draw(st.lists(st.sampled_from(["prompt", "completion", "note"]), min_size=1, max_size=3, unique=True))
+    values = {column: draw(st.sampled_from([DATES, JSON_LOOKING, JSON_VALUES])) for column in columns}
+    return [{column: draw(values[column]) for column in columns if draw(st.integers(0, 5))}
+            for _ in range(draw(st.integers(1, 4)))]
+
+
+@WIDE
+@given(json_rows(), st.sampled_from([".jsonl", ".json"]))
+def test_fuzz_json_values_are_read_as_written(tmp_path_factory, rows, suffix):
+    """Whatever mix of strings (dates, JSON-looking text), numbers, nulls and lists a column holds:
+    every value comes back as Python's json module reads it (ints may come back as floats, their
+    column's type; a float keeps 10 significant digits in a .json list, which datasets rewrites with
+    pandas' ujson: regression labels are float32 anyway), or the file is refused in one line."""
+    from hkft.data import load_source
+    from hkft.errors import DataError
+
+    path = tmp_path_factory.mktemp("json") / f"data{suffix}"
+    text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(row) + "\n" for row in rows)
+    path.write_text(text, encoding="utf-8")
+    try:
+        dataset = load_source(str(path))
+    except DataError as err:
+        event(f"refused: {str(err).replace(str(path), 'FILE')}"[:80])
+        assert len(str(err).splitlines()) == 1
+        return
+    event("read")
+    columns = sorted({key for row in rows for key in row})
+    assert sorted(dataset.column_names) == columns and len(dataset) == len(rows)
+    for row, read in zip(rows, dataset):
+        for column in columns:
+            written, value = row.get(column), read[column]
+            if isinstance(value, float) and not isinstance(written, (bool, list)) and written is not None:
+                assert value == pytest.approx(written, rel=1e-9 if suffix == ".json" else 1e-15), (column, written, value)
+            else:
+                assert value == written and type(value) is type(written), (column, written, value)
