@@ -8,14 +8,14 @@ stops here, as one line. The report is plain data (the CLI draws it, `--json` pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
-from hkft.config.schema import DROPOUT_METHODS
+from hkft.config.schema import DROPOUT_METHODS, Task
 from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.errors import ConfigError, ModelError
 from hkft.gguf import gguf_config_source
@@ -36,6 +36,8 @@ def is_preset(target: str) -> bool:
 
 def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
     """The preset, or hkft's defaults for a bare model; and whether the task was given (else inferred)."""
+    if task is not None and task not in get_args(Task):
+        raise ConfigError(f"--task {task!r} is not a task", f"choose one of {', '.join(get_args(Task))}")
     overrides = [*overrides, *([f"model.task={task}"] if task else [])]
     if is_preset(target):
         return load_config(target, overrides, overrides_from="--set"), True

@@ -285,6 +285,12 @@ def test_a_set_that_breaks_a_rule_across_keys_is_blamed_on_the_set_not_the_prese
     assert "quickstart.yaml" not in result.stderr
 
 
+def test_an_unknown_inspect_task_is_blamed_on_task_not_on_set(cli):
+    result = cli("inspect", "quickstart", "--task", "foo")
+    assert_one_line_error(result, "--task 'foo'", "classification, regression, causal-lm")
+    assert "--set" not in result.stderr
+
+
 def test_a_preset_that_is_a_number_is_named_with_the_right_article(cli, tmp_path):
     (tmp_path / "p.yaml").write_text("5\n")
     assert_one_line_error(cli("config", tmp_path / "p.yaml"), "must be a mapping of sections, not an integer")
