@@ -222,6 +222,7 @@ def chat_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, layout: C
     if not tokenizer.is_fast:
         raise DataError(f"chat data needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not one",
                         "use a model whose tokenizer has a tokenizer.json")
+
     def encode(batch: dict, indices: list[int]) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         encoded = [

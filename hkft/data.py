@@ -114,16 +114,21 @@ def _load_local(path: Path, setting: str) -> Dataset:
         _require_utf8(path)  # pyarrow's JSON reader stores invalid bytes and fails only when they are read
     try:
         with _datasets_silenced():
-            try:
-                dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-            except Exception as err:
-                if builder != "json" or not _failed_on_a_date(err):
-                    raise
-                return _json_as_written(path, None)
-            if builder == "json" and not _reads_as_written(dataset.features.arrow_schema):
-                dataset = _json_as_written(path, dataset.features)
+            return _read_local(path, builder)
     except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
         raise _local_load_error(path, builder, err) from None
+
+
+def _read_local(path: Path, builder: str) -> Dataset:
+    """datasets' reader; for a JSON file whose strings it changed or refused, Python's (see below)."""
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        if builder == "json" and _failed_on_a_date(err):
+            return _json_as_written(path, None)
+        raise
+    if builder == "json" and not _reads_as_written(dataset.features.arrow_schema):
+        return _json_as_written(path, dataset.features)
     return dataset
 
 
