@@ -192,6 +192,9 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
                 "set data.chat_template to a template that renders turns in order",
             )
         spans.append((len(prompt), len(through.rstrip())))
+    if all(start >= end for start, end in spans):  # labels would be all ignored: a row that trains nothing
+        raise DataError(f"{where}: the chat template renders none of the replies this conversation trains on",
+                        "set data.chat_template to a template that renders the assistant's messages")
     return text, spans
 
 

@@ -101,6 +101,13 @@ def test_a_chat_template_that_raises_while_rendering_is_one_line_naming_it(cli, 
     assert_one_line_error(result, "train data row 0: the chat template fails", "TypeError", "data.chat_template")
 
 
+def test_a_chat_template_that_renders_no_reply_is_one_line_not_a_run_that_learns_nothing(cli, tmp_path, chat_model):
+    silent = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    result = cli("train", chat_preset(tmp_path, chat_model, [{"messages": REPLY}] * 4, chat_template=silent),
+                 "--output-dir", tmp_path / "run")
+    assert_one_line_error(result, "train data row 0: the chat template renders none of the replies")
+
+
 def test_a_conversations_column_of_role_and_content_is_read_as_messages(tmp_path):
     tokenizer = chat_tokenizer(CHATML_PLAIN)
     reference = prepare_data(causal_config(train=str(write_jsonl(tmp_path / "m.jsonl", [{"messages": REPLY}]))), tokenizer,
@@ -338,6 +345,7 @@ TEMPLATES = {
                     "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{% set ns.last = m['role'] %}"
                     + PLAIN_TURN.replace("CONTENT", "m['content']") + "{% endfor %}" + GENERATION),
     "runtime-error": "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}",
+    "no-replies": "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}",
     "syntax-error": "{% for m in messages %}{{ m['content'] }}",
     "undefined": "{% for m in messages %}{{ m.meta.name }}{% endfor %}",
     "rewriting": ("{% for m in messages %}{{ m['role'] }}: {% if loop.last %}{{ m['content'] }}{% else %}"
