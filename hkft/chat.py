@@ -24,13 +24,14 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hkft.config.schema import DataConfig
-from hkft.errors import DataError
+from hkft.errors import DataError, kind_of
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 DEFAULT_COLUMNS = {"messages": "messages", "sharegpt": "conversations"}
 ALPACA_COLUMNS = ("instruction", "output")
+ALPACA_TEXT_COLUMNS = (*ALPACA_COLUMNS, "input", "system")
 # Truncation outcome of one conversation, kept as a column until it is counted.
 FITS, TRUNCATED, DROPPED = 0, 1, 2
 
@@ -39,53 +40,78 @@ Message = dict[str, str]
 
 # --- layouts -------------------------------------------------------------------------------------
 
-def chat_format(data: DataConfig, dataset: Dataset) -> str | None:
+@dataclass(frozen=True)
+class ChatLayout:
+    """How a dataset holds its conversations: ``format`` is messages, sharegpt or alpaca; ``column``
+    the list of messages (None for alpaca's columns)."""
+
+    format: str
+    column: str | None = None
+
+    def __str__(self) -> str:
+        return self.format if self.column is None else f"{self.format} (column {self.column!r})"
+
+
+def chat_format(data: DataConfig, dataset: Dataset) -> ChatLayout | None:
     """The chat layout of a causal-LM dataset, or None for prompt/completion and plain text.
 
     ``data.format: auto`` takes prompt/completion columns first (as before chat support), then a
     messages column (``data.messages_column``, else ``messages`` or ``conversations``) whose first
-    message has role/content (messages) or from/value (sharegpt) keys, then instruction/output
-    columns (alpaca)."""
-    if data.format != "auto":
-        return data.format if data.format in ("messages", "sharegpt", "alpaca") else None
+    message has from/value keys (sharegpt) or not (messages), then instruction/output columns
+    (alpaca). Either key style may sit in either column."""
     columns = set(dataset.column_names)
+    if data.format != "auto":
+        if data.format == "alpaca":
+            return ChatLayout("alpaca")
+        return ChatLayout(data.format, _messages_column(data, data.format, columns)) if data.format in DEFAULT_COLUMNS else None
     if {data.prompt_column, data.completion_column} <= columns:
         return None
     candidates = [data.messages_column] if data.messages_column else list(DEFAULT_COLUMNS.values())
     column = next((name for name in candidates if name in columns), None)
     if column is not None:
         first = next((turns[0] for turns in dataset[column] if isinstance(turns, list) and turns), None)
-        return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
+        return ChatLayout("sharegpt" if isinstance(first, dict) and "from" in first else "messages", column)
     if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+        return ChatLayout("alpaca")
     return None
 
 
-def messages_column(data: DataConfig, layout: str) -> str | None:
-    return data.messages_column or DEFAULT_COLUMNS.get(layout)
+def _messages_column(data: DataConfig, layout: str, columns: set[str]) -> str:
+    """``data.messages_column``, else the layout's usual column, else the other one if the data has it."""
+    if data.messages_column:
+        return data.messages_column
+    preferred = [DEFAULT_COLUMNS[layout], *(name for name in DEFAULT_COLUMNS.values() if name != DEFAULT_COLUMNS[layout])]
+    return next((name for name in preferred if name in columns), DEFAULT_COLUMNS[layout])
 
 
-def required_columns(data: DataConfig, layout: str) -> list[str]:
-    return list(ALPACA_COLUMNS) if layout == "alpaca" else [messages_column(data, layout)]
+def required_columns(layout: ChatLayout) -> list[str]:
+    return list(ALPACA_COLUMNS) if layout.column is None else [layout.column]
 
 
-def conversation(row: dict, layout: str, column: str | None, where: str) -> list[Message]:
+def text_columns(layout: ChatLayout) -> list[str]:
+    """The columns of flat text (alpaca's); a messages column holds lists."""
+    return list(ALPACA_TEXT_COLUMNS) if layout.column is None else []
+
+
+def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
     """One example as checked ``{role, content}`` messages; ``where`` names the row in errors."""
-    if layout == "alpaca":
+    if layout.column is None:
         return _from_alpaca(row, where)
+    column = layout.column
     turns = row[column]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: column {column!r} must hold a non-empty list of messages", f"got {_kind(turns)}")
-    keys = ("from", "value") if layout == "sharegpt" else ("role", "content")
+    sharegpt = layout.format == "sharegpt"
+    keys = ("from", "value") if sharegpt else ("role", "content")
     messages = []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or not all(key in turn and turn[key] is not None for key in keys):
             raise DataError(f"{where}: message {number} is not a {{{keys[0]}, {keys[1]}}} mapping", f"got {turn!r:.80}")
+        known = SHAREGPT_ROLES if sharegpt else {name: name for name in ROLES}
         role, content = turn[keys[0]], turn[keys[1]]
-        role = SHAREGPT_ROLES.get(role) if layout == "sharegpt" else (role if role in ROLES else None)
+        role = known.get(role) if isinstance(role, str) else None  # a list or a mapping is no role (nor hashable)
         if role is None:
-            allowed = ", ".join(SHAREGPT_ROLES if layout == "sharegpt" else ROLES)
-            raise DataError(f"{where}: message {number} has {keys[0]} {turn[keys[0]]!r}", f"use one of {allowed}")
+            raise DataError(f"{where}: message {number} has {keys[0]} {turn[keys[0]]!r:.80}", f"use one of {', '.join(known)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {number}'s {keys[1]} is {_kind(content)}", "it must be a string")
         messages.append({"role": role, "content": content})
@@ -95,7 +121,7 @@ def conversation(row: dict, layout: str, column: str | None, where: str) -> list
 
 
 def _from_alpaca(row: dict, where: str) -> list[Message]:
-    for column in (*ALPACA_COLUMNS, "input", "system"):
+    for column in ALPACA_TEXT_COLUMNS:
         if row.get(column) is not None and not isinstance(row[column], str):
             raise DataError(f"{where}: column {column!r} is {_kind(row[column])}", "alpaca columns hold strings")
     if not row.get("instruction") or row.get("output") is None:
@@ -106,7 +132,7 @@ def _from_alpaca(row: dict, where: str) -> list[Message]:
 
 
 def _kind(value: object) -> str:
-    return "empty" if value in (None, [], "") else f"a {type(value).__name__}"
+    return "empty" if value is None or (isinstance(value, (str, list)) and not value) else kind_of(value)
 
 
 # --- the template ----------------------------------------------------------------------------------
@@ -121,11 +147,32 @@ def use_chat_template(tokenizer: PreTrainedTokenizerBase, data: DataConfig, mode
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], where: str, *, generation_prompt: bool) -> str:
+    """The template is the user's (or the model's) code: what it raises is its problem, in one line.
+    Jinja's own errors (a syntax error, ``raise_exception``) refuse; anything else (``{{ m['content'] + 1 }}``
+    on a string) is a template that cannot render."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except TemplateError as err:
-        raise DataError(f"{where}: the chat template refuses this conversation ({str(err)[:200]})",
+        raise DataError(f"{where}: the chat template refuses this conversation ({_first_line(err)})",
                         "fix the conversation, or set data.chat_template") from None
+    except Exception as err:  # any error a Jinja expression can raise (TypeError, KeyError, ...)
+        raise DataError(f"{where}: the chat template fails on this conversation ({type(err).__name__}: {_first_line(err)})",
+                        "fix data.chat_template (it replaces the tokenizer's template), or set it to a working one") from None
+
+
+def _first_line(err: Exception) -> str:
+    return next(iter(str(err).strip().splitlines()), "")[:200]
+
+
+def _reply_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], index: int, where: str) -> str:
+    """What the model is shown before the reply at ``index``: the messages before it, with the
+    generation prompt. A conversation that opens with the assistant has none: chat templates render
+    no empty conversation (transformers refuses one), and many refuse a first assistant turn."""
+    if index == 0:
+        raise DataError(f"{where}: the conversation opens with an assistant message, a reply to nothing, "
+                        "so no prompt comes before it to learn or generate it from",
+                        "start the conversation with a system or user message")
+    return render(tokenizer, messages[:index], where, generation_prompt=True)
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_on: str, where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -136,7 +183,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
         turns = turns[-1:]
     spans = []
     for index in turns:
-        prompt = render(tokenizer, messages[:index], where, generation_prompt=True)
+        prompt = _reply_prompt(tokenizer, messages, index, where)
         through = render(tokenizer, messages[: index + 1], where, generation_prompt=False)
         if not (text.startswith(through) and through.startswith(prompt)):
             raise DataError(
@@ -145,6 +192,9 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
                 "set data.chat_template to a template that renders turns in order",
             )
         spans.append((len(prompt), len(through.rstrip())))
+    if all(start >= end for start, end in spans):  # labels would be all ignored: a row that trains nothing
+        raise DataError(f"{where}: the chat template renders none of the replies this conversation trains on",
+                        "set data.chat_template to a template that renders the assistant's messages")
     return text, spans
 
 
@@ -170,17 +220,16 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tra
     return EncodedChat(ids[:max_length], labels[:max_length], outcome)
 
 
-def chat_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, layout: str, split: str) -> Callable[[dict, list[int]], dict]:
+def chat_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, layout: ChatLayout, split: str) -> Callable[[dict, list[int]], dict]:
     """For ``Dataset.map(batched=True, with_indices=True)``; adds an ``outcome`` column (see count_truncation)."""
     if not tokenizer.is_fast:
         raise DataError(f"chat data needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not one",
                         "use a model whose tokenizer has a tokenizer.json")
-    column = messages_column(data, layout)
 
     def encode(batch: dict, indices: list[int]) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         encoded = [
-            encode_chat(tokenizer, conversation(row, layout, column, f"{split} data row {index}"), data.train_on,
+            encode_chat(tokenizer, conversation(row, layout, f"{split} data row {index}"), data.train_on,
                         data.max_length, f"{split} data row {index}")
             for row, index in zip(rows, indices)
         ]
@@ -216,16 +265,15 @@ def count_truncation(dataset: Dataset, split: str, max_length: int) -> tuple[Dat
     )
 
 
-def chat_generation_set(tokenizer: PreTrainedTokenizerBase, raw: Dataset, data: DataConfig, layout: str, split: str) -> Dataset:
+def chat_generation_set(tokenizer: PreTrainedTokenizerBase, raw: Dataset, layout: ChatLayout, split: str) -> Dataset:
     """Per example: the conversation before its last assistant reply, rendered with the generation
     prompt, and that reply as the reference."""
-    column = messages_column(data, layout)
     prompts, references, conversations = [], [], []
     for index, row in enumerate(raw):
         where = f"{split} data row {index}"
-        messages = conversation(row, layout, column, where)
+        messages = conversation(row, layout, where)
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
-        prompts.append(render(tokenizer, messages[:last], where, generation_prompt=True))
+        prompts.append(_reply_prompt(tokenizer, messages, last, where))
         references.append(messages[last]["content"])
         conversations.append(messages[:last])
     return Dataset.from_dict({"prompt_text": prompts, "reference": references, "conversation": conversations})

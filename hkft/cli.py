@@ -266,7 +266,7 @@ def train(
 
     [dim]Example: hkft train quickstart --set lora.r=16 train.epochs=2[/]
     """
-    cfg = load_config(preset, [*(overrides or []), *(extra or [])])
+    cfg = load_config(preset, [*(overrides or []), *(extra or [])], overrides_from="--set")
     root = output_dir if output_dir is not None else default_run_dir(cfg, resolve_preset_path(preset))
     cfg.output.dir = str(root)
     check_run_location(root)
@@ -412,7 +412,7 @@ def preset_description(path: Path) -> str:
 @user_errors
 def config(preset: Preset, extra: ExtraOverrides = None, overrides: Overrides = None) -> None:
     """Validate a preset with its overrides and print the fully resolved YAML (offline, no model load)."""
-    print_yaml(load_config(preset, [*(overrides or []), *(extra or [])]))
+    print_yaml(load_config(preset, [*(overrides or []), *(extra or [])], overrides_from="--set"))
 
 
 @app.command("inspect", rich_help_panel=INSPECT_PANEL)

@@ -8,7 +8,10 @@ exactly when none of those changed. Padding is dynamic (per batch, in the collat
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -110,9 +114,22 @@ def _load_local(path: Path, setting: str) -> Dataset:
         _require_utf8(path)  # pyarrow's JSON reader stores invalid bytes and fails only when they are read
     try:
         with _datasets_silenced():
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _read_local(path, builder)
     except Exception as err:  # datasets raises many types (pyarrow, pandas, its own) for one bad file
         raise _local_load_error(path, builder, err) from None
+
+
+def _read_local(path: Path, builder: str) -> Dataset:
+    """datasets' reader; for a JSON file whose strings it changed or refused, Python's (see below)."""
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        if builder == "json" and _failed_on_a_date(err):
+            return _json_as_written(path, None)
+        raise
+    if builder == "json" and not _reads_as_written(dataset.features.arrow_schema):
+        return _json_as_written(path, dataset.features)
+    return dataset
 
 
 def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
@@ -123,6 +140,107 @@ def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
         return DataError(f"{path}: cannot read the file (permission denied)", "check its permissions")
     first_line = next(iter(str(cause).strip().splitlines()), "") or type(cause).__name__
     return DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format")
+
+
+# datasets' JSON reader (pyarrow) changes two kinds of JSON strings. A string that looks like a date
+# or a time ("2025-05-03") comes back as a timestamp, and converting it back does not give the text
+# written ("2025-05-03 00:00:00"); when the file's first 10 MB hold only dates in a field, a later
+# string there fails the whole file. In a field of mixed types (strings and numbers, or lists) every
+# value is kept as JSON text, except a string that is itself valid JSON text, which comes back
+# decoded: "42" as 42, "null" as None, '"hi"' as 'hi'. A file where any of this happened is read
+# again with Python's json module, each field keeping the type datasets inferred (a date a string),
+# and the values of mixed fields written as their JSON text, which datasets decodes exactly.
+
+def _failed_on_a_date(err: Exception) -> bool:
+    cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+    return re.search(r"\b(timestamp|date32|date64|time32|time64)\b", str(cause)) is not None
+
+
+def _reads_as_written(schema: pa.Schema) -> bool:
+    return all(_as_written(field.type) == field.type and not _has_mixed_types(field.type) for field in schema)
+
+
+def _as_written(data_type: pa.DataType) -> pa.DataType:
+    """``data_type`` with every date, time or timestamp in it (nested in lists and structs) a string."""
+    if pa.types.is_temporal(data_type):
+        return pa.string()
+    if pa.types.is_struct(data_type):
+        return pa.struct([field.with_type(_as_written(field.type)) for field in data_type])
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        value_field = data_type.value_field.with_type(_as_written(data_type.value_type))
+        return pa.list_(value_field) if pa.types.is_list(data_type) else pa.large_list(value_field)
+    return data_type
+
+
+def _has_mixed_types(data_type: pa.DataType) -> bool:
+    if isinstance(data_type, pa.JsonType):
+        return True
+    if pa.types.is_struct(data_type):
+        return any(_has_mixed_types(field.type) for field in data_type)
+    return (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and _has_mixed_types(data_type.value_type)
+
+
+def _json_as_written(path: Path, inferred: datasets.Features | None) -> Dataset:
+    """``inferred``: the features datasets read; None (it failed): inferred from the Python values."""
+    features = None
+    if inferred is not None:
+        schema = pa.schema([field.with_type(_as_written(field.type)) for field in inferred.arrow_schema])
+        features = datasets.Features.from_arrow_schema(schema)
+    stat = path.stat()
+    # Cached like load_dataset's own copy: keyed on the reader, the features, the path, the file's size and mtime.
+    return Dataset.from_generator(_json_rows, features=features, gen_kwargs={
+        "path": str(path.resolve()), "features": features, "stamp": (stat.st_size, stat.st_mtime_ns)})
+
+
+def _json_rows(path: str, features: datasets.Features | None, stamp: tuple[int, int]) -> Iterator[dict]:
+    """The rows datasets' JSON reader reads: one object per line (JSON Lines), or a top-level list
+    of objects (or of strings, each a row's ``text``). ``stamp`` only keys the cache."""
+    types = {field.name: field.type for field in features.arrow_schema} if features is not None else None
+    for row in _json_values(Path(path)):
+        row = {"text": row} if isinstance(row, str) else row
+        yield row if types is None else {name: _json_text_where_mixed(row.get(name), data_type) for name, data_type in types.items()}
+
+
+def _json_values(path: Path) -> Iterator[object]:
+    with path.open("rb") as handle:
+        if handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+            handle.seek(0)
+            yield from json.loads(handle.read().decode("utf-8-sig"))
+            return
+        handle.seek(0)
+        for line in handle:  # binary lines end at line feeds alone: U+2028 and its kind are valid inside JSON text
+            if line.strip():
+                yield json.loads(line.decode("utf-8-sig"))
+
+
+def _json_text_where_mixed(value: object, data_type: pa.DataType) -> object:
+    """``value`` with each value of a mixed-type field replaced by its JSON text."""
+    if value is None:
+        return None
+    if isinstance(data_type, pa.JsonType):
+        return json.dumps(value, ensure_ascii=False)
+    if pa.types.is_struct(data_type) and isinstance(value, dict):
+        return {field.name: _json_text_where_mixed(value.get(field.name), field.type) for field in data_type}
+    if (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and isinstance(value, list):
+        return [_json_text_where_mixed(item, data_type.value_type) for item in value]
+    return value
+
+
+def _csv_text_as_written(dataset: Dataset, source: str | HubSource, columns: list[str], limit: int | None) -> Dataset:
+    """A CSV file's text columns as written: pandas reads "007" as the number 7 and "1.50" as 1.5
+    (CSV has no quotes that say "text"), so a text column of anything else is read again as strings."""
+    if not isinstance(source, str) or LOCAL_FORMATS.get(Path(source).suffix.lower()) != "csv":
+        return dataset
+    text = datasets.Value("string")
+    retyped = {column for column in columns if column in dataset.features and dataset.features[column] != text}
+    if not retyped:
+        return dataset
+    features = datasets.Features({name: text if name in retyped else feature for name, feature in dataset.features.items()})
+    try:
+        with _datasets_silenced():
+            return _first(datasets.load_dataset("csv", data_files=source, split="train", features=features), limit)
+    except Exception as err:  # as in _load_local
+        raise _local_load_error(Path(source), "csv", err) from None
 
 
 def _require_utf8(path: Path) -> None:
@@ -396,7 +514,7 @@ def prepare_data(
         data.format == "prompt-completion" or (data.format == "auto" and _is_prompted(raw, data))
     )
     if layout is not None:
-        texts, needed = [], chat.required_columns(data, layout)
+        texts, needed = [], chat.required_columns(layout)
     elif task == "causal-lm":
         texts = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
         needed = texts
@@ -404,6 +522,8 @@ def prepare_data(
         texts = data.text_columns
         needed = [*texts, data.label_column]
     for split, dataset in raw.items():
+        raw[split] = dataset = _csv_text_as_written(dataset, getattr(data, split), chat.text_columns(layout) if layout else texts,
+                                                    data.max_samples)
         where = f"{describe_source(getattr(data, split))} (data.{split})"
         _require_columns(dataset, needed, split)
         _require_values(dataset, needed, split)
@@ -461,7 +581,7 @@ def _prepared(tokenised: dict[str, Dataset], generation: dict[str, Dataset], lab
     )
 
 
-def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> str | None:
+def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> chat.ChatLayout | None:
     layouts = {split: chat.chat_format(data, dataset) for split, dataset in raw.items()}
     if len(set(layouts.values())) > 1:
         found = ", ".join(f"{split}: {layout or 'not chat'}" for split, layout in layouts.items())
@@ -469,7 +589,7 @@ def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> str | None:
     return next(iter(layouts.values()), None)
 
 
-def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str,
+def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: chat.ChatLayout,
                   model_name: str) -> PreparedData:
     """Conversations: rendered with the chat template, labels on the assistant's tokens (hkft.chat)."""
     chat.use_chat_template(tokenizer, data, model_name)
@@ -479,7 +599,7 @@ def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrain
                               remove_columns=dataset.column_names, desc=f"tokenising {split}")
         tokenised[split], notice = chat.count_truncation(encoded, split, data.max_length)
         notices += [notice] if notice else []
-    generation = {split: chat.chat_generation_set(tokenizer, raw[split], data, layout, split)
+    generation = {split: chat.chat_generation_set(tokenizer, raw[split], layout, split)
                   for split in ("validation", "test") if split in raw}
     return _prepared(tokenised, generation, None, notices)
 

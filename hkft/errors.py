@@ -21,6 +21,19 @@ def one_line(text: str) -> str:
     return "".join(repr(char)[1:-1] if len(f"a{char}a".splitlines()) > 1 else char for char in text)
 
 
+# How a message names a value's type; anything else is "a"/"an" and its class name.
+KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+         type(None): "null"}
+
+
+def kind_of(value: object) -> str:
+    """``value``'s type as a sentence says it: 'an integer', 'a list', 'null', 'an OrderedDict'."""
+    if type(value) in KINDS:
+        return KINDS[type(value)]
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 class ConfigError(HkftError):
     """The preset or an override is invalid."""
 

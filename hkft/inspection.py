@@ -8,16 +8,17 @@ stops here, as one line. The report is plain data (the CLI draws it, `--json` pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
-from hkft.config.schema import DROPOUT_METHODS
+from hkft.config.schema import DROPOUT_METHODS, Task
 from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.errors import ConfigError, ModelError
+from hkft.gguf import gguf_config_source
 from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path
 from hkft.pipeline import plan_from_config
 
@@ -35,14 +36,25 @@ def is_preset(target: str) -> bool:
 
 def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
     """The preset, or hkft's defaults for a bare model; and whether the task was given (else inferred)."""
+    if task is not None and task not in get_args(Task):
+        raise ConfigError(f"--task {task!r} is not a task", f"choose one of {', '.join(get_args(Task))}")
     overrides = [*overrides, *([f"model.task={task}"] if task else [])]
     if is_preset(target):
-        return load_config(target, overrides), True
+        return load_config(target, overrides, overrides_from="--set"), True
     # data.train is required by the schema; inspect reads no data.
     spec = {"model": {"name": target}, "data": {"train": "(not read by hkft inspect)"}}
-    return validate_config(apply_overrides(spec, overrides), source=target), task is not None or any(
+    return validate_config(apply_overrides(spec, overrides), source=target, overrides=overrides,
+                           overrides_from="--set"), task is not None or any(
         override.startswith("model.task=") for override in overrides
     )
+
+
+def inspection_path(cfg: HkftConfig) -> str:
+    """Where the model's config is read: train's model directory, but for a GGUF base not converted
+    yet the GGUF file itself (its metadata), so that inspect dequantizes nothing."""
+    if cfg.model.gguf_file:
+        return gguf_config_source(cfg.model.name, cfg.model.gguf_file)
+    return resolve_model_path(cfg.model.name, cfg.model.revision)
 
 
 def inferred_task(path: str, cfg: HkftConfig) -> str:
@@ -54,7 +66,7 @@ def inferred_task(path: str, cfg: HkftConfig) -> str:
 
 def inspect_model(target: str, overrides: list[str], task: str | None = None) -> dict[str, Any]:
     cfg, task_given = inspection_config(target, overrides, task)
-    path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    path = inspection_path(cfg)
     if not task_given:
         cfg.model.task = inferred_task(path, cfg)
     task = cfg.model.task

@@ -141,7 +141,11 @@ def _auto_class(task: str) -> type:
 
 
 def read_model_config(cfg: ModelConfig, path: str, **config_overrides) -> PretrainedConfig:
-    """The model's config, read once per command; ``config_overrides`` set attributes (``num_labels=1``)."""
+    """The model's config, read once per command; ``config_overrides`` set attributes (``num_labels=1``).
+    ``path`` may be a GGUF file (see hkft.gguf.gguf_config_source): its metadata holds the config."""
+    location = Path(path)
+    if location.suffix == ".gguf" and location.is_file():
+        path, config_overrides = str(location.parent), {"gguf_file": location.name, **config_overrides}
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                           **config_overrides)

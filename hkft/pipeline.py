@@ -359,8 +359,9 @@ def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, 
     if trainer.is_world_process_zero():  # before the final evaluation, so that a failure there loses no training
         save_adapter(model, tokenizer, run.adapter_dir, facts, initial=initial, state_dict=gathered)
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
-    outcome = final_evaluation(trainer, data, split, cfg, tokenizer, progress.steps if trainer.is_world_process_zero() else None)
-    base = base_evaluation(trainer, data, split, cfg, tokenizer) if cfg.eval.compare_base and cfg.model.task == "causal-lm" else None
+    steps = progress.steps if trainer.is_world_process_zero() else None
+    outcome = final_evaluation(trainer, data, split, cfg, tokenizer, steps)
+    base = base_evaluation(trainer, data, split, cfg, tokenizer, steps) if cfg.eval.compare_base and cfg.model.task == "causal-lm" else None
     has_eval = cfg.train.eval_strategy != "no"
     found = verdict(cfg, trainer.state.log_history, trainer.args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
@@ -375,10 +376,10 @@ def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, 
     return TrainResult(run.root, run.adapter_dir, outcome.metrics, found, base.metrics, before_and_after(base, outcome))
 
 
-def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer) -> EvalOutcome:
+def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer, steps: Steps | None = None) -> EvalOutcome:
     """The same evaluation with the adapter switched off: what training changed."""
     with trainer.model.disable_adapter():
-        return final_evaluation(trainer, data, split, cfg, tokenizer)
+        return final_evaluation(trainer, data, split, cfg, tokenizer, steps)
 
 
 def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> list[dict]:
@@ -460,14 +461,15 @@ def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: lis
     Results go to the run directory, or into the adapter folder itself."""
     config_path = run_config_for(adapter_dir)
     if config_path is not None:
-        return load_config(config_path, overrides), RunDir(adapter_dir.parent)
+        return load_config(config_path, overrides, overrides_from="--set"), RunDir(adapter_dir.parent)
     if data is None or not facts.get("model"):
         raise ConfigError(
             f"{adapter_dir} has no hkft_config.yaml beside it",
             "pass --data FILE (and --set data.text_column=... if the columns differ), or evaluate a run directory",
         )
     spec = {"model": facts["model"], "data": {"train": data, **facts.get("data", {})}}
-    return validate_config(apply_overrides(spec, overrides), source=str(adapter_dir)), RunDir(adapter_dir)
+    return (validate_config(apply_overrides(spec, overrides), source=str(adapter_dir), overrides=overrides, overrides_from="--set"),
+            RunDir(adapter_dir))
 
 
 def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
@@ -512,14 +514,17 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
             prediction_loss_only=task == "causal-lm",
             use_cpu=not torch.cuda.is_available(),
         )
+        progress = ProgressCallback(None, console)  # train's bars for the evaluation and the generation
         trainer = Trainer(
             model=model,
             args=args,
             data_collator=make_collator(task, tokenizer),
             processing_class=tokenizer,
             **metric_hooks(task),
+            callbacks=[progress],
         )
-        outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer, progress.steps)
     eval_path, predictions_path = run.eval_json, run.predictions_jsonl
     report = {
         "split": split,

@@ -59,10 +59,11 @@ def _step_of(line: str) -> float:
 
 
 class ProgressCallback(TrainerCallback):
-    """Rank 0 only: the other ranks of a distributed run stay quiet and write nothing."""
+    """Rank 0 only: the other ranks of a distributed run stay quiet and write nothing. Without a
+    ``metrics_path`` (`hkft eval`) nothing is written, only shown."""
 
-    def __init__(self, metrics_path: Path, console: Console):
-        self.metrics_path = Path(metrics_path)
+    def __init__(self, metrics_path: Path | None, console: Console):
+        self.metrics_path = Path(metrics_path) if metrics_path is not None else None
         self.console = console
         self.progress: Progress | None = None
         self.task: TaskID | None = None
@@ -74,7 +75,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.training = True
-        if state.global_step > 0:
+        if state.global_step > 0 and self.metrics_path is not None:
             drop_events_after(self.metrics_path, state.global_step)
         if self.console.is_terminal:
             self.progress = Progress(
@@ -95,7 +96,8 @@ class ProgressCallback(TrainerCallback):
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        append_jsonl(self.metrics_path, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
+        if self.metrics_path is not None:
+            append_jsonl(self.metrics_path, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
         line = format_logs(logs)
         if line:
             self._print(f"step {state.global_step}/{state.max_steps}  {line}")

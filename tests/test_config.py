@@ -187,5 +187,5 @@ def test_arbitrary_text_never_gives_a_traceback(tmp_path, text):
 ])
 def test_a_rule_across_keys_is_one_line_without_the_whole_section(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, MINIMAL), overrides)
+        load_config(write(tmp_path, MINIMAL), overrides, overrides_from="--set")
     assert str(caught.value).endswith(f": {message}")  # no "(got {...})" echo of the preset or section

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from hkft.config import schema
 from hkft.config.schema import HkftConfig
-from hkft.errors import ConfigError
+from hkft.errors import ConfigError, kind_of
 
 _SCHEMA_MODEL_NAMES = {name for name, value in vars(schema).items() if isinstance(value, type) and issubclass(value, BaseModel)}
 
@@ -116,7 +117,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if data is None:
         raise ConfigError(f"{path}: the preset is empty", "start from `hkft config quickstart`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the preset must be a mapping of sections, not a {type(data).__name__}")
+        raise ConfigError(f"{path}: the preset must be a mapping of sections, not {kind_of(data)}")
     return data
 
 
@@ -152,12 +153,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(preset: str | Path, overrides: list[str] | None = None) -> HkftConfig:
+def load_config(preset: str | Path, overrides: list[str] | None = None, *, overrides_from: str | None = None) -> HkftConfig:
+    """``overrides_from``: how the user gave ``overrides`` (``--set``), named in an error they cause;
+    a study names their source itself (``search train.lr=...``)."""
     path = resolve_preset_path(str(preset))
     data = read_yaml_mapping(path)
     check_not_a_study(data, path)
     overrides = list(overrides or [])
-    config = validate_config(apply_overrides(data, overrides), source=str(path), overrides=overrides)
+    config = validate_config(apply_overrides(data, overrides), source=str(path), overrides=overrides,
+                             overrides_from=overrides_from)
     return anchor_data_paths(config, path.resolve().parent)
 
 
@@ -168,14 +172,18 @@ def check_not_a_study(data: dict[str, Any], path: Path) -> None:
                           f"run it with `hkft sweep {path}`")
 
 
-def blamed_source(err: ValidationError, source: str, overrides: list[str]) -> str:
-    """The last override that set the failing key (or a section above it), else the preset file."""
-    failing = _without_union_branches(_most_specific(err.errors())["loc"])
+def blamed_override(err: ValidationError, overrides: list[str]) -> str | None:
+    """The last override that set the failing key (or a section above it), or that set a key inside
+    the failing section which a rule across keys names in its message (``data.packing is for
+    causal-lm``); None when the preset file is to blame."""
+    first = _most_specific(err.errors())
+    failing = [str(part) for part in _without_union_branches(first["loc"])]
     for override in reversed(overrides):
         keys = parse_override(override)[0]
-        if [str(part) for part in failing[: len(keys)]] == keys:
-            return f"--set {override}"
-    return source
+        named = re.search(rf"(?<![\w.]){re.escape('.'.join(keys))}(?!\w)", first["msg"]) is not None
+        if failing[: len(keys)] == keys or (keys[: len(failing)] == failing and named):
+            return override
+    return None
 
 
 def anchor_data_paths(config: HkftConfig, preset_dir: Path) -> HkftConfig:
@@ -191,12 +199,20 @@ def anchor_data_paths(config: HkftConfig, preset_dir: Path) -> HkftConfig:
     return config
 
 
-def validate_config(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> HkftConfig:
-    """``overrides``: those applied to ``data``; an error in a key one of them set is blamed on it."""
+def validate_config(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None,
+                    overrides_from: str | None = None) -> HkftConfig:
+    """``overrides``: those applied to ``data``; an error in a key one of them set is blamed on it,
+    as ``{overrides_from} {override}`` (``--set lora.r=0``), or on nothing when ``overrides_from`` is
+    None (the caller says where they came from); any other error on ``source``."""
     try:
         return HkftConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{blamed_source(err, source, list(overrides or []))}: {describe_validation_error(err)}") from None
+        override = blamed_override(err, list(overrides or []))
+        if override is None:
+            blame = f"{source}: "
+        else:
+            blame = f"{overrides_from} {override}: " if overrides_from else ""
+        raise ConfigError(f"{blame}{describe_validation_error(err)}") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -243,9 +243,13 @@ class TrainConfig(Section):
         return "no" if value is False else value
 
     @model_validator(mode="after")
-    def _steps_need_eval_steps(self) -> TrainConfig:
+    def _evaluation_rules(self) -> TrainConfig:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy 'steps' needs train.eval_steps")
+        if self.early_stopping_patience is not None and self.eval_strategy == "no":
+            raise ValueError("early_stopping_patience stops on validation results, but eval_strategy is no, "
+                             "so it would never stop anything: set train.eval_strategy to epoch or steps, or remove "
+                             "train.early_stopping_patience")
         return self
 
 
