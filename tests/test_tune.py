@@ -72,7 +72,7 @@ class FakeTrials:
             for callback in callbacks:
                 callback.on_evaluate(None, SimpleNamespace(global_step=step, max_steps=EVAL_STEPS[-1]), None,
                                      metrics={"eval_accuracy": value})
-        (cell.run_dir / "metrics.json").write_text(json.dumps({"train": {}, "eval": {"accuracy": final}}))
+        (cell.run_dir / "metrics.json").write_text(json.dumps({"train": {}, "eval": {"split": "test", "accuracy": final}}))
 
 
 def tune(path: Path, trainer: FakeTrials, *, seeds: int = 0, console: Console | None = None) -> list[optuna.Study]:

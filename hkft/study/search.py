@@ -62,6 +62,7 @@ TOP_TRIALS = 3  # rows per search in the console table
 # a parameter that took two values or more in three trials or more, and fANOVA importances (a random
 # forest over the trials) from five trials per parameter and at least two parameters (one is 100%).
 MIN_HISTORY, MIN_SCATTER, MIN_TRIALS_PER_IMPORTANCE = 2, 3, 5
+PLOTS = ("optimization_history.png", "param_importances.png", "metric_vs_param.png")
 MAX_CONTEXTS = 64  # combinations of the other choices tried when asking whether a key changes the runs
 
 
@@ -479,8 +480,9 @@ def write_results(plan: TunePlan, studies: list[optuna.Study], console: Console)
         for search, study in zip(plan.searches, studies):
             log_keys = {key for key, dim in search.space.items() if isinstance(dim, SearchRange) and dim.log}
             drawn, left_out = plot_search(study, search.folder, plan.metric, log_keys, plan.study.tune.seed)
-            console.print(f"plots in {search.folder}: {', '.join(path.name for path in drawn) or 'none'}"
-                          + (f" ({'; '.join(left_out)})" if left_out else ""), highlight=False, markup=False)
+            console.print(f"plots in {search.folder}: {', '.join(path.name for path in drawn) or 'none yet'}"
+                          + (f"; too few completed trials for {', '.join(left_out)}" if left_out else ""),
+                          highlight=False, markup=False)
     return bests
 
 
@@ -522,16 +524,12 @@ def write_trials_csv(plan: TunePlan, studies: list[optuna.Study]) -> Path:
             value = last.value if last.state == TrialState.COMPLETE else None
             rows.append({"search": search.name, "trial": origin_number(last), "state": trial_state(attempts),
                          f"validation_{plan.metric}": value,
-                         **{f"params_{key}": _csv_value(last.params.get(key)) for key in keys},
+                         **{f"params_{key}": last.params.get(key) for key in keys},
                          "attempts": len(attempts), "duration_s": _duration_s(attempts),
                          "run_dir": last.user_attrs.get("run_dir", "")})
     path = plan.output / "trials.csv"
     atomic_write_text(path, pd.DataFrame.from_records(rows).to_csv(index=False))
     return path
-
-
-def _csv_value(value):
-    return "" if value is None else value
 
 
 def _ranked(study: optuna.Study) -> list[FrozenTrial]:
@@ -547,7 +545,7 @@ def best_trials_table(plan: TunePlan, studies: list[optuna.Study]) -> Table:
     keys = list(dict.fromkeys(key for search in plan.searches for key in search.space))
     labels = labels_of(keys)
     table = Table(title=f"best trials by validation {plan.metric} ({plan.direction})", header_style="bold",
-                  caption=f"trial N runs in <search>/trial-000N; every trial: {plan.output / 'trials.csv'}")
+                  caption="trial N: its search's trial-000N folder; all trials: trials.csv")
     table.add_column("search", overflow="fold")
     table.add_column("trial", justify="right")
     table.add_column(plan.metric, justify="right")
@@ -606,42 +604,36 @@ def retrain_with_seeds(presets: list[Path], plan: TunePlan, seeds: int, console:
 
 def plot_search(study: optuna.Study, folder: Path, metric: str, log_keys: set[str], seed: int) -> tuple[list[Path], list[str]]:
     """optimization_history.png, param_importances.png (Optuna's fANOVA) and metric_vs_param.png (the most
-    important parameter, or the one that varied most), each where there are enough completed trials for it
-    to mean something (MIN_*); a plot left out is removed and said why. Returns (drawn, reasons)."""
+    important parameter, or the first that varied), each only where there are enough completed trials for
+    it to mean something (MIN_*); one left out is removed. Returns (drawn, names left out)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = [name for name in dict.fromkeys(name for trial in complete for name in trial.params)
               if len({_choice(trial.params[name]) for trial in complete if name in trial.params}) > 1]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    figures, left_out = {}, []
+    figures = {}
     if len(complete) >= MIN_HISTORY:
         figures["optimization_history.png"] = figure_optimization_history(
             [(origin_number(t), t.value) for t in complete], metric, maximize)
-    else:
-        left_out.append(f"optimization_history.png needs {MIN_HISTORY} completed trials")
     importances = {}
-    needed = MIN_TRIALS_PER_IMPORTANCE * max(len(varied), 2)
-    if len(varied) >= 2 and len(complete) >= needed:
+    if len(varied) >= 2 and len(complete) >= MIN_TRIALS_PER_IMPORTANCE * len(varied):
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
         figures["param_importances.png"] = figure_param_importances(importances)
-    else:
-        left_out.append("param_importances.png needs two varied parameters and "
-                        f"{MIN_TRIALS_PER_IMPORTANCE} completed trials per parameter")
     top = max(importances, key=importances.get) if importances else (varied[0] if varied else None)
     points = [(trial.params[top], trial.value) for trial in complete if top in trial.params]
     if top is not None and len(points) >= MIN_SCATTER:
         figures["metric_vs_param.png"] = figure_metric_vs_param(points, top, metric, top in log_keys)
-    else:
-        left_out.append(f"metric_vs_param.png needs {MIN_SCATTER} completed trials over a parameter that varied")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("optimization_history.png", "param_importances.png", "metric_vs_param.png"):
-        if name not in figures:
-            (folder / name).unlink(missing_ok=True)  # drawn from fewer trials by an older hkft
+    left_out = [name for name in PLOTS if name not in figures]
+    for name in left_out:
+        (folder / name).unlink(missing_ok=True)  # drawn from fewer trials by an older hkft
     return [save_figure(figure, folder / name) for name, figure in figures.items()], left_out
 
 
 def describe_plan(plan: TunePlan, seeds: int) -> list[str]:
-    """`hkft tune --dry-run`: the search space and what the command would run, as plain lines."""
+    """`hkft tune --dry-run`: the search space and what the command would run, as plain lines; an output
+    folder the study could not use is refused as the real run would refuse it."""
+    claim_output(plan.output, study_identity(plan), create=False)
     lines = ["search space:"]
     for key, dimension in plan.study.search.items():
         if key == plan.study.tune.per:

@@ -28,6 +28,7 @@ from hkft.config.loading import describe_validation_error, read_yaml_mapping
 from hkft.errors import ConfigError
 
 STUDIES_SUBDIR = "studies"
+STUDY_MARKER = "tune-study.json"  # in an hkft tune study's output folder: which study it holds
 
 
 class SearchRange(BaseModel):

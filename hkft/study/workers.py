@@ -25,8 +25,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from hkft.errors import ConfigError
+from hkft.study.spec import STUDY_MARKER
 
-STUDY_MARKER = "tune-study.json"  # in a study's output folder: which study it holds
 WORKER_ATTR = "worker"  # a trial's user attribute: {"machine": ..., "host": ..., "pid": ..., "started": ...}
 with warnings.catch_warnings():  # experimental in Optuna, stable in use since 2.8
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -119,11 +119,12 @@ def origin_number(trial: FrozenTrial) -> int:
     return trial.number if first is None else first
 
 
-def claim_output(folder: Path, identity: dict) -> None:
+def claim_output(folder: Path, identity: dict, *, create: bool = True) -> None:
     """Makes ``folder`` this study's, or refuses it in one line: a folder that holds another study (another
     tune.per, storage, base, space or metric) or anything else. Two studies in one folder would overwrite
     each other's trials.csv and best.yaml and mix their trial folders. The claim is an exclusive create,
-    so two studies started at once into one new folder cannot both win."""
+    so two studies started at once into one new folder cannot both win. Without ``create``, only checks
+    (a dry run)."""
     marker = folder / STUDY_MARKER
     text = json.dumps(identity, sort_keys=True, indent=1)
     if not marker.exists():
@@ -131,6 +132,8 @@ def claim_output(folder: Path, identity: dict) -> None:
         if others:
             raise ConfigError(f"study output {folder} already holds files that are not an hkft tune study's ({others[0]})",
                               "give the study a new or empty output folder")
+        if not create:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         if _create_exclusively(marker, text):
             return
