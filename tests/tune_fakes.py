@@ -32,6 +32,7 @@ class SteppedTrials:
         self.log = Path(log)
         self.step_seconds = step_seconds
         self.stop = stop  # stop(run_dir, step) -> BaseException or None: raised before that step trains
+        # (step STEPS + 1: after the run finished)
 
     def __call__(self, cell, *, resume: bool, console=None, callbacks=()) -> None:
         run = cell.run_dir
@@ -64,6 +65,8 @@ class SteppedTrials:
                 callback.on_evaluate(None, SimpleNamespace(global_step=step, max_steps=STEPS), None,
                                      metrics={"eval_accuracy": value})
         (run / "metrics.json").write_text(json.dumps({"train": {}, "eval": {"split": "test", "accuracy": accuracy(lr, STEPS)}}))
+        if self.stop is not None and (stopped := self.stop(run, STEPS + 1)) is not None:
+            raise stopped  # trained to the end, and stopped before the study heard of it
 
 
 def main(study: str, calls: str, step_seconds: str) -> None:

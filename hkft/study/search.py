@@ -51,6 +51,7 @@ from hkft.study.workers import (WORKER_ATTR, claim_output, describe_worker, orig
                                 this_worker)
 
 TRIAL_RECORD = "trial.json"
+DEFAULT_DB = "optuna.db"  # the study's storage in its output folder, without tune.storage
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ENDED_ATTR = "ended"  # "interrupted" on the attempt that Ctrl-C stopped (Optuna can only call it failed)
 # A trial whose process sent no heartbeat for GRACE_PERIOD_S seconds (a machine lost) is failed by Optuna
@@ -127,7 +128,7 @@ def plan_tune(study: Study) -> TunePlan:
     integer_keys = frozenset(key for key, dimension in study.search.items()
                              if _validate_dimension(preset, overrides, key, dimension))
     plan = TunePlan(study, preset, overrides, metric, direction, integer_keys, (),
-                    study.tune.storage or f"sqlite:///{(Path(study.output) / 'optuna.db').resolve()}")
+                    study.tune.storage or f"sqlite:///{(Path(study.output) / DEFAULT_DB).resolve()}")
     return replace(plan, searches=tuple(_read_keys_only(plan, search) for search in _searches(study, preset)))
 
 
@@ -358,10 +359,13 @@ def open_storage(url: str) -> RDBStorage:
             return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
                               heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
                               heartbeat_stale_trial_callback=requeue)
-        except Exception as err:  # sqlalchemy reports a bad URL or a missing driver with many exception types
+        except ImportError:  # Optuna's word for a driver that is not installed
+            raise ConfigError(f"tune.storage: cannot open {url}: the driver for this database is not installed",
+                              "install it (PostgreSQL: pip install 'hkft[postgres]')") from None
+        except Exception as err:  # sqlalchemy reports a bad URL or an unreachable server with many exception types
             failure = err
     raise ConfigError(f"tune.storage: cannot open {url} ({type(failure).__name__}: {str(failure).splitlines()[0]})",
-                      "give a database URL such as sqlite:///tune.db or postgresql://host/db")
+                      "give a database URL such as sqlite:///tune.db or postgresql+psycopg://user@host/db")
 
 
 def setup_record(plan: TunePlan, search: Search) -> str:
@@ -422,12 +426,12 @@ def run_search(plan: TunePlan, search: Search, storage: RDBStorage, console: Con
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     console.print(f"search {search.name}: {finished}/{budget} trials finished", highlight=False, markup=False)
     if finished < budget:
-        _optimize(plan, search, study, objective, budget - finished)
+        _optimize(plan, search, study, objective, budget - finished, console)
     announced: set[int] = set()
     while True:
         _take_over(study, search, console)
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            _optimize(plan, search, study, objective, 1)
+            _optimize(plan, search, study, objective, 1, console)
             continue
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
@@ -440,12 +444,13 @@ def run_search(plan: TunePlan, search: Search, storage: RDBStorage, console: Con
         time.sleep(POLL_S)
 
 
-def _optimize(plan: TunePlan, search: Search, study: optuna.Study, objective, n_trials: int) -> None:
+def _optimize(plan: TunePlan, search: Search, study: optuna.Study, objective, n_trials: int, console: Console) -> None:
     """Up to ``n_trials`` trials; never past ``tune.trials`` finished ones except for a trial queued again
     (a requeued trial is asked for first, and it is part of the study already)."""
     budget = plan.study.tune.trials
     waiting = bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    callbacks = [] if waiting else [MaxTrialsCallback(budget, states=FINISHED)]
+    callbacks = [lambda study, _: _take_over(study, search, console)]  # a dead worker's trial comes next
+    callbacks += [] if waiting else [MaxTrialsCallback(budget, states=FINISHED)]
     try:
         study.optimize(objective, n_trials=n_trials, timeout=plan.study.tune.timeout, callbacks=callbacks)
     except InterruptedRun as err:
@@ -458,11 +463,13 @@ def run_tune(plan: TunePlan, console: Console, *, seeds: int = 0, train_fn: Tria
     with ``seeds``, the best settings trained again with that many new seeds and compared."""
     train_fn = train_fn or train_cell
     check_can_create_dir(plan.output, "study output")
-    claim_output(plan.output, study_identity(plan))
+    identity = study_identity(plan)
+    claim_output(plan.output, identity, create=False)  # before the default storage creates optuna.db there
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hkft prints each trial; failures are one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = open_storage(plan.storage_url)
+        claim_output(plan.output, identity, own_files=() if plan.study.tune.storage else (DEFAULT_DB,))
         studies = [run_search(plan, search, storage, console, train_fn) for search in plan.searches]
         bests = write_results(plan, studies, console)
     if seeds:

@@ -119,16 +119,18 @@ def origin_number(trial: FrozenTrial) -> int:
     return trial.number if first is None else first
 
 
-def claim_output(folder: Path, identity: dict, *, create: bool = True) -> None:
+def claim_output(folder: Path, identity: dict, *, create: bool = True, own_files: tuple[str, ...] = ()) -> None:
     """Makes ``folder`` this study's, or refuses it in one line: a folder that holds another study (another
     tune.per, storage, base, space or metric) or anything else. Two studies in one folder would overwrite
     each other's trials.csv and best.yaml and mix their trial folders. The claim is an exclusive create,
     so two studies started at once into one new folder cannot both win. Without ``create``, only checks
-    (a dry run)."""
+    (a dry run); ``own_files`` start the names of files the study itself made there before claiming it (its
+    SQLite database and journal)."""
     marker = folder / STUDY_MARKER
     text = json.dumps(identity, sort_keys=True, indent=1)
     if not marker.exists():
-        others = sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) if folder.is_dir() else []
+        others = sorted(path.name for path in folder.iterdir()
+                        if not path.name.startswith((".", *own_files))) if folder.is_dir() else []
         if others:
             raise ConfigError(f"study output {folder} already holds files that are not an hkft tune study's ({others[0]})",
                               "give the study a new or empty output folder")
