@@ -313,7 +313,7 @@ def test_quickstart_tune_prunes_resumes_after_ctrl_c_and_its_best_preset_trains(
     study.write_text(yaml.safe_dump({
         "base": "quickstart", "output": str(tmp_path / "out"), "overrides": SMALL_RUN,
         "search": {"train.lr": {"low": 1e-5, "high": 1e-1, "log": True}, "lora.r": [4, 8]},
-        "tune": {"trials": 3, "startup_trials": 1}}))
+        "tune": {"trials": 3, "startup_trials": 1, "warmup": 0}}))  # six steps: prune from the first evaluation
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "hkft", "tune", str(study)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -92,7 +92,8 @@ def describe_worker(worker: dict | None) -> str:
 
 def take_over_abandoned(study: optuna.Study) -> list[FrozenTrial]:
     """Trials left running by a process of this machine that is gone, failed and queued again now;
-    then Optuna's own check for trials whose heartbeat stopped (other machines). Returns the first."""
+    then Optuna's own check for trials whose heartbeat stopped (other machines). Returns the trials taken
+    over by the first check, as they were found."""
     taken = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
