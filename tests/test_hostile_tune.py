@@ -136,6 +136,23 @@ def test_a_trial_of_a_killed_worker_is_taken_over_by_an_immediate_rerun(tmp_path
         assert json.loads((Path(row["run_dir"]) / TRIAL_RECORD).read_text())["state"] == "complete"
 
 
+def test_which_workers_count_as_gone():
+    """Only a process of this machine that has ended: killed but not yet reaped (a zombie), reaped, or its
+    id reused by a newer process. Never this process, a live one, or one of another machine."""
+    from hkft.study.workers import is_gone, this_worker
+
+    child = subprocess.Popen(["sleep", "60"])
+    worker = {**this_worker(), "pid": child.pid, "started": None}
+    assert not is_gone(worker) and not is_gone(this_worker())
+    assert is_gone({**this_worker(), "pid": child.pid, "started": "1"})  # the id now names another process
+    child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
+    assert is_gone(worker)
+    child.wait()
+    assert is_gone(worker)
+    assert not is_gone({**worker, "machine": "elsewhere"}) and not is_gone({"machine": worker["machine"]})
+
+
 # -- 3. Ctrl-C ---------------------------------------------------------------------------------------
 
 def test_a_trial_stopped_by_ctrl_c_is_one_trial_not_a_failure(tmp_path):

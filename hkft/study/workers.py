@@ -70,9 +70,9 @@ def this_worker() -> dict[str, object]:
 def is_gone(worker: dict) -> bool:
     """True when ``worker`` ran on this machine and its process has ended (killed, crashed). A process of
     another machine is never judged here; nor is this process (another thread's trial)."""
-    if worker.get("machine") != this_machine() or worker.get("pid") == os.getpid():
+    pid = worker.get("pid")
+    if worker.get("machine") != this_machine() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    pid = int(worker["pid"])
     if Path("/proc/self/stat").is_file():
         facts = _process_facts(pid)
         # A zombie has ended; a process with another start time reuses the id of the one that ended.
