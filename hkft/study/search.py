@@ -464,12 +464,16 @@ def run_tune(plan: TunePlan, console: Console, *, seeds: int = 0, train_fn: Tria
     train_fn = train_fn or train_cell
     check_can_create_dir(plan.output, "study output")
     identity = study_identity(plan)
-    claim_output(plan.output, identity, create=False)  # before the default storage creates optuna.db there
+    # The default storage creates optuna.db in the folder before the folder is claimed (by this worker or
+    # by one started beside it): a refused study must not leave a database behind, and a bad storage URL
+    # must not claim the folder for a storage that never opened.
+    own = () if plan.study.tune.storage else (DEFAULT_DB,)
+    claim_output(plan.output, identity, create=False, own_files=own)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # hkft prints each trial; failures are one line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = open_storage(plan.storage_url)
-        claim_output(plan.output, identity, own_files=() if plan.study.tune.storage else (DEFAULT_DB,))
+        claim_output(plan.output, identity, own_files=own)
         studies = [run_search(plan, search, storage, console, train_fn) for search in plan.searches]
         bests = write_results(plan, studies, console)
     if seeds:
