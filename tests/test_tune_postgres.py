@@ -116,7 +116,7 @@ def test_two_workers_on_postgresql_one_killed_mid_trial_lose_nothing(postgres_ur
         killed_lines.append(line)
         if line.startswith("[trial ") and line.rstrip().endswith(": training"):
             trial_dir = f"trial-{int(line.split()[1].rstrip(']')):04d}"
-        if trial_dir and "step 3/6" in line:  # past the checkpoint of step 2
+        if trial_dir and "step 4/6" in line:  # past the checkpoint of step 2 (logs, evaluations: every 2 steps)
             killed.send_signal(signal.SIGKILL)
             break
     killed.wait(timeout=60)

@@ -30,8 +30,16 @@ from hkft.study.spec import STUDY_MARKER
 WORKER_ATTR = "worker"  # a trial's user attribute: {"machine": ..., "host": ..., "pid": ..., "started": ...}
 with warnings.catch_warnings():  # experimental in Optuna, stable in use since 2.8
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    # Queues a failed-over trial again with its values and evaluations; its run directory resumes.
-    requeue = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    _retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queues a stopped trial again with its values and evaluations (Optuna's retry, which remembers the
+    trial it continues, so its run directory resumes), less the worker that ran it: between the moment a
+    worker takes the retry and the moment it records itself, the retry must not look abandoned."""
+    trial = copy.deepcopy(trial)
+    trial.user_attrs.pop(WORKER_ATTR, None)
+    _retry(study, trial)
 
 
 @cache
@@ -104,7 +112,7 @@ def take_over_abandoned(study: optuna.Study) -> list[FrozenTrial]:
                 continue
         except UpdateFinishedTrialError:  # another worker took it over first
             continue
-        requeue(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
+        requeue(study, study._storage.get_trial(trial._trial_id))
         taken.append(trial)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
