@@ -237,3 +237,36 @@ def test_reused_output_folders_hold_one_study(variants):
 @given(st.lists(variant, min_size=2, max_size=4))
 def test_reused_output_folders_hold_one_study_many(variants):
     run_reuse(variants)
+
+
+# -- races the randomised situations found, pinned down ---------------------------------------------------
+
+def test_a_worker_started_beside_another_accepts_the_database_the_other_just_made(tmp_path):
+    """Two workers start together: one has opened the default storage (optuna.db exists) but not yet
+    claimed the folder when the other looks at it. That is the same study, not someone else's files."""
+    path = write(tmp_path, study_file(tmp_path, trials=1, pruner="none"))
+    plan = plan_tune(load_study(path))
+    search_module.open_storage(plan.storage_url)  # the other worker, paused right after opening
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["optuna.db"]
+    run_tune(plan, Console(file=io.StringIO()), train_fn=SteppedTrials(tmp_path / "calls.jsonl"))
+    check_study(path, tmp_path / "calls.jsonl")
+
+
+def test_a_requeued_trial_is_nobody_s_until_a_worker_takes_it(tmp_path):
+    """The retry of a dead worker's trial must not carry that worker: a worker that has just taken the
+    retry, and not yet recorded itself, would otherwise see its own trial failed under it."""
+    from hkft.study.workers import WORKER_ATTR, take_over_abandoned, this_worker
+
+    stand_in = subprocess.Popen(["sleep", "60"])
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)})
+    trial.set_user_attr("run_dir", "trial-0000")
+    trial.set_user_attr(WORKER_ATTR, {**this_worker(), "pid": stand_in.pid, "started": None})
+    assert take_over_abandoned(study) == []  # alive
+    stand_in.kill()
+    stand_in.wait()
+    (taken,) = take_over_abandoned(study)
+    assert taken.number == 0
+    (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert retry.user_attrs == {"run_dir": "trial-0000"} and retry.params == trial.params
+    assert take_over_abandoned(study) == []  # once
