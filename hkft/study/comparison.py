@@ -50,6 +50,7 @@ class RunSummary:
     metrics: dict[str, float]
     curves: dict[str, Curve]
     overfitting: dict[str, Any] | None = None  # metrics.json's "overfitting": None if the run was never watched
+    split: str | None = None  # the split its final metrics were computed on ("test"), None if not recorded
 
     @property
     def main_metric(self) -> str:
@@ -140,7 +141,24 @@ def summarize_run(run: RunDir) -> RunSummary:
         metrics=read_final_metrics(run),
         curves=read_curves(run.metrics_jsonl),
         overfitting=read_overfitting(run),
+        split=read_split(run),
     )
+
+
+def read_split(run: RunDir) -> str | None:
+    found = json.loads(run.metrics_json.read_text(encoding="utf-8")).get("eval", {}).get("split")
+    return found if isinstance(found, str) else None
+
+
+def scored_on(rows: list[Row]) -> str:
+    """Which split the final metrics come from, as "scored on the test split": a search picks on the
+    validation split, and a table that did not say so could be read as the scores it was picked by."""
+    splits = sorted({run.split for row in rows for run in row.runs} - {None})
+    if not splits:
+        return ""
+    if len(splits) == 1:
+        return f"scored on the {splits[0]} split"
+    return f"scored on the {' and '.join(splits)} splits (see each run's metrics.json)"
 
 
 def read_overfitting(run: RunDir) -> dict[str, Any] | None:
@@ -317,8 +335,9 @@ def render_table(rows: list[Row], width: int = 200) -> Table:
     title = f"{datasets[0]}: " if skip else ""
     left_out = [name for name in metrics if name not in header]
     caption = f"also in comparison.md: {', '.join(left_out)}" if left_out else None
-    table = Table(title=f"{title}median ± sample std over seeds; overfit: runs flagged", caption=caption,
-                  header_style="bold")
+    scored = scored_on(rows)
+    table = Table(title=f"{title}median ± sample std over seeds{', ' + scored if scored else ''}; overfit: runs flagged",
+                  caption=caption, header_style="bold")
     naming = 4 + len(extras) - skip
     for index, name in enumerate(header):
         if index < naming:
@@ -341,7 +360,8 @@ def table_markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(row, extras, metrics)) + " |")
-    return "Median ± sample standard deviation over seeds.\n\n" + "\n".join(lines) + "\n"
+    scored = scored_on(rows)
+    return f"Median ± sample standard deviation over seeds{', ' + scored if scored else ''}.\n\n" + "\n".join(lines) + "\n"
 
 
 def table_csv(rows: list[Row]) -> str:

@@ -26,7 +26,7 @@ from hkft.errors import ConfigError
 from hkft.io import check_can_create_dir
 from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config, training_run_dir
 from hkft.study.comparison import compare_runs
-from hkft.study.spec import Study
+from hkft.study.spec import STUDY_MARKER, Study
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -161,6 +161,8 @@ def run_sweep(study: Study, console: Console, train_fn: TrainFn | None = None) -
     if not study.grid and study.search:
         raise ConfigError("this study has a search: section and no grid:", "run it with hkft tune")
     check_can_create_dir(Path(study.output), "study output")
+    if (Path(study.output) / STUDY_MARKER).exists():
+        raise ConfigError(f"study output {study.output} holds an hkft tune study", "give the sweep its own output folder")
     cells = expand_cells(study)
     left_out = grid_size(study) - len(cells)
     repeats = f" ({left_out} grid points repeat another cell's run and are left out)" if left_out else ""

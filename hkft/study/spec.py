@@ -28,6 +28,7 @@ from hkft.config.loading import describe_validation_error, read_yaml_mapping
 from hkft.errors import ConfigError
 
 STUDIES_SUBDIR = "studies"
+STUDY_MARKER = "tune-study.json"  # in an hkft tune study's output folder: which study it holds
 
 
 class SearchRange(BaseModel):
@@ -65,6 +66,7 @@ class TuneSettings(BaseModel):
     per: str | None = Field(None, description="A search key with a list of values: one search per value.")
     pruner: Literal["median", "none"] = Field("median", description="Stop a trial whose evaluations trail the median.")
     startup_trials: int = Field(2, ge=0, description="Trials that are never pruned (the median needs some).")
+    warmup: float = Field(0.5, ge=0, lt=1, description="Share of a trial's steps before the pruner may stop it.")
     storage: str | None = Field(None, description="Database URL shared by workers; default: sqlite in output.")
 
 
