@@ -73,7 +73,14 @@ def conversation(row: dict, layout: str, column: str | None, where: str) -> list
     """One example as checked ``{role, content}`` messages; ``where`` names the row in errors."""
     if layout == "alpaca":
         return _from_alpaca(row, where)
-    turns = row[column]
+    messages = checked_messages(row[column], layout, column, where)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{where}: the conversation has no assistant message", "nothing to learn from it: add a reply or drop the row")
+    return messages
+
+
+def checked_messages(turns: object, layout: str, column: str | None, where: str) -> list[Message]:
+    """A messages or sharegpt list as checked ``{role, content}`` messages (a reply not required)."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: column {column!r} must hold a non-empty list of messages", f"got {_kind(turns)}")
     keys = ("from", "value") if layout == "sharegpt" else ("role", "content")
@@ -89,8 +96,6 @@ def conversation(row: dict, layout: str, column: str | None, where: str) -> list
         if not isinstance(content, str):
             raise DataError(f"{where}: message {number}'s {keys[1]} is {_kind(content)}", "it must be a string")
         messages.append({"role": role, "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise DataError(f"{where}: the conversation has no assistant message", "nothing to learn from it: add a reply or drop the row")
     return messages
 
 
