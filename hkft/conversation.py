@@ -29,7 +29,7 @@ from hkft.errors import ConfigError, DataError, HkftError
 from hkft.evaluation import generate
 from hkft.io import environment_error
 from hkft.modeling import position_limit
-from hkft.targets import Target, load_base_target, load_target
+from hkft.targets import Target, load_base_target, load_target, looks_like_run
 
 COMMANDS = "/reset starts over, /save FILE appends the conversation to a JSONL file, /exit or Ctrl-D leaves"
 STOPPED = "(stopped)"
@@ -120,10 +120,10 @@ def load_replier(target: Path | None, base: str | None, overrides: list[str], *,
     if target is None and base is None:
         raise ConfigError("nothing to talk to", "give a run directory (hkft chat runs/quickstart-chat), a merged model "
                           "folder, or --base PRESET for a preset's base model")
-    loaded = load_base_target(base, overrides, "chat") if base is not None else load_target(target, overrides, "chat")
-    if compare_base and not loaded.has_adapter:
+    if compare_base and (target is None or not looks_like_run(target)):
         raise ConfigError("--compare-base compares a LoRA adapter with its base model, and this model has no adapter",
                           "give the run directory the adapter was trained in")
+    loaded = load_base_target(base, overrides, "chat") if base is not None else load_target(target, overrides, "chat")
     template = "data.chat_template" if loaded.cfg.data.chat_template else "the tokenizer's chat template"
     use_chat_template(loaded.tokenizer, loaded.cfg.data, loaded.cfg.model.name)
     return Replier(loaded, loaded.cfg.eval.generation), f"{loaded.description}, {template}"

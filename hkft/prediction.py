@@ -52,7 +52,7 @@ def run_predict(target: Path, texts: list[str], file: Path | None, output: Path 
         predicted = predict_rows(loaded, rows, advance)
     if output is not None:
         atomic_write_text(output, jsonl(predicted))
-        console.print(f"{len(predicted)} predictions written to {escape(str(output))}", highlight=False)
+        console.print(f"{len(predicted)} predictions written to {escape(str(output))}", highlight=False, soft_wrap=True)
     elif file is not None or as_json:
         print(jsonl(predicted), end="", flush=True)
     else:
