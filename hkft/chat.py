@@ -97,8 +97,15 @@ def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
     """One example as checked ``{role, content}`` messages; ``where`` names the row in errors."""
     if layout.column is None:
         return _from_alpaca(row, where)
+    messages = checked_messages(row[layout.column], layout, where)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{where}: the conversation has no assistant message", "nothing to learn from it: add a reply or drop the row")
+    return messages
+
+
+def checked_messages(turns: object, layout: ChatLayout, where: str) -> list[Message]:
+    """A messages or sharegpt list as checked ``{role, content}`` messages (a reply not required)."""
     column = layout.column
-    turns = row[column]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: column {column!r} must hold a non-empty list of messages", f"got {_kind(turns)}")
     sharegpt = layout.format == "sharegpt"
@@ -115,8 +122,6 @@ def conversation(row: dict, layout: ChatLayout, where: str) -> list[Message]:
         if not isinstance(content, str):
             raise DataError(f"{where}: message {number}'s {keys[1]} is {_kind(content)}", "it must be a string")
         messages.append({"role": role, "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise DataError(f"{where}: the conversation has no assistant message", "nothing to learn from it: add a reply or drop the row")
     return messages
 
 

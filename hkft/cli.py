@@ -328,6 +328,43 @@ def merge_adapter(
     print_table(rows, "hkft merge-adapter")
 
 
+@app.command(rich_help_panel=RUN_PANEL)
+@user_errors
+def chat(
+    target: Annotated[Path | None, typer.Argument(metavar="RUN_OR_MODEL_DIR", help="A run directory, its adapter/ folder, or a folder written by merge-adapter.", show_default=False)] = None,
+    base: Annotated[str | None, typer.Option("--base", metavar="PRESET", help="Talk to the base model of this preset instead (no adapter).", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option(help="A system message that starts each conversation.", show_default=False)] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="Reply to this prompt as one JSON line, then exit (repeatable).", show_default=False)] = None,
+    compare_base: Annotated[bool, typer.Option(help="Reply with the base model too (the adapter switched off), before the finetuned reply.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Talk to a finetuned causal LM in its chat template: streamed in a terminal, a JSON line per reply in a pipe.
+
+    [dim]In the terminal: /reset, /save FILE, /exit (or Ctrl-D); Ctrl-C stops a reply. Decoding: --set eval.generation.max_new_tokens=256[/]
+    """
+    quiet_libraries()
+    from hkft.conversation import run_chat
+
+    run_chat(target, base, overrides or [], system=system, prompts=prompt or [], compare_base=compare_base)
+
+
+@app.command(rich_help_panel=RUN_PANEL)
+@user_errors
+def predict(
+    target: Annotated[Path, typer.Argument(metavar="RUN_OR_MODEL_DIR", help="A run directory, its adapter/ folder, or a folder written by merge-adapter.")],
+    texts: Annotated[list[str] | None, typer.Argument(metavar="TEXT", help="Texts to score.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A JSONL file: one object per line with the run's text column(s).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the --file rows with their predictions here (JSONL), else to stdout.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Labels and probabilities of a finetuned classifier (values of a regressor) for new texts, in batches."""
+    quiet_libraries()
+    from hkft.prediction import run_predict
+
+    run_predict(target, texts or [], file, output, overrides or [], as_json=as_json, console=console, progress_console=errors)
+
+
 StudyFile = Annotated[str, typer.Argument(metavar="STUDY", help="A study file, or the name of a shipped study (presets/studies).")]
 StudyDryRun = Annotated[bool, typer.Option(help="List what would run and the estimated number of runs, then exit; trains nothing.")]
 

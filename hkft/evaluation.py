@@ -123,9 +123,9 @@ def _is_metric(key: str) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int,
-             advance: Callable[[], None] = lambda: None, *, add_special_tokens: bool = True) -> list[str]:
+             advance: Callable[[], None] = lambda: None, *, add_special_tokens: bool = True, **options) -> list[str]:
     """Batched generation with left padding; returns only the newly generated text. ``advance`` is
-    called after each batch."""
+    called after each batch; ``options`` go to ``model.generate`` (a streamer, stopping criteria)."""
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
@@ -145,6 +145,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, b
                 no_repeat_ngram_size=settings.no_repeat_ngram_size,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **options,
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
