@@ -52,11 +52,11 @@ def collect(studies: Path = STUDIES, results: Path = RESULTS) -> None:
                 for name in RUN_FILES:
                     if (run / name).is_file():
                         _copy_text(run / name, target / run.relative_to(method_dir) / name)
-            logs = studies / "logs"
-            start, end = logs / f"{method_dir.name}.start", logs / f"{method_dir.name}.end"
-            if start.is_file() and end.is_file():
-                wall = int(end.read_text()) - int(start.read_text())
-                (target / "wall_time.json").write_text(json.dumps({"wall_s": wall}) + "\n", encoding="utf-8")
+            phases = sorted([int(start.read_text()), int(start.with_suffix(".end").read_text())]
+                            for start in (studies / "logs").glob(f"{method_dir.name}.*start")
+                            if start.with_suffix(".end").is_file())  # <method>.start, <method>.more-seeds.start...
+            if phases:
+                (target / "wall_time.json").write_text(json.dumps({"phases": phases}) + "\n", encoding="utf-8")
 
 
 def _label(row: Row) -> str:
@@ -71,6 +71,12 @@ def _runtimes(method_dir: Path) -> list[tuple[float, int]]:
         train = json.loads(path.read_text(encoding="utf-8")).get("train", {})
         found.append((float(train["train_runtime"]), int(train["step"])))
     return found
+
+
+def _phases(method_dir: Path) -> list[tuple[int, int]]:
+    """(start, end) in Unix seconds of each `hkft tune` command the study took."""
+    path = method_dir / "wall_time.json"
+    return [tuple(phase) for phase in json.loads(path.read_text())["phases"]] if path.is_file() else []
 
 
 def _trials(method_dir: Path) -> list[dict]:
@@ -122,6 +128,10 @@ def summary_markdown(pairs: list[tuple[Row, Path]]) -> str:
     lines.append("")
     lines.append(f"Median ± sample std over seeds {', '.join(map(str, seeds))} on the test split; s/step is the "
                  "median training time per step, evaluations included; time sums every trial and seed run.")
+    phases = [phase for _, method_dir in pairs for phase in _phases(method_dir)]
+    if phases:
+        wall = max(end for _, end in phases) - min(start for start, _ in phases)
+        lines.append(f"Wall time: {wall / 60:.0f} min from the first start to the last end, the studies side by side.")
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,8 @@ def test_summary_reports_the_seed_runs_median_and_std_per_method(tmp_path):
     write_study(tmp_path, "none", ["dropout.method=none", "train.lr=0.002"], [0.70, 0.75, 0.72])
     write_study(tmp_path, "lora-dropout", ["dropout.method=none", "lora.lora_dropout=0.1", "train.lr=0.004"],
                 [0.80, 0.74, 0.78])
+    (tmp_path / "rotten-tomatoes/none/wall_time.json").write_text(json.dumps({"phases": [[1000, 1600], [1700, 1900]]}))
+    (tmp_path / "rotten-tomatoes/lora-dropout/wall_time.json").write_text(json.dumps({"phases": [[1100, 2500]]}))
     report(tmp_path, Console(file=open("/dev/null", "w")))
     lines = (tmp_path / "rotten-tomatoes" / "summary.md").read_text().splitlines()
     none, lora = lines[2], lines[3]
@@ -55,7 +57,8 @@ def test_summary_reports_the_seed_runs_median_and_std_per_method(tmp_path):
         runtimes = [50.0, 70.0, *(100.0 + seed for seed in SEEDS)]
         assert f"| {statistics.median(runtimes) / 100:.2f} | {sum(runtimes) / 60:.0f} min (5 runs) |" in row
         assert row.endswith("| 1/3 seeds, 1/2 trials |")
-    assert "seeds 43, 44, 45 on the test split" in lines[-1]
+    assert "seeds 43, 44, 45 on the test split" in lines[-2]
+    assert lines[-1].startswith("Wall time: 25 min from the first start to the last end")  # 1000 .. 2500 s
     for name in ("summary.png", "comparison.csv", "metric_by_method.png"):
         assert (tmp_path / "rotten-tomatoes" / name).is_file()
 
@@ -69,10 +72,14 @@ def test_collect_keeps_the_small_files_with_paths_relative_to_the_checkout(tmp_p
     (runs / "logs").mkdir()
     (runs / "logs/none.start").write_text("1000\n")
     (runs / "logs/none.end").write_text("1600\n")
+    (runs / "logs/none.more-seeds.start").write_text("1700\n")
+    (runs / "logs/none.more-seeds.end").write_text("1900\n")
+    (runs / "logs/none-other.start").write_text("1\n")  # another study's
+    (runs / "logs/none-other.end").write_text("2\n")
     collect(runs, tmp_path / "results")
     copied = tmp_path / "results/rotten-tomatoes/none"
     assert not list(copied.rglob("checkpoint*"))
-    assert json.loads((copied / "wall_time.json").read_text()) == {"wall_s": 600}
+    assert json.loads((copied / "wall_time.json").read_text()) == {"phases": [[1000, 1600], [1700, 1900]]}
     config = (copied / "seeds/seed=44/hkft_config.yaml").read_text()
     assert f"{REPO}/" not in config and "train: presets/data/rotten-tomatoes/train.jsonl" in config
     assert load_config(copied / "seeds/seed=44/hkft_config.yaml").train.seed == 44
