@@ -6,7 +6,8 @@ the report needs (every run's config, metrics and trial record, each search's tr
 and the process wall time; no checkpoints, no adapters) into `bench/does-it-help/<dataset>/`;
 `python -m bench.does_it_help` alone rebuilds, per dataset, `hkft compare`'s table and plots over
 the seed runs, plus `summary.md` (one row per method: the tuned values, test score median ± std
-over seeds, step time, total time, overfitting flags) and `summary.png`.
+over seeds, step time, total time, overfitting flags) and `summary.png`. A folder of plain runs
+(`hkft train` with the tuned settings and a longer schedule, say) gets `hkft compare`'s alone.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def collect(studies: Path = STUDIES, results: Path = RESULTS) -> None:
             phases = sorted([int(start.read_text()), int(start.with_suffix(".end").read_text())]
                             for start in (studies / "logs").glob(f"{method_dir.name}.*start")
                             if start.with_suffix(".end").is_file())  # <method>.start, <method>.more-seeds.start...
-            if phases:
+            if phases and (method_dir / "trials.csv").is_file():
                 (target / "wall_time.json").write_text(json.dumps({"phases": phases}) + "\n", encoding="utf-8")
 
 
@@ -161,8 +162,8 @@ def report(results: Path = RESULTS, console: Console | None = None) -> None:
     console = console or Console(width=120)
     for dataset in sorted(path for path in results.iterdir() if path.is_dir()):
         pairs = summary_rows(dataset)
-        if not pairs:
-            console.print(f"{dataset.name}: no finished seed runs yet")
+        if not pairs:  # plain runs (hkft train), no tune study: hkft compare's table and plots alone
+            compare_runs([dataset], dataset, console)
             continue
         compare_runs([method_dir / "seeds" for _, method_dir in pairs], dataset, console)
         summary = summary_markdown(pairs)

@@ -63,6 +63,15 @@ def test_summary_reports_the_seed_runs_median_and_std_per_method(tmp_path):
         assert (tmp_path / "rotten-tomatoes" / name).is_file()
 
 
+def test_a_folder_of_plain_runs_gets_the_comparison_alone(tmp_path):
+    for seed, accuracy in zip(SEEDS, [0.6, 0.7, 0.8]):
+        write_run(tmp_path / "longer/none" / f"seed={seed}", ["dropout.method=none", f"train.seed={seed}"], accuracy,
+                  100.0, detected=False)
+    report(tmp_path, Console(file=open("/dev/null", "w")))
+    assert not (tmp_path / "longer/summary.md").exists()
+    assert "| none | - | - | 3 | 0.7000 ± 0.1000 |" in (tmp_path / "longer/comparison.md").read_text()
+
+
 def test_collect_keeps_the_small_files_with_paths_relative_to_the_checkout(tmp_path):
     runs = tmp_path / "runs"
     write_study(runs, "none", ["dropout.method=none"], [0.7, 0.7, 0.7])
