@@ -218,3 +218,18 @@ def test_the_training_recipe_never_imports_the_study_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"
+
+
+def test_rerun_refuses_a_finished_cell_trained_with_another_setting(tmp_path):
+    """A changed base or override must not pass off the old runs as the new setting's (a continued
+    `hkft tune` whose best trial changed retrains its seeds into the same seed=N folders)."""
+    run_sweep(load_study(write_study(tmp_path, overrides=["train.lr=0.001"], grid={"train.seed": [1, 2]})), quiet(),
+              FakeTrainer())
+    changed = load_study(write_study(tmp_path, overrides=["train.lr=0.002"], grid={"train.seed": [1, 2]}))
+    trainer = FakeTrainer()
+    with pytest.raises(ConfigError, match=r"seed=1 holds a run of another setting \(train.lr: 0.001 -> 0.002\)"):
+        run_sweep(changed, quiet(), trainer)
+    assert trainer.calls == []
+    run_sweep(load_study(write_study(tmp_path, overrides=["train.lr=0.001", "description=renamed"],
+                                     grid={"train.seed": [1, 2]})), quiet(), trainer)
+    assert trainer.calls == []  # bookkeeping (description, output) is not a setting

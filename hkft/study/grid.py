@@ -25,7 +25,7 @@ from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
 from hkft.io import check_can_create_dir
 from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config, training_run_dir
-from hkft.study.comparison import compare_runs
+from hkft.study.comparison import compare_runs, flatten
 from hkft.study.spec import STUDY_MARKER, Study
 
 if TYPE_CHECKING:
@@ -138,8 +138,23 @@ def grid_size(study: Study) -> int:
     return len(study.bases) * math.prod(len(values) for values in study.grid.values())
 
 
+def check_same_setting(cell: Cell) -> None:
+    """A finished run kept for a cell must be that cell's run: after a changed base or override (or a
+    continued `hkft tune` whose best trial changed), the old results would pass for the new setting's."""
+    saved = RunDir(cell.run_dir).config_path
+    if not saved.is_file():
+        return
+    old, new = (flatten(json.loads(run_fingerprint(cfg))) for cfg in (load_config(saved), cell.config))
+    changed = [key for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{cell.run_dir} holds a run of another setting ({key}: {old.get(key)} -> {new.get(key)})",
+                          "move that folder away to train the new setting, or give the study another output folder")
+
+
 def cell_state(cell: Cell) -> str:
     if is_finished(cell.run_dir):
+        check_same_setting(cell)
         return "finished"
     return "resume" if latest_checkpoint(RunDir(cell.run_dir)) is not None else "new"
 
