@@ -178,7 +178,7 @@ class _Sums:
 
 def rises(points: list[Evaluation]) -> list[Rise | None]:
     """At each evaluation, the validation loss against its smoothed minimum before the recent window,
-    from the evaluations up to that one only. None before the fifth evaluation, and from a missing
+    from the evaluations up to that one only. None before the fourth evaluation, and from a missing
     validation loss on."""
     loss, train = _Sums([point.loss for point in points]), _Sums([point.train_loss for point in points])
     log_losses = [math.log(point.loss) if loss.known(range(index, index + 1)) else math.nan
