@@ -195,9 +195,9 @@ def evaluations_left(args: TrainingArguments, state: TrainerState) -> int:
 
 
 class RunDuration:
-    """How long the training takes, estimated from the first steps: the median time of a step (from
+    """How long the training takes, estimated from its first steps: the median time of a step (from
     the Trainer's step begin to its step end, so evaluations and checkpoints are not in it) times the
-    steps left; then, after the first evaluation, with the evaluations left at that one's time."""
+    steps left, plus the evaluations left at the first one's time once one has run."""
 
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
@@ -206,7 +206,7 @@ class RunDuration:
         self.step_started: float | None = None
         self.step_ended: float | None = None
         self.step_seconds: list[float] = []
-        self.evaluation_timed = False
+        self.evaluation_seconds: float | None = None
 
     def begin(self, state: TrainerState) -> None:
         self.began, self.first_step = self.clock(), state.global_step
@@ -214,35 +214,43 @@ class RunDuration:
     def step_begins(self) -> None:
         self.step_started = self.clock()
 
+    def estimated(self) -> bool:
+        return len(self.step_seconds) > ESTIMATE_AFTER
+
     def per_step(self) -> float:
-        timed = self.step_seconds[1:] or self.step_seconds
-        return statistics.median(timed)
+        return statistics.median(self.step_seconds[1:] or self.step_seconds)
 
     def step_ends(self, args: TrainingArguments, state: TrainerState) -> str | None:
         """The estimate, once ESTIMATE_AFTER steps after the first were timed."""
         self.step_ended = self.clock()
-        if self.step_started is None:
+        if self.step_started is None or self.estimated():
             return None
         self.step_seconds.append(self.step_ended - self.step_started)
         self.step_started = None
-        if len(self.step_seconds) != ESTIMATE_AFTER + 1:
+        if not self.estimated():
             return None
-        per_step = self.per_step()
+        per_step, count = self.per_step(), evaluations_left(args, state)
         total = self.step_ended - self.began + (state.max_steps - state.global_step) * per_step
-        evaluations = "; evaluations not included" if evaluations_left(args, state) else ""
+        if not count:
+            evaluations = ""
+        elif self.evaluation_seconds is None:
+            evaluations = "; evaluations not included"
+        else:
+            total += count * self.evaluation_seconds
+            evaluations = f", {format_duration(self.evaluation_seconds)} for each of the {count} evaluations to come"
         return (f"expected: about {format_duration(total)} for steps {self.first_step + 1}-{state.max_steps} "
                 f"({per_step:.2g} s a step over steps {state.global_step - ESTIMATE_AFTER + 1}-{state.global_step}"
                 f"{evaluations})")
 
     def evaluated(self, args: TrainingArguments, state: TrainerState) -> str | None:
-        """After the first evaluation during training: the time left, the evaluations to come included."""
-        if self.evaluation_timed or self.step_ended is None or not self.step_seconds:
+        """The first evaluation during training is timed; if the estimate is out already, the time left
+        with the evaluations to come."""
+        if self.evaluation_seconds is not None or self.step_ended is None:
             return None
-        self.evaluation_timed = True
-        took = self.clock() - self.step_ended
+        self.evaluation_seconds = self.clock() - self.step_ended
         count = evaluations_left(args, state)
-        if not count:
+        if not self.estimated() or not count:
             return None
-        left = (state.max_steps - state.global_step) * self.per_step() + count * took
-        return (f"an evaluation takes {format_duration(took)}: about {format_duration(left)} left, the {count} "
-                f"evaluations to come included")
+        left = (state.max_steps - state.global_step) * self.per_step() + count * self.evaluation_seconds
+        return (f"an evaluation takes {format_duration(self.evaluation_seconds)}: about {format_duration(left)} left, "
+                f"the {count} evaluations to come included")

@@ -52,6 +52,13 @@ def test_evaluations_are_added_once_the_first_one_is_timed(tmp_path):
     assert len(lines) == 3  # each said once
 
 
+def test_an_evaluation_before_the_estimate_is_part_of_it(tmp_path):
+    lines = training(tmp_path, [5.0] + [2.0] * 9, evaluate_at={4: 6.0}, eval_strategy="steps", eval_steps=4)
+    # at step 6: 5 + 10 s of steps and 6 s of evaluation so far, 94 steps at 2 s, 24 evaluations at 6 s
+    assert lines[1:] == ["expected: about 6 min for steps 1-100 (2 s a step over steps 2-6, 6 s for each of the "
+                         "24 evaluations to come)"]
+
+
 def test_a_resumed_run_estimates_its_remaining_steps(tmp_path):
     lines = training(tmp_path, [4.0] + [3.0] * 5, start=60, eval_strategy="epoch")
     assert lines[0] == "training 100 steps from step 60"
