@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import hkft
 from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
@@ -177,11 +178,19 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def print_titled(table: Table) -> None:
+    """Rich wraps a title to its table's width: a table narrower than its title would break the model
+    name in it mid-word. The table is made as wide as its title, as far as the console allows."""
+    if isinstance(table.title, str):
+        table.min_width = min(Text.from_markup(table.title).cell_len, console.width)
+    console.print(table)
+
+
 def print_table(rows: dict[str, Any], title: str, columns: tuple[str, str] = ("metric", "value")) -> None:
     # Imported here: hkft.progress pulls in transformers (seconds), and `hkft config` / `hkft presets` stay instant.
     from hkft.progress import summary_table
 
-    console.print(summary_table(rows, title, columns=columns))
+    print_titled(summary_table(rows, title, columns=columns))
 
 
 def print_overfitting(found: Verdict | None) -> None:
@@ -202,7 +211,7 @@ def print_before_and_after(result: Any, title: str) -> None:
     for name, value in result.metrics.items():
         table.add_row(escape(name), escape(format_value(result.base_metrics.get(name, ""))), escape(format_value(value)))
     table.add_row("adapter", "", escape(str(result.adapter_dir)))
-    console.print(table)
+    print_titled(table)
     for sample in result.samples:
         last = sample["input"][-1]["content"] if isinstance(sample["input"], list) else sample["input"]
         replies = {"base model": sample["base"], "finetuned": sample["finetuned"], "reference": sample["reference"]}
@@ -435,7 +444,7 @@ def presets() -> None:
     table.add_column("description")
     for path in sorted(presets_dir().glob("*.yaml")):
         table.add_row(escape(path.stem), escape(preset_description(path)))
-    console.print(table)
+    print_titled(table)
 
 
 def preset_description(path: Path) -> str:
@@ -472,7 +481,7 @@ def inspect_command(
         typer.echo(json.dumps(report, indent=2))
         return
     for table in inspection_tables(report):
-        console.print(table)
+        print_titled(table)
 
 
 def inspection_tables(report: dict[str, Any]) -> list[Table]:

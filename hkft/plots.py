@@ -61,38 +61,53 @@ def read_curves(path: Path) -> dict[str, Curve]:
     return {key: sorted(points.items()) for key, points in series.items()}
 
 
-def figure_run_curves(curves: dict[str, Curve], metric: str, best_step: int | None = None) -> Figure:
-    """Left: training and validation loss on one axis, so the generalisation gap shows (kl_loss on its
-    own axis, it is orders of magnitude smaller); right: eval metric. Both mark the best step."""
-    figure = Figure(figsize=(2 * PANEL[0], PANEL[1]), layout="constrained")
-    loss_axes, eval_axes = figure.subplots(1, 2)
-    loss_axes.set(title="training and validation loss", xlabel="step", ylabel="loss")
-    if "loss" in curves:
-        _plot(loss_axes, curves["loss"], label="loss", color="C0")
-    else:
-        _no_data(loss_axes)
-    if "eval_loss" in curves:
-        _plot(loss_axes, curves["eval_loss"], label="validation loss", color="C3", marker="o")
-    if best_step is not None:
-        for axes in (loss_axes, eval_axes):
-            axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
-    if "kl_loss" in curves:
-        kl_axes = loss_axes.twinx()
-        _plot(kl_axes, curves["kl_loss"], label="kl_loss", color="C1")
-        kl_axes.set_ylabel("kl_loss", color="C1")
-        loss_axes.legend(handles=[*loss_axes.get_lines(), *kl_axes.get_lines()], fontsize="small")
-    elif len(loss_axes.get_lines()) > 1:
-        loss_axes.legend(fontsize="small")
-    key = f"eval_{metric}"
-    eval_axes.set(title=f"eval {metric}", xlabel="step", ylabel=metric)
-    if key in curves:
-        _plot(eval_axes, curves[key], label=key, color="C2", marker="o")
-    else:
-        _no_data(eval_axes)
+def figure_run_curves(curves: dict[str, Curve], metric: str, best_step: int | None = None) -> Figure | None:
+    """The loss panel: training and validation loss on one axis, so the generalisation gap shows (a KL
+    method's training loss is its task loss, the KL term gets an axis of its own); the metric panel:
+    the eval metric (left out for causal LM, whose metric is the validation loss). Both mark the best
+    step. A panel without data is left out; None when nothing at all was logged."""
+    training = "task_loss" if "task_loss" in curves else "loss" if "loss" in curves else None
+    loss_keys = [key for key in (training, "eval_loss") if key in curves]
+    metric_key = f"eval_{metric}" if metric != "loss" and f"eval_{metric}" in curves else None
+    panels = bool(loss_keys) + bool(metric_key)
+    if not panels:
+        return None
+    figure = Figure(figsize=(panels * PANEL[0], PANEL[1]), layout="constrained")
+    axes = list(figure.subplots(1, panels, squeeze=False)[0])
+    if loss_keys:
+        _draw_losses(axes[0], curves, training, best_step)
+    if metric_key:
+        metric_axes = axes[-1]
+        metric_axes.set(title=f"eval {metric}", xlabel="step", ylabel=metric)
+        _plot(metric_axes, curves[metric_key], label=metric_key, color="C2", marker="o")
+        if best_step is not None:
+            metric_axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
     return figure
 
 
-def plot_run_curves(run_dir: Path, best_step: int | None = None) -> Path:
+def _draw_losses(axes: Axes, curves: dict[str, Curve], training: str | None, best_step: int | None) -> None:
+    names = [name for key, name in ((training, "training"), ("eval_loss", "validation")) if key in curves]
+    axes.set(title=" and ".join(names) + " loss", xlabel="step", ylabel="loss")
+    if training is not None:
+        label = "training task loss" if training == "task_loss" else "training loss"
+        _plot(axes, curves[training], label=label, color="C0")
+    if "eval_loss" in curves:
+        _plot(axes, curves["eval_loss"], label="validation loss", color="C3", marker="o")
+    if best_step is not None:
+        axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
+    handles = axes.get_lines()
+    if "kl_loss" in curves:
+        kl_axes = axes.twinx()
+        _plot(kl_axes, curves["kl_loss"], label="kl_loss", color="C1")
+        kl_axes.set_ylabel("kl_loss", color="C1")
+        handles = [*handles, *kl_axes.get_lines()]
+    if len(handles) > 1:
+        axes.legend(handles=handles, fontsize="small")
+
+
+def plot_run_curves(run_dir: Path, best_step: int | None = None) -> Path | None:
+    """curves.png from the run's metrics.jsonl; None (and no file) when nothing was logged."""
     run = RunDir(Path(run_dir))
     task = load_config(run.config_path).model.task
-    return save_figure(figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task], best_step), run.curves_png)
+    figure = figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task], best_step)
+    return None if figure is None else save_figure(figure, run.curves_png)

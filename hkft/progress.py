@@ -4,6 +4,8 @@ every log and eval event in metrics.jsonl, and the summary table the commands en
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,6 +25,7 @@ from hkft.io import append_jsonl, atomic_write_text
 SHOWN = {"loss": "loss", "task_loss": "task_loss", "kl_loss": "kl_loss", "learning_rate": "lr", "grad_norm": "grad_norm",
          "train_tokens_per_second": "tok/s"}
 NOT_SHOWN_SUFFIXES = ("_runtime", "_per_second")
+ESTIMATE_AFTER = 5  # steps timed, after the first (it carries the warm-up), before the run's length is estimated
 
 
 def format_value(value: Any) -> str:
@@ -62,9 +65,10 @@ class ProgressCallback(TrainerCallback):
     """Rank 0 only: the other ranks of a distributed run stay quiet and write nothing. Without a
     ``metrics_path`` (`hkft eval`) nothing is written, only shown."""
 
-    def __init__(self, metrics_path: Path | None, console: Console):
+    def __init__(self, metrics_path: Path | None, console: Console, clock: Callable[[], float] = time.monotonic):
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
         self.console = console
+        self.duration = RunDuration(clock)
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.training = False
@@ -75,6 +79,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.training = True
+        self.duration.begin(state)
         if state.global_step > 0 and self.metrics_path is not None:
             drop_events_after(self.metrics_path, state.global_step)
         if self.console.is_terminal:
@@ -88,9 +93,18 @@ class ProgressCallback(TrainerCallback):
             start = f" from step {state.global_step}" if state.global_step else ""
             self._print(f"training {state.max_steps} steps{start}")
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.duration.step_begins()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=state.global_step)
+        if state.is_world_process_zero and (expected := self.duration.step_ends(args, state)):
+            self._print(expected)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.training and state.is_world_process_zero and (expected := self.duration.evaluated(args, state)):
+            self._print(expected)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -161,3 +175,84 @@ def summary_table(rows: dict[str, Any], title: str, *, columns: tuple[str, str] 
     for key, value in rows.items():
         table.add_row(escape(str(key)), escape(format_value(value)))
     return table
+
+
+def format_duration(seconds: float) -> str:
+    """``40 s``, ``6 min``, ``2 h 05 min``."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def evaluations_left(args: TrainingArguments, state: TrainerState) -> int:
+    """Evaluations the Trainer will still run during training after the current step."""
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy == "steps" and args.eval_steps:
+        every = int(args.eval_steps)
+        return state.max_steps // every - state.global_step // every
+    if strategy == "epoch":
+        return max(0, math.ceil(state.num_train_epochs - (state.epoch or 0.0) - 1e-6))
+    return 0
+
+
+class RunDuration:
+    """How long the training takes, estimated from its first steps: the median time of a step (from
+    the Trainer's step begin to its step end, so evaluations and checkpoints are not in it) times the
+    steps left, plus the evaluations left at the first one's time once one has run."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.began = 0.0
+        self.first_step = 0
+        self.step_started: float | None = None
+        self.step_ended: float | None = None
+        self.step_seconds: list[float] = []
+        self.evaluation_seconds: float | None = None
+
+    def begin(self, state: TrainerState) -> None:
+        self.began, self.first_step = self.clock(), state.global_step
+
+    def step_begins(self) -> None:
+        self.step_started = self.clock()
+
+    def estimated(self) -> bool:
+        return len(self.step_seconds) > ESTIMATE_AFTER
+
+    def per_step(self) -> float:
+        return statistics.median(self.step_seconds[1:] or self.step_seconds)
+
+    def step_ends(self, args: TrainingArguments, state: TrainerState) -> str | None:
+        """The estimate, once ESTIMATE_AFTER steps after the first were timed."""
+        self.step_ended = self.clock()
+        if self.step_started is None or self.estimated():
+            return None
+        self.step_seconds.append(self.step_ended - self.step_started)
+        self.step_started = None
+        if not self.estimated():
+            return None
+        per_step, count = self.per_step(), evaluations_left(args, state)
+        total = self.step_ended - self.began + (state.max_steps - state.global_step) * per_step
+        if not count:
+            evaluations = ""
+        elif self.evaluation_seconds is None:
+            evaluations = "; evaluations not included"
+        else:
+            total += count * self.evaluation_seconds
+            evaluations = f", {format_duration(self.evaluation_seconds)} for each of the {count} evaluations to come"
+        return (f"expected: about {format_duration(total)} for steps {self.first_step + 1}-{state.max_steps} "
+                f"({per_step:.2g} s a step over steps {state.global_step - ESTIMATE_AFTER + 1}-{state.global_step}"
+                f"{evaluations})")
+
+    def evaluated(self, args: TrainingArguments, state: TrainerState) -> str | None:
+        """The first evaluation during training is timed; if the estimate is out already, the time left
+        with the evaluations to come."""
+        if self.evaluation_seconds is not None or self.step_ended is None:
+            return None
+        self.evaluation_seconds = self.clock() - self.step_ended
+        count = evaluations_left(args, state)
+        if not self.estimated() or not count:
+            return None
+        left = (state.max_steps - state.global_step) * self.per_step() + count * self.evaluation_seconds
+        return (f"an evaluation takes {format_duration(self.evaluation_seconds)}: about {format_duration(left)} left, "
+                f"the {count} evaluations to come included")

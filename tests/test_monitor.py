@@ -16,7 +16,7 @@ from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, Tr
 from checkpoints import save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
 from hkft.config import load_config
-from hkft.monitor import OverfittingMonitor, alarms, evaluations, verdict
+from hkft.monitor import OverfittingMonitor, alarms, evaluations, latest_train_loss, rises, verdict
 from hkft.progress import ProgressCallback
 
 EVERY = 5  # steps between evaluations
@@ -95,32 +95,77 @@ def test_real_overfitting_fires_where_the_validation_loss_turns():
         assert "dropout.method=hiddenkey" in found.suggestion and "dropout.rate=0.1" in found.suggestion
 
 
+# A run that learns, bottoms out at evaluation 5 (step 30) and then overfits: the validation loss
+# climbs 47% while the training loss keeps falling and the accuracy holds.
+TRAIN = [0.85 ** index for index in range(14)]
+VALIDATION = [0.9, 0.75, 0.65, 0.6, 0.58, 0.57, 0.6, 0.64, 0.68, 0.72, 0.76, 0.8, 0.82, 0.84]
+ACCURACY = [0.6, 0.7, 0.75, 0.8] + [0.8] * 10
+
+
 def test_validation_loss_rising_while_training_loss_falls_fires_even_if_the_metric_holds():
-    train = [1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1]
-    val = [0.9, 0.7, 0.6, 0.66, 0.72, 0.8, 0.9]
-    accuracy = [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8]
-    found = verdict(config(), history(train, val, accuracy), "accuracy")
-    assert found.detected and found.first_step == 4 * EVERY  # the first rise
-    assert found.best_step == 3 * EVERY and found.best_metric == 0.8
-    assert found.gap == pytest.approx(0.9 - 0.1)
+    events = history(TRAIN, VALIDATION, ACCURACY)
+    found = verdict(config(), events, "accuracy")
+    assert found.detected and found.first_step == 7 * EVERY  # the first evaluation after the minimum
+    assert found.best_step == 4 * EVERY and found.best_metric == 0.8
+    assert found.gap == pytest.approx(0.84 - TRAIN[-1])
+    raised = alarms(evaluations(events, "accuracy"), config().train.overfitting, "accuracy")
+    assert [alarm.at for alarm in raised] == [11]  # the third evaluation in a row that shows the rise
+
+
+def test_the_rise_is_measured_against_the_noise_of_the_curve():
+    """The same 15% step (above min_loss_change) fires on a curve that zigzags by 1% and not on one that
+    zigzags by 10%: the threshold is the curve's own noise, not a fixed number of rises."""
+    index = np.arange(24)
+    train = list(0.7 * np.exp(-index / 8))
+    step = np.where(index < 14, 0.4, 0.46)
+    zigzag = (-1.0) ** index
+    assert verdict(config(), history(train, list(step * (1 + 0.01 * zigzag)), [0.8] * 24), "accuracy").detected
+    assert not verdict(config(), history(train, list(step * (1 + 0.1 * zigzag)), [0.8] * 24), "accuracy").detected
+
+
+def test_the_rise_is_a_t_statistic_against_the_lowest_window(monkeypatch):
+    """Recomputed independently: the reference is the lowest mean of the widest windows (numpy, brute
+    force), the noise the smaller of the pooled spread (as scipy's two-sample t-test pools it) and
+    the curve's trimmed second differences."""
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    losses = 0.5 * np.exp(np.r_[np.linspace(0.4, 0, 10), np.linspace(0, 0.3, 20)] + 0.05 * rng.standard_normal(30))
+    points = evaluations(history(list(0.7 * np.exp(-np.arange(30) / 8)), list(losses), [0.8] * 30), "accuracy")
+    logs = np.log(losses)
+    for end in (12, 20, 30):
+        rise = rises(points)[end - 1]
+        recent = logs[end - 4:end]
+        width = max(4, (end - 4) // 2)
+        means = [logs[start:start + width].mean() for start in range(end - 4 - width + 1)]
+        start = int(np.argmin(means))
+        reference = logs[start:start + width]
+        assert (rise.reference, rise.recent) == (range(start, start + width), range(end - 4, end))
+        assert rise.change == pytest.approx(np.exp(recent.mean() - reference.mean()) - 1)
+        difference = recent.mean() - reference.mean()
+        pooled = difference / stats.ttest_ind(recent, reference).statistic / np.sqrt(1 / width + 1 / 4)
+        second = np.sort(np.diff(logs[:end], 2) ** 2)[: round(0.8 * (end - 2))]
+        trimmed_variance = stats.chi2.cdf(stats.chi2.ppf(0.8, 1), 3) / 0.8
+        along = np.sqrt(second.mean() / 6 / trimmed_variance)
+        assert rise.noise == pytest.approx(min(pooled, along))
+        assert rise.standard_errors == pytest.approx(difference / (min(pooled, along) * np.sqrt(1 / width + 1 / 4)))
 
 
 def test_rising_losses_on_both_sides_are_instability_not_overfitting():
-    train = [0.6, 0.5, 0.4, 0.5, 0.7, 0.9, 1.2]
-    val = [0.6, 0.5, 0.45, 0.6, 0.8, 1.0, 1.3]
-    accuracy = [0.6, 0.7, 0.8, 0.7, 0.6, 0.55, 0.5]
-    assert not verdict(config(), history(train, val, accuracy), "accuracy").detected
+    train = [1.0, 0.8, 0.6, 0.5, 0.45, 0.4, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 1.05, 1.15]
+    accuracy = [0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.55, 0.5, 0.5]
+    assert not verdict(config(), history(train, VALIDATION, accuracy), "accuracy").detected
 
 
 def test_the_thresholds_decide():
-    train = [1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1]
-    val = [0.9, 0.7, 0.6, 0.63, 0.65, 0.67, 0.7]  # +17% in four rises
-    accuracy = [0.6, 0.7, 0.8, 0.79, 0.79, 0.79, 0.79]
-    events = history(train, val, accuracy)
-    assert verdict(config(), events, "accuracy").first_step == 4 * EVERY  # three rises: 0.6 -> 0.67 is +12%
+    validation = [0.9, 0.75, 0.65, 0.6, 0.58, 0.57, 0.58, 0.6, 0.62, 0.64, 0.65, 0.66, 0.66, 0.66]  # +16%
+    events = history(TRAIN, validation, ACCURACY)
+    assert verdict(config(), events, "accuracy").detected
     assert not verdict(config("train.overfitting.min_loss_change=0.2"), events, "accuracy").detected
-    assert not verdict(config("train.overfitting.patience=5"), events, "accuracy").detected
+    assert not verdict(config("train.overfitting.patience=6"), events, "accuracy").detected
     assert verdict(config("train.overfitting.enabled=false"), events, "accuracy") is None
+    flat_training = history([0.3] * 14, validation, ACCURACY)  # the training loss must fall too
+    assert not verdict(config(), flat_training, "accuracy").detected
 
 
 def test_a_misspelt_or_out_of_range_setting_is_one_clear_error(cli):
@@ -136,14 +181,54 @@ def test_a_kl_methods_training_loss_is_its_task_loss():
     assert [point.train_loss for point in points] == pytest.approx(train)
 
 
-def test_an_alarm_a_later_best_disproves_does_not_count():
-    train = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15]
-    val = [0.9, 0.6, 0.7, 0.8, 0.9, 0.5, 0.45, 0.45]
-    accuracy = [0.6, 0.7, 0.65, 0.6, 0.6, 0.8, 0.85, 0.85]
-    events = history(train, val, accuracy)
-    assert [alarm.at for alarm in alarms(evaluations(events, "accuracy"), config().train.overfitting, "accuracy")] == [4]
+def test_an_evaluation_without_training_logs_since_the_one_before_has_no_training_loss():
+    """logging_steps longer than the evaluation interval: evaluations every 5 steps, training logs every
+    10. Each evaluation gets the logs since the one before, or none: never the previous one's again."""
+    events = []
+    for step in range(5, 45, 5):
+        if step % 10 == 0:
+            events.append({"loss": 2.0 - step / 40, "step": step, "epoch": step / 40})
+        events.append({"eval_loss": 1.0, "eval_accuracy": 0.5, "step": step, "epoch": step / 40})
+    points = evaluations(events, "accuracy")
+    assert [point.train_loss for point in points] == [None, 1.75, None, 1.5, None, 1.25, None, 1.0]
+    assert latest_train_loss(points, 4) == 1.5 and latest_train_loss(points, 0) is None
+
+
+def test_sparse_training_logs_still_show_overfitting_and_its_gap():
+    """Training logs before every other evaluation only: the training loss over a window is the mean
+    of those logged in it, and the gap uses the latest one logged."""
+    events = []
+    for index, event in enumerate(history(TRAIN, VALIDATION, ACCURACY)):
+        if "loss" not in event or (index // 3) % 2 == 0:  # three events per evaluation, two of them training logs
+            events.append(event)
+    assert [point.train_loss for point in evaluations(events, "accuracy")][:4] == pytest.approx([1.0, None, 0.85 ** 2, None])
     found = verdict(config(), events, "accuracy")
-    assert not found.detected and found.best_step == 7 * EVERY and found.first_step is None
+    assert found.detected and found.first_step == 7 * EVERY
+    assert found.gap == pytest.approx(0.84 - TRAIN[-2])  # the last evaluation's logs were dropped
+
+
+def test_an_alarm_a_later_best_disproves_does_not_count():
+    train = [0.85 ** index for index in range(20)]
+    validation = VALIDATION[:12] + [0.7, 0.6, 0.5, 0.45, 0.42, 0.4, 0.4, 0.4]  # recovers: a second descent
+    accuracy = ACCURACY[:12] + [0.8, 0.82, 0.85, 0.88, 0.9, 0.9, 0.9, 0.9]
+    events = history(train, validation, accuracy)
+    assert [alarm.at for alarm in alarms(evaluations(events, "accuracy"), config().train.overfitting, "accuracy")] == [11]
+    found = verdict(config(), events, "accuracy")
+    assert not found.detected and found.best_step == 17 * EVERY and found.first_step is None
+
+
+def test_a_new_best_within_min_delta_does_not_clear_a_rising_validation_loss():
+    """A noisy metric edges past its best by less than min_delta while the validation loss keeps
+    rising: still the same alarm. With a smaller min_delta it disproves the first alarm, and the
+    rise, still there, raises a second one."""
+    accuracy = ACCURACY[:-1] + [0.81]  # a new best by 0.01 at the last evaluation
+    events = history(TRAIN, VALIDATION, accuracy)
+    found = verdict(config(), events, "accuracy")
+    assert found.detected and found.best_step == 14 * EVERY and found.first_step == 7 * EVERY
+    points = evaluations(events, "accuracy")
+    assert [alarm.at for alarm in alarms(points, config().train.overfitting, "accuracy")] == [11]
+    assert [alarm.at for alarm in alarms(points, config("train.overfitting.min_delta=0.005").train.overfitting,
+                                         "accuracy")] == [11, 13]
 
 
 def early_stopping_step(metrics: list[float], patience: int) -> int | None:
@@ -161,10 +246,8 @@ def early_stopping_step(metrics: list[float], patience: int) -> int | None:
 
 
 def test_suggested_early_stopping_patience_keeps_the_best_and_stops_sooner():
-    train = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
-    val = [0.9, 0.8, 0.75, 0.7, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2]
-    accuracy = [0.6, 0.7, 0.7, 0.7, 0.8, 0.75, 0.7, 0.7, 0.65, 0.6, 0.6]  # a new best after 3 flat evaluations
-    found = verdict(config(), history(train, val, accuracy), "accuracy")
+    accuracy = [0.6, 0.7, 0.7, 0.7, 0.8, 0.75, 0.7, 0.7, 0.65, 0.6, 0.6, 0.6, 0.6, 0.6]  # a new best after 3 flat
+    found = verdict(config(), history(TRAIN, VALIDATION, accuracy), "accuracy")
     patience = int(found.suggestion.split("train.early_stopping_patience=")[1].split()[0])
     assert early_stopping_step(accuracy[:5], patience - 1) is not None  # one less would have missed the best
     stop = early_stopping_step(accuracy, patience)
@@ -173,22 +256,19 @@ def test_suggested_early_stopping_patience_keeps_the_best_and_stops_sooner():
 
 
 def test_with_a_method_on_it_suggests_more_dropout_or_fewer_epochs():
-    train, val = [1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1], [0.9, 0.7, 0.6, 0.66, 0.72, 0.8, 0.9]
-    accuracy = [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8]
     cfg = load_config("quickstart", ["dropout.rate=0.1", "train.early_stopping_patience=2"])
-    found = verdict(cfg, history(train, val, accuracy), "accuracy")
-    best_epoch = 3 * EVERY / 10
+    found = verdict(cfg, history(TRAIN, VALIDATION, ACCURACY), "accuracy")
+    best_epoch = 4 * EVERY / 10
     assert "--set dropout.rate=0.2" in found.suggestion
     assert f"--set train.epochs={math.ceil(best_epoch)}" in found.suggestion
     assert "early_stopping" not in found.suggestion  # already on
     cfg.dropout.rate = 0.3  # as high as it sensibly goes: only less training is left to suggest
-    found = verdict(cfg, history(train, val, accuracy), "accuracy")
+    found = verdict(cfg, history(TRAIN, VALIDATION, ACCURACY), "accuracy")
     assert "dropout.rate" not in found.suggestion and "train.epochs=" in found.suggestion
 
 
 def test_the_callback_speaks_once_at_the_evaluation_where_it_fires_also_across_a_resume(tmp_path):
-    train, val = [1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1], [0.9, 0.7, 0.6, 0.66, 0.72, 0.8, 0.9]
-    events = history(train, val, [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8])
+    events = history(TRAIN, VALIDATION, ACCURACY)
     args, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerControl()
     said: list[tuple[int, str]] = []
 
@@ -203,14 +283,15 @@ def test_the_callback_speaks_once_at_the_evaluation_where_it_fires_also_across_a
             monitor.on_evaluate(args, state, control)
 
     run(events, 0)
-    assert [step for step, _ in said] == [6 * EVERY]
+    assert [step for step, _ in said] == [12 * EVERY]
     text = said[0][1]
-    assert text.startswith(f"overfitting since step {4 * EVERY}: the validation loss rose 3 evaluations in a row")
-    assert f"the best checkpoint so far (step {3 * EVERY}, accuracy 0.8) is kept" in text
-    for begin in (3, 6):  # resumed before and after it spoke
+    assert text.startswith(f"overfitting since step {7 * EVERY}: the validation loss rose ")
+    assert "above its smoothed minimum" in text and "while the training loss fell" in text
+    assert f"the best checkpoint so far (step {4 * EVERY}, accuracy 0.8) is kept" in text
+    for begin in (5, 12):  # resumed before and after it spoke
         said.clear()
         run(events, begin)
-        assert [step for step, _ in said] == ([6 * EVERY] if begin <= 5 else [])
+        assert [step for step, _ in said] == ([12 * EVERY] if begin <= 11 else [])
 
 
 THINGS = ["phone", "lamp", "chair", "kettle", "tent", "drill", "watch", "bag", "desk", "fan"]
@@ -232,7 +313,8 @@ def reviews(tmp_path_factory):
         "dropout": {"method": "none"},
         "data": {"train": str(write_jsonl(root / "train.jsonl", train)),
                  "validation": str(write_jsonl(root / "validation.jsonl", rows[40:80]))},
-        "train": {"epochs": 10, "batch_size": 8, "lr": 2e-2, "warmup_ratio": 0.0, "logging_steps": 5},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 2e-2, "warmup_ratio": 0.0, "logging_steps": 2,
+                  "eval_strategy": "steps", "eval_steps": 2},
         "eval": {"split": "validation"},
         "output": {"report_to": []},
     }
@@ -287,7 +369,7 @@ def test_a_short_calm_run_is_not_flagged(reviews, cli):
     assert result.exit_code == 0, result.stderr
     found = overfitting_of(reviews / "calm")
     assert not found["detected"] and found["first_step"] is None and found["suggestion"] is None
-    assert len(evaluations(trainer_state(reviews / "calm")["log_history"], "accuracy")) == 4  # enough to have fired
+    assert len(evaluations(trainer_state(reviews / "calm")["log_history"], "accuracy")) == 10  # enough to have fired
     assert "overfitting since" not in result.stdout and "overfitting: none seen" in result.stdout
     from safetensors.torch import load_file
 

@@ -27,7 +27,7 @@ def test_run_curves_png_and_series(tmp_path):
 
     figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy")
     loss_axes, eval_axes, kl_axes = figure.axes  # the KL twin axis is added last
-    np.testing.assert_array_equal(lines_by_label(loss_axes)["loss"], [[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.5]])
+    np.testing.assert_array_equal(lines_by_label(loss_axes)["training loss"], [[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.5]])
     np.testing.assert_array_equal(lines_by_label(kl_axes)["kl_loss"], [[1, 0.01], [2, 0.02], [3, 0.02], [4, 0.03]])
     np.testing.assert_array_equal(lines_by_label(eval_axes)["eval_accuracy"], [[2, 0.6], [4, 0.75]])
     assert eval_axes.get_title() == "eval accuracy"
@@ -39,20 +39,55 @@ def test_run_curves_show_training_and_validation_loss_on_one_axis_with_the_best_
     run = fake_run(tmp_path / "run", method="none", events=events)
     figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy", best_step=2)
     loss_axes, eval_axes = figure.axes
+    assert loss_axes.get_title() == "training and validation loss"
     lines = lines_by_label(loss_axes)
-    np.testing.assert_array_equal(lines["loss"], [[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.5]])
+    np.testing.assert_array_equal(lines["training loss"], [[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.5]])
     np.testing.assert_array_equal(lines["validation loss"], [[2, 0.6], [4, 0.9]])
     for axes in (loss_axes, eval_axes):
         assert lines_by_label(axes)["best (step 2)"][:, 0].tolist() == [2, 2]  # a vertical line at the best step
     assert plot_run_curves(run, best_step=2).read_bytes().startswith(PNG_SIGNATURE)
 
 
-def test_run_curves_without_kl_or_eval(tmp_path):
+def chat_events() -> list[dict]:
+    """What a chat run without evaluation logs with a KL method: loss = task loss + KL, large at first."""
+    kl = [2.28, 0.9, 0.3, 0.1]
+    task = [1.9, 1.6, 1.4, 1.3]
+    return [{"step": 5 * step, "epoch": step / 4, "loss": t + k, "task_loss": t, "kl_loss": k, "learning_rate": 1e-4}
+            for step, (t, k) in enumerate(zip(task, kl), 1)]
+
+
+def test_a_kl_runs_curve_is_its_task_loss_with_the_kl_on_its_own_axis(tmp_path):
+    run = fake_run(tmp_path / "chat", events=chat_events(), extra=("model.task=causal-lm",))
+    figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "loss")
+    loss_axes, kl_axes = figure.axes  # one panel: no evaluation, so neither a validation curve nor a metric panel
+    assert loss_axes.get_title() == "training loss"
+    assert list(lines_by_label(loss_axes)) == ["training task loss"]
+    np.testing.assert_array_equal(lines_by_label(loss_axes)["training task loss"], [[5, 1.9], [10, 1.6], [15, 1.4], [20, 1.3]])
+    np.testing.assert_array_equal(lines_by_label(kl_axes)["kl_loss"][:, 1], [2.28, 0.9, 0.3, 0.1])
+    assert kl_axes.bbox.bounds == loss_axes.bbox.bounds and kl_axes.get_ylabel() == "kl_loss"  # a twin: its own y axis
+    assert all(not axes.texts for axes in figure.axes)
+    assert plot_run_curves(run).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_causal_lm_run_draws_its_validation_loss_once(tmp_path):
+    events = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.8}, {"step": 2, "eval_loss": 1.9}]
+    run = fake_run(tmp_path / "lm", events=events, extra=("model.task=causal-lm",))
+    (axes,) = figure_run_curves(read_curves(run / "metrics.jsonl"), "loss", best_step=2).axes
+    assert sorted(lines_by_label(axes)) == ["best (step 2)", "training loss", "validation loss"]
+
+
+def test_run_curves_without_kl_or_eval_have_no_empty_panel(tmp_path):
     run = fake_run(tmp_path / "run", method="none", events=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.8}])
     figure = figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy")
-    assert len(figure.axes) == 2
-    assert figure.axes[1].get_lines() == [] and figure.axes[1].texts[0].get_text() == "no data"
+    (axes,) = figure.axes
+    assert axes.get_title() == "training loss" and not axes.texts
     assert plot_run_curves(run).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_run_that_logged_nothing_gets_no_curves_png(tmp_path):
+    run = fake_run(tmp_path / "run", method="none", events=[{"step": 2, "train_runtime": 1.0, "train_loss": 0.7}])
+    assert figure_run_curves(read_curves(run / "metrics.jsonl"), "accuracy") is None
+    assert plot_run_curves(run) is None and not (run / "curves.png").exists()
 
 
 SEED_LOSSES = {1: [1.0, 0.8, 0.6, 0.4], 2: [0.9, 0.7, 0.5, 0.3], 3: [1.2, 0.6, 0.7, 0.2]}

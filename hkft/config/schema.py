@@ -195,7 +195,7 @@ class OverfittingConfig(Section):
     enabled: bool = Field(True, description="Watch every evaluation for overfitting (needs an evaluation split).")
     patience: Int = Field(3, gt=0, description="Evaluations in a row that must show the symptom.")
     min_delta: Float = Field(
-        0.02, ge=0, description="How far below its best the validation metric must fall to count (metric units)."
+        0.02, ge=0, description="How far a later evaluation must beat the best metric to clear an alarm (metric units)."
     )
     min_loss_change: Float = Field(
         0.1, ge=0, lt=1,
