@@ -142,19 +142,27 @@ def causal_lm_class(model_type: str) -> str | None:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
 
 
-def export_refusal(task: str, architecture: str | None, converter: Converter) -> str | None:
-    """Why a model of this task and class cannot be exported to GGUF, or None when it can."""
-    if task != "causal-lm":
-        return f"GGUF export is for causal language models, and this is a {task} model"
-    if architecture not in converter.architectures:
-        return f"{converter.name} does not convert {architecture or 'this architecture'}"
-    return None
+def task_refusal(task: str) -> str | None:
+    return None if task == "causal-lm" else f"GGUF export is for causal language models, and this is a {task} model"
 
 
-def check_exportable(task: str, model_type: str, converter: Converter) -> None:
-    refusal = export_refusal(task, causal_lm_class(model_type), converter)
+def architecture_refusal(architecture: str | None, converter: Converter) -> str | None:
+    if architecture in converter.architectures:
+        return None
+    return f"{converter.name} does not convert {architecture or 'this architecture'}"
+
+
+def converter_for(task: str, model_type: str) -> Converter:
+    """The converter, once the task and the architecture are known to export (before any weight is read)."""
+    hint = "merge with --format hf (the default) and run the model with transformers"
+    refusal = task_refusal(task)
     if refusal:
-        raise ModelError(refusal, "merge with --format hf (the default) and run the model with transformers")
+        raise ModelError(refusal, hint)
+    converter = gguf_converter()
+    refusal = architecture_refusal(causal_lm_class(model_type), converter)
+    if refusal:
+        raise ModelError(refusal, hint)
+    return converter
 
 
 def check_gguf_type(gguf_type: str) -> None:
@@ -190,7 +198,9 @@ def convert(hf_dir: Path, outfile: Path, gguf_type: str, converter: Converter) -
 def gguf_export_fact(task: str, model_class: str) -> str:
     """`hkft inspect`'s line on GGUF export."""
     converter = find_converter()
+    if task_refusal(task):
+        return f"no: {task_refusal(task)}"
     if converter is None:
         return f"not known until llama.cpp's converter is fetched: `{fetch_command()}`"
-    refusal = export_refusal(task, model_class, converter)
+    refusal = architecture_refusal(model_class, converter)
     return f"no: {refusal}" if refusal else f"yes, as {model_class} ({converter.name})"

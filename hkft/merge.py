@@ -140,10 +140,7 @@ def _merge(
     local_base = [Path(base_path)] if Path(base_path).is_dir() else []
     users_files = _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))
-    converter = None
-    if gguf_type is not None:  # before any weight is read
-        converter = export.gguf_converter()
-        export.check_exportable(cfg.task, read_model_config(cfg, base_path).model_type, converter)
+    converter = export.converter_for(cfg.task, read_model_config(cfg, base_path).model_type) if gguf_type else None
 
     tokenizer = load_adapter_tokenizer(adapter_dir, base_path, cfg.task)
     model = load_adapter_model(adapter_dir, cfg, facts, base_path, tokenizer, full_precision=True, dtype=torch.float32)
