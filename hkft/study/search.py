@@ -38,6 +38,7 @@ from hkft.io import atomic_write_json, atomic_write_text, check_can_create_dir
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 from hkft.plots import read_curves
 from hkft.rundir import RunDir, holds_run
+from hkft.tracking import one_parent_run_per_search
 from hkft.study.comparison import compare_runs
 from hkft.study.grid import Cell, cell_name, cell_state, expand_cells, labels_of, make_cell, run_fingerprint, train_cell, train_cells
 from hkft.study.plots import figure_metric_vs_param, figure_optimization_history, figure_param_importances, save_figure
@@ -298,6 +299,7 @@ def load_search_study(plan: TunePlan, search: Search, storage: RDBStorage) -> op
     return study
 
 
+@one_parent_run_per_search
 def run_search(plan: TunePlan, search: Search, storage: RDBStorage, console: Console,
                train_fn: TrialTrainFn) -> optuna.Study:
     study = load_search_study(plan, search, storage)
