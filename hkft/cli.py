@@ -455,7 +455,7 @@ def inspection_tables(report: dict[str, Any]) -> list[Table]:
         "layers": f"{report['layers']} ({report['layer_stack']})",
         "attention": report["attn_implementation"],
         "quantization": report["quantization"],
-        "GGUF export (merge-adapter --format gguf)": report["gguf_export"],
+        "GGUF export": report["gguf_export"],
         "LoRA targets": f"{targets} ({lora['adapted_modules']} modules)",
         "LoRA": f"r={lora['r']} alpha={lora['alpha']:g} init={lora['init']}"
         + "".join(f" {name}" for name in ("use_dora", "use_rslora") if lora[name])

@@ -55,7 +55,7 @@ def inferred_task(path: str, cfg: HkftConfig) -> str:
 
 def inspect_model(target: str, overrides: list[str], task: str | None = None) -> dict[str, Any]:
     cfg, task_given = inspection_config(target, overrides, task)
-    path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     if not task_given:
         cfg.model.task = inferred_task(path, cfg)
     task = cfg.model.task

@@ -119,3 +119,11 @@ def test_llama_cpp_generates_what_transformers_generates_and_answers_in_iso_8601
         assert reply == tokenizer.decode(expected, skip_special_tokens=True)
         answers.append(reply.strip())
     assert all(ISO_DATE.match(answer) for answer in answers), answers
+
+
+def test_inspect_reads_the_gguf_base_of_the_chat_quickstart_and_says_it_exports(cli):
+    result = cli("inspect", "quickstart-chat", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["class"], report["layers"]) == ("LlamaForCausalLM", 30)
+    assert report["gguf_export"] == "yes, as LlamaForCausalLM (llama.cpp's converter from llama-cpp-python 0.3.36)"
