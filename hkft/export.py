@@ -60,9 +60,13 @@ def gguf_file_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
+def converter_dir() -> Path:
+    return llama_cpp_dir() / f"converter-{LLAMA_CPP_PYTHON}"
+
+
 def find_converter() -> Converter | None:
     """The extracted converter, or None when it has not been extracted yet."""
-    folder = llama_cpp_dir() / f"converter-{LLAMA_CPP_PYTHON}"
+    folder = converter_dir()
     try:
         names = json.loads((folder / REGISTRY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -82,14 +86,16 @@ def gguf_converter() -> Converter:
     if content_hash(sdist) != SDIST_SHA256:
         raise ModelError(f"{sdist} is not llama-cpp-python {LLAMA_CPP_PYTHON}'s source distribution (its sha256 differs)",
                          f"delete it and fetch it again with `{fetch_command()}`")
-    target = llama_cpp_dir() / f"converter-{LLAMA_CPP_PYTHON}"
+    target = converter_dir()
     with FileLock(str(target) + ".lock"):
-        if find_converter() is None:  # another process may have extracted it meanwhile
+        found = find_converter()  # another process may have extracted it meanwhile
+        if found is None:
             with atomic_dir(target) as staging:
                 extract_converter(sdist, staging)
                 names = read_registry(staging / CONVERTER_SCRIPT)
                 (staging / REGISTRY).write_text(json.dumps(sorted(names), indent=1), encoding="utf-8")
-    return gguf_converter()
+            found = Converter(target / CONVERTER_SCRIPT, frozenset(names))
+    return found
 
 
 def extract_converter(sdist: Path, folder: Path) -> None:

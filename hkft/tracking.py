@@ -147,12 +147,14 @@ class MlflowTracker:
 
     def start(self) -> None:
         import mlflow
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         tags = {"hkft.dropout_method": self.cfg.dropout.method, "hkft.task": self.cfg.model.task,
                 "hkft.run_dir": str(self.run.root.resolve())}
         started = start_mlflow_run(self.run.root, self.run.root.name, tags, resume=self.resume)
         logged = started.data.params
-        mlflow.log_params({key: value[:6000] for key, value in flat_preset(self.cfg).items() if key not in logged})
+        mlflow.log_params({key: value[:MAX_PARAM_VAL_LENGTH] for key, value in flat_preset(self.cfg).items()
+                           if key not in logged})
 
     def record(self) -> None:
         import mlflow

@@ -7,6 +7,7 @@ distribution in hkft's cache (`.ci/run` fetches it); without it they are skipped
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from test_merge import llama_adapter, minilm_adapter  # noqa: F401 (a fixture)
 from tiny_models import FAMILIES, HEADS, family_config, family_heads
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FETCHED = (export.llama_cpp_dir() / export.SDIST).is_file() or export.find_converter() is not None
+FETCHED_SDIST = export.llama_cpp_dir() / export.SDIST  # where the user's cache has it, before a test moves HF_HOME
+FETCHED = FETCHED_SDIST.is_file() or export.find_converter() is not None
 needs_converter = pytest.mark.skipif(not FETCHED, reason=f"llama.cpp's converter is not fetched: {export.fetch_command()}")
 
 
@@ -73,6 +75,21 @@ def test_a_classifier_cannot_export_even_without_the_converter(cli, minilm_adapt
     result = cli("merge-adapter", minilm_adapter, "--output", tmp_path / "out", "--format", "gguf")
     assert_one_line_error(result, "GGUF export is for causal language models, and this is a classification model",
                           "merge with --format hf (the default)")
+
+
+@pytest.mark.skipif(not FETCHED_SDIST.is_file(), reason=f"needs {export.fetch_command()}")
+def test_the_converter_alone_is_extracted_once_from_the_fetched_source(empty_cache):
+    empty_cache.mkdir(parents=True)
+    shutil.copy(FETCHED_SDIST, empty_cache / export.SDIST)
+    converter = export.gguf_converter()
+    folder = empty_cache / f"converter-{export.LLAMA_CPP_PYTHON}"
+    assert converter.script == folder / "convert_hf_to_gguf.py"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "LICENSE", "conversion", "convert_hf_to_gguf.py", "gguf-py", "supported_architectures.json"]
+    assert not list(folder.rglob("*.cpp")) and "LlamaForCausalLM" in converter.architectures
+    stamp = (folder / "supported_architectures.json").stat().st_mtime_ns
+    assert export.gguf_converter() == converter
+    assert (folder / "supported_architectures.json").stat().st_mtime_ns == stamp  # read, not extracted again
 
 
 @needs_converter
