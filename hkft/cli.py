@@ -327,13 +327,16 @@ def merge_adapter(
     output: Annotated[Path, typer.Option(help="Directory for the standalone merged model.", show_default=False)],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers folder; gguf: one .gguf file for llama.cpp.")] = "hf",
+    gguf_type: Annotated[str | None, typer.Option(help="--format gguf: f16 (default), bf16 or q8_0.", show_default=False)] = None,
 ) -> None:
-    """Merge the adapter into a full-precision copy of its base model, loadable by plain transformers."""
+    """Merge the adapter into a full-precision copy of its base model, loadable by plain transformers (or llama.cpp)."""
     quiet_libraries()
-    from hkft.merge import merge_adapter as merge
+    from hkft.merge import merge_adapter as merge, merge_format
 
-    report = merge(target, output, dtype=dtype, overwrite=overwrite)
-    rows = {"output": str(report.output_dir), "dtype": report.dtype, "max |Δlogit| vs adapter": report.max_abs_diff}
+    report = merge(target, output, dtype=dtype, overwrite=overwrite, gguf_type=merge_format(format, gguf_type))
+    rows = {"output": str(report.gguf_file or report.output_dir), "dtype": report.dtype,
+            "max |Δlogit| vs adapter": report.max_abs_diff}
     print_table(rows, "hkft merge-adapter")
 
 
@@ -498,6 +501,7 @@ def inspection_tables(report: dict[str, Any]) -> list[Table]:
         "layers": f"{report['layers']} ({report['layer_stack']})",
         "attention": report["attn_implementation"],
         "quantization": report["quantization"],
+        "GGUF export": report["gguf_export"],
         "LoRA targets": f"{targets} ({lora['adapted_modules']} modules)",
         "LoRA": f"r={lora['r']} alpha={lora['alpha']:g} init={lora['init']}"
         + "".join(f" {name}" for name in ("use_dora", "use_rslora") if lora[name])

@@ -19,6 +19,7 @@ from hkft.config.schema import DROPOUT_METHODS, Task
 from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.errors import ConfigError, ModelError
 from hkft.gguf import gguf_config_source
+from hkft.export import gguf_export_fact
 from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path
 from hkft.pipeline import plan_from_config
 
@@ -102,6 +103,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
         "layer_stack": layer_stack_path(architecture.transformers_model(model), stack),
         "attn_implementation": cfg.model.attn_implementation,
         "quantization": cfg.model.quantization,
+        "gguf_export": gguf_export_fact(task, type(skeleton).__name__),
         "positions": available_positions(model, dropping_block(stack, controller.layers), task),
         "methods": method_layers(cfg, stack.applications, decoder),
         "dropout": {"method": cfg.dropout.method, **controller.describe()},

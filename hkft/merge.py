@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from hkft import export
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
 from hkft.io import atomic_dir, atomic_write_json, check_can_create_dir
-from hkft.modeling import DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, resolve_model_path
+from hkft.modeling import (DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, read_model_config,
+                           resolve_model_path)
 from hkft.rundir import READER_BUSY_HINT, check_run_location, find_adapter_dir, owned, read_sidecar, run_root_of
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
@@ -37,6 +39,7 @@ class MergeReport:
     output_dir: Path
     max_abs_diff: float
     dtype: str
+    gguf_file: Path | None = None  # --format gguf: the one file llama.cpp loads
 
 
 def _model_config(adapter_dir: Path, facts: dict) -> ModelConfig:
@@ -88,6 +91,15 @@ def _earlier_merge(output_dir: Path) -> set[str] | None:
         return None
 
 
+def merge_format(fmt: str, gguf_type: str | None) -> str | None:
+    """The GGUF type to write (f16 by default), or None for a transformers folder."""
+    if fmt not in ("hf", "gguf"):
+        raise ModelError(f"--format {fmt!r} is not supported", "choose hf (a transformers folder) or gguf (llama.cpp)")
+    if fmt == "hf" and gguf_type is not None:
+        raise ModelError("--gguf-type applies to --format gguf", "add --format gguf, or drop --gguf-type")
+    return (gguf_type or "f16") if fmt == "gguf" else None
+
+
 @torch.no_grad()
 def _logits(model, encoded) -> torch.Tensor:
     """Classifier logits, or a causal LM's logits at the real (unpadded) positions."""
@@ -104,17 +116,22 @@ def merge_adapter(
     tolerance: float | None = None,
     *,
     overwrite: bool = False,
+    gguf_type: str | None = None,
 ) -> MergeReport:
-    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default.
+    """``adapter_dir`` may also be a run directory; ``tolerance`` (absolute) replaces the scaled default;
+    ``gguf_type`` writes one GGUF file of that type (llama.cpp's converter) instead of a transformers folder.
     The run is locked while it is read: one that a training still writes is refused, never half read."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not supported", f"choose one of {', '.join(DTYPES)}")
+    if gguf_type is not None:
+        export.check_gguf_type(gguf_type)
     with owned(run_root_of(Path(adapter_dir)), READER_BUSY_HINT, required=False):
-        return _merge(Path(adapter_dir), Path(output_dir), dtype, check_inputs, tolerance, overwrite)
+        return _merge(Path(adapter_dir), Path(output_dir), dtype, check_inputs, tolerance, overwrite, gguf_type)
 
 
 def _merge(
-    adapter_dir: Path, output_dir: Path, dtype: str, check_inputs: list[str] | None, tolerance: float | None, overwrite: bool
+    adapter_dir: Path, output_dir: Path, dtype: str, check_inputs: list[str] | None, tolerance: float | None, overwrite: bool,
+    gguf_type: str | None,
 ) -> MergeReport:
     adapter_dir = find_adapter_dir(adapter_dir)
     facts = read_sidecar(adapter_dir)
@@ -123,6 +140,7 @@ def _merge(
     local_base = [Path(base_path)] if Path(base_path).is_dir() else []
     users_files = _check_output_dir(output_dir, overwrite, [adapter_dir, *local_base])
     check_same_base(base_path, adapter_dir, facts.get("base_fingerprint"))
+    converter = export.converter_for(cfg.task, read_model_config(cfg, base_path).model_type) if gguf_type else None
 
     tokenizer = load_adapter_tokenizer(adapter_dir, base_path, cfg.task)
     model = load_adapter_model(adapter_dir, cfg, facts, base_path, tokenizer, full_precision=True, dtype=torch.float32)
@@ -138,10 +156,16 @@ def _merge(
             "nothing was written" + ("; merge with --dtype float32" if dtype != "float32" else ""),
         )
 
+    gguf_file = None
     with atomic_dir(output_dir, keep=users_files) as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if converter is None:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            how = {}
+        else:
+            gguf_file = output_dir / export.write_gguf(merged, tokenizer, staging, gguf_type, converter).name
+            how = {"format": "gguf", "gguf_type": gguf_type, "converter": f"llama-cpp-python {export.LLAMA_CPP_PYTHON}"}
         written = sorted(entry.name for entry in staging.iterdir())
         atomic_write_json(staging / MERGE_RECORD, {"adapter": str(adapter_dir), "dtype": dtype, "max_abs_diff": difference,
-                                                   "files": written})
-    return MergeReport(output_dir, difference, dtype)
+                                                   **how, "files": written})
+    return MergeReport(output_dir, difference, dtype, gguf_file)

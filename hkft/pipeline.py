@@ -69,6 +69,7 @@ from hkft.rundir import (
     run_root_of,
     write_sidecar,
 )
+from hkft.tracking import track_training
 from hkft.trainer import HkftTrainer
 
 
@@ -232,7 +233,8 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
           callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """``callbacks`` join hkft's own, after them (a tuning trial's pruner sees an evaluation once it is logged)."""
     try:
-        return _train(cfg, run, resume=resume, console=console, extra_callbacks=callbacks)
+        return track_training(cfg, run, resume, lambda: _train(cfg, run, resume=resume, console=console,
+                                                               extra_callbacks=callbacks))
     finally:
         # A rank that exits with its gloo/NCCL threads still running aborts ("terminate called
         # without an active exception") and takes the whole torchrun job down with it.

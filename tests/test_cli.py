@@ -59,9 +59,10 @@ def calls(monkeypatch) -> list:
         recorded.append(("eval", target, data, split, overrides))
         return hkft.pipeline.EvalResult({"accuracy": 0.625}, target / "eval.json", target / "predictions.jsonl")
 
-    def merge_adapter(target, output, dtype="float32", overwrite=False):
-        recorded.append(("merge", target, output, dtype, overwrite))
-        return hkft.merge.MergeReport(output, 3.0517578125e-05, dtype)
+    def merge_adapter(target, output, dtype="float32", overwrite=False, gguf_type=None):
+        recorded.append(("merge", target, output, dtype, overwrite, gguf_type))
+        gguf_file = output / f"model-{gguf_type}.gguf" if gguf_type else None
+        return hkft.merge.MergeReport(output, 3.0517578125e-05, dtype, gguf_file)
 
     monkeypatch.setattr(hkft.pipeline, "train", train)
     monkeypatch.setattr(hkft.pipeline, "evaluate", evaluate)
@@ -268,8 +269,16 @@ def test_eval_data_that_does_not_exist_names_the_option(cli, tmp_path, calls):
 def test_merge_adapter_prints_the_output_and_the_logit_difference(cli, tmp_path, calls):
     result = cli("merge-adapter", tmp_path, "--output", tmp_path / "merged", "--dtype", "bfloat16", "--overwrite")
     assert result.exit_code == 0, result.stderr
-    assert calls == [("merge", tmp_path, tmp_path / "merged", "bfloat16", True)]
+    assert calls == [("merge", tmp_path, tmp_path / "merged", "bfloat16", True, None)]
     assert str(tmp_path / "merged") in result.stdout and "3.052e-05" in result.stdout and "Δlogit" in result.stdout
+
+
+@pytest.mark.parametrize("options,gguf_type", [(["--format", "gguf"], "f16"), (["--format", "gguf", "--gguf-type", "q8_0"], "q8_0")])
+def test_merge_adapter_format_gguf_prints_the_gguf_file(cli, tmp_path, calls, options, gguf_type):
+    result = cli("merge-adapter", tmp_path, "--output", tmp_path / "out", *options)
+    assert result.exit_code == 0, result.stderr
+    assert calls == [("merge", tmp_path, tmp_path / "out", "float32", False, gguf_type)]
+    assert f"model-{gguf_type}.gguf" in result.stdout.replace("\n", "")
 
 
 # --- errors that are not HkftErrors --------------------------------------------------------------

@@ -273,7 +273,8 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str | None = Field(None, description="Run directory; defaults to runs/<preset name>.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Also mlflow and wandb (pip install 'hkft[mlflow]' / 'hkft[wandb]').")
 
 
 class DistributedConfig(Section):

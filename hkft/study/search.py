@@ -42,6 +42,7 @@ from hkft.io import atomic_write_json, atomic_write_text, check_can_create_dir
 from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 from hkft.plots import read_curves
 from hkft.rundir import RunDir, holds_run
+from hkft.tracking import one_parent_run_per_search
 from hkft.study.comparison import compare_runs
 from hkft.study.grid import (Cell, cell_name, cell_state, expand_cells, labels_of, make_cell, run_fingerprint, train_cell,
                              train_cells)
@@ -415,6 +416,7 @@ def _take_over(study: optuna.Study, search: Search, console: Console) -> None:
                       highlight=False, markup=False)
 
 
+@one_parent_run_per_search
 def run_search(plan: TunePlan, search: Search, storage: RDBStorage, console: Console,
                train_fn: TrialTrainFn) -> optuna.Study:
     """Trials until ``tune.trials`` have finished, then the trials queued again (a killed worker's), then
