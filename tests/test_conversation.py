@@ -86,11 +86,11 @@ def test_compare_base_replies_with_the_adapter_switched_off(cli, chat_run):
 def test_system_message_and_set_overrides_reach_the_generation(cli, chat_run):
     """--system starts the conversation; --set eval.generation.max_new_tokens changes the decoding."""
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b?"}]
-    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?", "--set", "eval.generation.max_new_tokens=12")
+    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?", "--set", "eval.generation.max_new_tokens=1")
     assert result.exit_code == 0, result.stderr
     (record,) = json_lines(result.stdout)
     assert record["messages"][:2] == messages
-    expected = reference_reply(chat_run, messages, max_new_tokens=12)
+    expected = reference_reply(chat_run, messages, max_new_tokens=1)
     assert record["reply"] == expected
     assert expected != reference_reply(chat_run, messages, max_new_tokens=6)  # the setting matters here
 
