@@ -83,16 +83,32 @@ def test_compare_base_replies_with_the_adapter_switched_off(cli, chat_run):
         assert record["base_reply"] == expected != record["reply"]
 
 
-def test_system_message_and_set_overrides_reach_the_generation(cli, chat_run):
-    """--system starts the conversation; --set eval.generation.max_new_tokens changes the decoding."""
+def test_the_system_message_starts_the_conversation(cli, chat_run):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b?"}]
-    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?", "--set", "eval.generation.max_new_tokens=12")
+    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?")
     assert result.exit_code == 0, result.stderr
     (record,) = json_lines(result.stdout)
     assert record["messages"][:2] == messages
-    expected = reference_reply(chat_run, messages, max_new_tokens=12)
-    assert record["reply"] == expected
-    assert expected != reference_reply(chat_run, messages, max_new_tokens=6)  # the setting matters here
+    assert record["reply"] == reference_reply(chat_run, messages)
+
+
+def test_set_overrides_the_generation_settings(cli, endless_preset, tmp_path):
+    """A model that never ends its turn replies with exactly max_new_tokens tokens (one per byte):
+    the 7 of --set, not the 3 of the preset."""
+    preset = yaml.safe_load(endless_preset.read_text())
+    preset["eval"]["generation"]["max_new_tokens"] = 3
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(preset))
+    result = cli("chat", "--base", tmp_path / "three.yaml", "--prompt", "hi", "--set", "eval.generation.max_new_tokens=7")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json_lines(result.stdout)
+    model = AutoModelForCausalLM.from_pretrained(yaml.safe_load(endless_preset.read_text())["model"]["name"])
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=7, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    assert len(new_tokens) == 7
+    assert record["reply"] == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def test_base_preset_uses_the_presets_chat_template(cli, tmp_path):
