@@ -157,6 +157,22 @@ def test_a_bad_input_line_is_one_error_naming_the_line(cli, chat_run, stdin, mes
     assert all(record["reply"] for record in json_lines(result.stdout))  # lines before it were answered whole
 
 
+def test_save_appends_one_line_after_a_line_break_the_file_lacked(tmp_path):
+    from hkft.conversation import save_conversation
+    from hkft.errors import HkftError
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"messages": []}')  # no final line break
+    messages = [{"role": "user", "content": "é?"}, {"role": "assistant", "content": "yes"}]
+    save_conversation(path, messages)
+    save_conversation(path, messages)
+    assert path.read_text(encoding="utf-8").splitlines() == ['{"messages": []}', *[json.dumps({"messages": messages}, ensure_ascii=False)] * 2]
+    with pytest.raises(HkftError, match="does not exist"):
+        save_conversation(tmp_path / "missing" / "chats.jsonl", messages)
+    with pytest.raises(HkftError, match="is a folder"):
+        save_conversation(tmp_path, messages)
+
+
 # --- one-line errors ---------------------------------------------------------------------------------
 
 def test_chat_on_a_classifier_points_to_predict(cli):
