@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from conftest import assert_one_line_error
-from hkft.chat import ChatLayout, conversation
+from hkft.chat import conversation
 from test_chat import ANSWERS, chat_preset
 
 PROMPT = "you> "
@@ -70,7 +70,7 @@ def test_each_input_line_gets_one_json_line_with_the_reply_the_adapter_gives(cli
     assert [record["reply"] for record in records] == replies
     assert records[1]["messages"] == [*earlier_turns, {"role": "assistant", "content": replies[1]}]
     for record in records:  # a reply's record is a training row as it stands
-        assert conversation(record, ChatLayout("messages", "messages"), "row") == record["messages"]
+        assert conversation(record, "messages", "messages", "row") == record["messages"]
 
 
 def test_compare_base_replies_with_the_adapter_switched_off(cli, chat_run):
@@ -83,16 +83,32 @@ def test_compare_base_replies_with_the_adapter_switched_off(cli, chat_run):
         assert record["base_reply"] == expected != record["reply"]
 
 
-def test_system_message_and_set_overrides_reach_the_generation(cli, chat_run):
-    """--system starts the conversation; --set eval.generation.max_new_tokens changes the decoding."""
+def test_the_system_message_starts_the_conversation(cli, chat_run):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b?"}]
-    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?", "--set", "eval.generation.max_new_tokens=1")
+    result = cli("chat", chat_run, "--system", "Be brief.", "--prompt", "b?")
     assert result.exit_code == 0, result.stderr
     (record,) = json_lines(result.stdout)
     assert record["messages"][:2] == messages
-    expected = reference_reply(chat_run, messages, max_new_tokens=1)
-    assert record["reply"] == expected
-    assert expected != reference_reply(chat_run, messages, max_new_tokens=6)  # the setting matters here
+    assert record["reply"] == reference_reply(chat_run, messages)
+
+
+def test_set_overrides_the_generation_settings(cli, endless_preset, tmp_path):
+    """A model that never ends its turn replies with exactly max_new_tokens tokens (one per byte):
+    the 7 of --set, not the 3 of the preset."""
+    preset = yaml.safe_load(endless_preset.read_text())
+    preset["eval"]["generation"]["max_new_tokens"] = 3
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(preset))
+    result = cli("chat", "--base", tmp_path / "three.yaml", "--prompt", "hi", "--set", "eval.generation.max_new_tokens=7")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json_lines(result.stdout)
+    model = AutoModelForCausalLM.from_pretrained(yaml.safe_load(endless_preset.read_text())["model"]["name"])
+    tokenizer = chat_tokenizer(CHATML_PLAIN)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=7, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    assert len(new_tokens) == 7
+    assert record["reply"] == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def test_base_preset_uses_the_presets_chat_template(cli, tmp_path):
@@ -139,6 +155,22 @@ def test_a_bad_input_line_is_one_error_naming_the_line(cli, chat_run, stdin, mes
     result = piped(cli, chat_run, stdin)
     assert_one_line_error(result, message)
     assert all(record["reply"] for record in json_lines(result.stdout))  # lines before it were answered whole
+
+
+def test_save_appends_one_line_after_a_line_break_the_file_lacked(tmp_path):
+    from hkft.conversation import save_conversation
+    from hkft.errors import HkftError
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"messages": []}')  # no final line break
+    messages = [{"role": "user", "content": "é?"}, {"role": "assistant", "content": "yes"}]
+    save_conversation(path, messages)
+    save_conversation(path, messages)
+    assert path.read_text(encoding="utf-8").splitlines() == ['{"messages": []}', *[json.dumps({"messages": messages}, ensure_ascii=False)] * 2]
+    with pytest.raises(HkftError, match="does not exist"):
+        save_conversation(tmp_path / "missing" / "chats.jsonl", messages)
+    with pytest.raises(HkftError, match="is a folder"):
+        save_conversation(tmp_path, messages)
 
 
 # --- one-line errors ---------------------------------------------------------------------------------
