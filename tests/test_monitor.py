@@ -10,6 +10,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -307,6 +308,7 @@ def reviews(tmp_path_factory):
     random.Random(0).shuffle(rows)
     flipped = {"pos": "neg", "neg": "pos"}
     train = [dict(row, label=flipped[row["label"]]) if index % 3 == 0 else row for index, row in enumerate(rows[:40])]
+    torch.manual_seed(3)  # random weights: with these, the long run's validation loss climbs 59% from its low
     model = save_tiny_model("llama", root / "model", [row["text"] for row in rows])
     preset = {
         "model": {"name": str(model), "task": "classification"},
@@ -348,7 +350,10 @@ def test_a_run_built_to_overfit_is_flagged(overfit_run):
     run, stdout = overfit_run
     found = overfitting_of(run)
     assert set(found) == {"detected", "best_step", "best_metric", "first_step", "gap", "suggestion"}
-    assert found["detected"] and found["first_step"] >= found["best_step"]
+    assert found["detected"]
+    losses = {point.step: point.loss for point in evaluations(trainer_state(run)["log_history"], "accuracy")}
+    lowest = min(losses, key=losses.get)
+    assert lowest < found["first_step"] <= lowest + 3 * 2  # within 3 evaluations of the validation loss's low
     state = trainer_state(run)
     assert (found["best_step"], found["best_metric"]) == (state["best_global_step"], state["best_metric"])
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -49,13 +49,14 @@ def test_minilm_memorising_64_reviews_is_flagged_soon_after_its_best(tmp_path, c
 
 @pytest.mark.slow
 def test_minilm_as_the_quickstart_trains_it_is_not_flagged(tmp_path, cli):
-    """The quickstart (800 reviews, HiddenKey at 0.1) for 8 epochs, evaluated every 5 steps: the
-    validation loss falls, then levels off with noise; the monitor stays silent."""
+    """The quickstart's settings (800 reviews, HiddenKey at 0.1, learning rate 3e-3) for 3 epochs,
+    evaluated every 5 steps: the validation loss falls, with a bump of 11% halfway; no alarm."""
     run = tmp_path / "quickstart"
-    result = cli("train", "quickstart", "--output-dir", run, "--set", "train.epochs=8", "--set", "train.eval_strategy=steps",
+    result = cli("train", "quickstart", "--output-dir", run, "--set", "train.epochs=3", "--set", "train.eval_strategy=steps",
                  "--set", "train.eval_steps=5", "--set", "train.logging_steps=5")
     assert result.exit_code == 0, result.stderr
-    assert len(logged(run)) == 40
+    points = logged(run)
+    assert len(points) == 15 and points[-1].loss < 0.7 * points[0].loss  # it learned
     found = overfitting_of(run)
     assert not found["detected"] and "overfitting since" not in result.stdout
     assert "overfitting: none seen" in result.stdout
