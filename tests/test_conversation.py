@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from conftest import assert_one_line_error
-from hkft.chat import conversation
+from hkft.chat import ChatLayout, conversation
 from test_chat import ANSWERS, chat_preset
 
 PROMPT = "you> "
@@ -70,7 +70,7 @@ def test_each_input_line_gets_one_json_line_with_the_reply_the_adapter_gives(cli
     assert [record["reply"] for record in records] == replies
     assert records[1]["messages"] == [*earlier_turns, {"role": "assistant", "content": replies[1]}]
     for record in records:  # a reply's record is a training row as it stands
-        assert conversation(record, "messages", "messages", "row") == record["messages"]
+        assert conversation(record, ChatLayout("messages", "messages"), "row") == record["messages"]
 
 
 def test_compare_base_replies_with_the_adapter_switched_off(cli, chat_run):
