@@ -29,7 +29,7 @@ from hkft.config.loading import apply_overrides
 from hkft.config.schema import DropoutConfig
 from hkft.data import SPLITS, make_collator, prepare_data
 from hkft.dropout import DropoutPlan, build_plan, instrument
-from hkft.errors import ConfigError, DataError, InterruptedRun, ModelError
+from hkft.errors import ConfigError, DataError, InterruptedRun
 from hkft.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
 from hkft.first_token import compute_first_token_only
 from hkft.io import DiskFullError, atomic_dir, atomic_write_json, atomic_write_text, is_disk_full
@@ -59,13 +59,13 @@ from hkft.plots import plot_run_curves
 from hkft.progress import ProgressCallback
 from hkft.rundir import (
     READER_BUSY_HINT,
-    SIDECAR,
     RunDir,
     checkpoint_is_complete,
     find_adapter_dir,
     latest_checkpoint,
     owned,
     read_sidecar,
+    sidecar_label_names,
     run_root_of,
     write_sidecar,
 )
@@ -485,9 +485,7 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     cfg, run = eval_config(adapter_dir, facts, data, overrides)
-    if cfg.model.task == "classification" and not facts.get("label_names"):
-        raise ModelError(f"{adapter_dir / SIDECAR} is missing or names no labels: the classifier's label order is in it",
-                         "restore the file from the run, or re-run training")
+    sidecar_label_names(adapter_dir, facts, cfg.model.task)
     split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
     if split not in ("validation", "test", "train"):
         raise ConfigError(f"--split {split!r}: choose validation, test or train")

@@ -318,5 +318,15 @@ def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is not valid JSON", "the adapter directory is damaged; re-run training") from None
 
 
+def sidecar_label_names(adapter_dir: Path, facts: dict[str, Any], task: str) -> list[str] | None:
+    """A classifier's label order, which only its sidecar keeps; None for other tasks."""
+    if task != "classification":
+        return facts.get("label_names")
+    if not facts.get("label_names"):
+        raise ModelError(f"{adapter_dir / SIDECAR} is missing or names no labels: the classifier's label order is in it",
+                         "restore the file from the run, or re-run training")
+    return facts["label_names"]
+
+
 def write_sidecar(adapter_dir: Path, data: dict[str, Any]) -> None:
     atomic_write_json(adapter_dir / SIDECAR, data)

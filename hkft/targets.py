@@ -32,7 +32,7 @@ from hkft.modeling import (
     read_model_config,
     resolve_model_path,
 )
-from hkft.rundir import SIDECAR, RunDir, find_adapter_dir, owned, read_sidecar, run_root_of
+from hkft.rundir import SIDECAR, RunDir, find_adapter_dir, owned, read_sidecar, run_root_of, sidecar_label_names
 
 # The command for each task, for the error that points from one to the other.
 COMMAND_FOR_TASK = {"causal-lm": "chat", "classification": "predict", "regression": "predict"}
@@ -119,10 +119,7 @@ def _load_run(target: Path, overrides: list[str], command: str) -> Target:
     facts = read_sidecar(adapter_dir)
     cfg = _run_config(adapter_dir, facts, overrides)
     check_task(cfg.model.task, str(target), command)
-    label_names = facts.get("label_names")
-    if cfg.model.task == "classification" and not label_names:
-        raise ModelError(f"{adapter_dir / SIDECAR} is missing or names no labels: the classifier's label order is in it",
-                         "restore the file from the run, or re-run training")
+    label_names = sidecar_label_names(adapter_dir, facts, cfg.model.task)
     path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_same_base(path, adapter_dir, facts.get("base_fingerprint"))
     tokenizer = load_adapter_tokenizer(adapter_dir, path, cfg.model.task)
