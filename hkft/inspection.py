@@ -20,7 +20,8 @@ from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.errors import ConfigError, ModelError
 from hkft.gguf import gguf_config_source
 from hkft.export import gguf_export_fact
-from hkft.modeling import build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path
+from hkft.modeling import (build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path,
+                           saved_as_causal_lm)
 from hkft.pipeline import plan_from_config
 
 # A bare model has no data to count labels from.
@@ -60,9 +61,7 @@ def inspection_path(cfg: HkftConfig) -> str:
 
 def inferred_task(path: str, cfg: HkftConfig) -> str:
     """A checkpoint saved as a language model is inspected as one; anything else as a classifier."""
-    config = read_model_config(cfg.model, path)
-    names = getattr(config, "architectures", None) or []
-    return "causal-lm" if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names) else "classification"
+    return "causal-lm" if saved_as_causal_lm(read_model_config(cfg.model, path)) else "classification"
 
 
 def inspect_model(target: str, overrides: list[str], task: str | None = None) -> dict[str, Any]:

@@ -140,6 +140,11 @@ def _auto_class(task: str) -> type:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
+def saved_as_causal_lm(config: PretrainedConfig) -> bool:
+    """Whether a checkpoint's config names a language-model head among its architectures."""
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in getattr(config, "architectures", None) or [])
+
+
 def read_model_config(cfg: ModelConfig, path: str, **config_overrides) -> PretrainedConfig:
     """The model's config, read once per command; ``config_overrides`` set attributes (``num_labels=1``).
     ``path`` may be a GGUF file (see hkft.gguf.gguf_config_source): its metadata holds the config."""

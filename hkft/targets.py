@@ -31,6 +31,7 @@ from hkft.modeling import (
     load_tokenizer,
     read_model_config,
     resolve_model_path,
+    saved_as_causal_lm,
 )
 from hkft.rundir import SIDECAR, RunDir, find_adapter_dir, owned, read_sidecar, run_root_of, sidecar_label_names
 
@@ -154,9 +155,9 @@ def _load_model_folder(folder: Path, overrides: list[str], command: str) -> Targ
 
 def checkpoint_task(config: PretrainedConfig, folder: Path) -> str:
     """What a checkpoint's head was saved for: its architectures, and problem_type for regression."""
-    names = getattr(config, "architectures", None) or []
-    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names):
+    if saved_as_causal_lm(config):
         return "causal-lm"
+    names = getattr(config, "architectures", None) or []
     if any(name.endswith("ForSequenceClassification") for name in names):
         return "regression" if getattr(config, "problem_type", None) == "regression" else "classification"
     raise ModelError(f"{folder}/config.json names no causal-LM or sequence-classification head "
