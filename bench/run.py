@@ -23,14 +23,14 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bench.measure import Measurement, run_interleaved, weight_bytes
-from hkft.chat import IGNORE_INDEX
 from hkft.config.schema import ModelConfig
+from hkft.data.chat import IGNORE_INDEX
+from hkft.data.packing import PackedCollator, pack_dataset
 from hkft.dropout import DropoutController, DropoutPlan, build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
-from hkft.first_token import compute_first_token_only
-from hkft.modeling import load_base_model
-from hkft.packing import PackedCollator, pack_dataset
-from hkft.trainer import HkftTrainer
+from hkft.dropout.first_token import compute_first_token_only
+from hkft.models.loading import load_base_model
+from hkft.recipes.trainer import HkftTrainer
 
 RATE = 0.1
 ONE_BRANCH_FLOOR = "one-branch floor: none + no-grad second pass"

@@ -20,11 +20,16 @@ from rich.table import Table
 from rich.text import Text
 
 import hkft
-from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir, resolve_preset_path
+from hkft.config import (
+    HkftConfig,
+    config_to_yaml,
+    load_config,
+    presets_dir,
+    resolve_preset_path,
+)
 from hkft.config.loading import preset_keys, read_yaml_mapping
 from hkft.errors import HkftError
-from hkft.io import check_can_create_dir, environment_error
-from hkft.rundir import (
+from hkft.run.directory import (
     RunDir,
     check_resume_compatible,
     check_run_location,
@@ -34,9 +39,10 @@ from hkft.rundir import (
     save_run_config,
     training_run_dir,
 )
+from hkft.run.files import check_can_create_dir, environment_error
 
 if TYPE_CHECKING:
-    from hkft.monitor import Verdict
+    from hkft.recipes.monitor import Verdict
 
 
 app = typer.Typer(
@@ -187,15 +193,15 @@ def print_titled(table: Table) -> None:
 
 
 def print_table(rows: dict[str, Any], title: str, columns: tuple[str, str] = ("metric", "value")) -> None:
-    # Imported here: hkft.progress pulls in transformers (seconds), and `hkft config` / `hkft presets` stay instant.
-    from hkft.progress import summary_table
+    # Imported here: hkft.run.progress pulls in transformers (seconds), and `hkft config` / `hkft presets` stay instant.
+    from hkft.run.progress import summary_table
 
     print_titled(summary_table(rows, title, columns=columns))
 
 
 def print_overfitting(found: Verdict | None) -> None:
     """The overfitting monitor's closing verdict: yellow when it fired."""
-    from hkft.monitor import verdict_line
+    from hkft.recipes.monitor import verdict_line
 
     if found is not None:
         console.print(escape(verdict_line(found)), style="yellow" if found.detected else None, highlight=False, soft_wrap=True)
@@ -203,7 +209,7 @@ def print_overfitting(found: Verdict | None) -> None:
 
 def print_before_and_after(result: Any, title: str) -> None:
     """eval.compare_base: the metrics of the base model and of the finetuned one, then sample replies."""
-    from hkft.progress import format_value
+    from hkft.run.progress import format_value
 
     table = Table(title=title, header_style="bold")
     for column in ("metric", "base model", "finetuned"):
@@ -226,7 +232,7 @@ def print_yaml(cfg: HkftConfig) -> None:
 
 def run_facts(cfg: HkftConfig, root: Path) -> dict[str, Any]:
     """What --dry-run adds to the config: derived values a reader would otherwise work out by hand."""
-    from hkft.pipeline import plan_from_config
+    from hkft.dropout.config import plan_from_config
 
     plan = plan_from_config(cfg.dropout)
     lora = cfg.lora
@@ -285,7 +291,7 @@ def train(
         print_table(run_facts(cfg, root), "derived (dry run: nothing loaded, nothing written)", ("fact", "value"))
         return
     quiet_libraries()
-    from hkft.pipeline import train as run_training
+    from hkft.recipes.train import train as run_training
 
     with training_run_dir(root) if is_main_process() else contextlib.nullcontext():
         run = start_run(cfg, root, resume=resume, overwrite=overwrite)
@@ -308,8 +314,8 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Score a trained adapter; writes eval.json and predictions.jsonl into the run directory."""
-    from hkft.data import check_local_source
-    from hkft.pipeline import evaluate as run_evaluation
+    from hkft.data.files import check_local_source
+    from hkft.recipes.evaluate import evaluate as run_evaluation
 
     if data is not None:
         check_local_source(data, "--data")
@@ -332,7 +338,8 @@ def merge_adapter(
 ) -> None:
     """Merge the adapter into a full-precision copy of its base model, loadable by plain transformers (or llama.cpp)."""
     quiet_libraries()
-    from hkft.merge import merge_adapter as merge, merge_format
+    from hkft.models.merge import merge_adapter as merge
+    from hkft.models.merge import merge_format
 
     report = merge(target, output, dtype=dtype, overwrite=overwrite, gguf_type=merge_format(format, gguf_type))
     rows = {"output": str(report.gguf_file or report.output_dir), "dtype": report.dtype,
@@ -355,7 +362,7 @@ def chat(
     [dim]In the terminal: /reset, /save FILE, /exit (or Ctrl-D); Ctrl-C stops a reply. Decoding: --set eval.generation.max_new_tokens=256[/]
     """
     quiet_libraries()
-    from hkft.conversation import run_chat
+    from hkft.inference.conversation import run_chat
 
     run_chat(target, base, overrides or [], system=system, prompts=prompt or [], compare_base=compare_base)
 
@@ -372,7 +379,7 @@ def predict(
 ) -> None:
     """Labels and probabilities of a finetuned classifier (values of a regressor) for new texts, in batches."""
     quiet_libraries()
-    from hkft.prediction import run_predict
+    from hkft.inference.prediction import run_predict
 
     run_predict(target, texts or [], file, output, overrides or [], as_json=as_json, console=console, progress_console=errors)
 
@@ -477,7 +484,7 @@ def inspect_command(
     import json
 
     quiet_libraries()
-    from hkft.inspection import inspect_model
+    from hkft.models.inspection import inspect_model
 
     report = inspect_model(target, [*(overrides or []), *(extra or [])], task)
     if as_json:
@@ -488,7 +495,7 @@ def inspect_command(
 
 
 def inspection_tables(report: dict[str, Any]) -> list[Table]:
-    from hkft.inspection import layer_ranges
+    from hkft.models.inspection import layer_ranges
 
     lora, params, dropout = report["lora"], report["parameters"], report["dropout"]
     targets = lora["targets"] if isinstance(lora["targets"], str) else ", ".join(lora["targets"])
@@ -545,7 +552,7 @@ def inspection_tables(report: dict[str, Any]) -> list[Table]:
 @user_errors
 def env() -> None:
     """Versions, device and bitsandbytes support, for bug reports."""
-    from hkft.envinfo import environment_report
+    from hkft.run.environment import environment_report
 
     print_table(environment_report(), "hkft env", ("component", "version / status"))
 

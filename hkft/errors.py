@@ -56,3 +56,9 @@ class InterruptedRun(HkftError):
     """Training stopped on a signal after writing a checkpoint."""
 
     exit_code = 130
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

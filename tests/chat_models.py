@@ -39,9 +39,8 @@ def chat_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
 
 def save_tiny_chat_model(directory: Path, chat_template: str | None = CHATML) -> Path:
     """A random tiny LLaMA over chat_tokenizer's vocabulary, saved with the tokenizer like a hub checkpoint."""
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
 
     tokenizer = chat_tokenizer(chat_template)
     config = tiny_config("llama")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tiny_models import tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-
-from tiny_models import tiny_config
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 

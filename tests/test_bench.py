@@ -50,8 +50,9 @@ def test_time_ratio_pairs_each_round_with_the_baseline_of_the_same_round():
 def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monkeypatch):
     """The floor row is hkft `none` plus the second pass one-branch KL adds: the decoder's first half
     and the first dropping layer's projections run once, the rest twice."""
-    import bench.run as bench_run
     from transformers import TrainingArguments
+
+    import bench.run as bench_run
 
     workload = bench_run.llama_workload(1, 16, "none", 64)
     built, build = [], bench_run.lora
@@ -112,7 +113,13 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
 def test_packing_pair_trains_on_the_same_examples_padded_and_packed():
     """The packing rows: both layouts cover exactly the same examples (the same non-padding tokens
     per pass), the packed one in fewer batches and fewer token slots."""
-    from bench.run import PAD, packed_batches, packing_benchmark, padded_batches, variable_length_examples
+    from bench.run import (
+        PAD,
+        packed_batches,
+        packing_benchmark,
+        padded_batches,
+        variable_length_examples,
+    )
 
     examples = variable_length_examples(12, 32, 64)
     assert all(16 <= len(example["input_ids"]) <= 32 for example in examples)

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import yaml
-
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from checkpoints import write_jsonl
 from conftest import assert_one_line_error
-from hkft.chat import IGNORE_INDEX, encode_chat
+
 from hkft.config.schema import HkftConfig
-from hkft.data import prepare_data
+from hkft.data.chat import IGNORE_INDEX, encode_chat
+from hkft.data.preparation import prepare_data
 from hkft.errors import DataError
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import TrainingArguments
 
 from hkft.config.schema import LoraConfig
 from hkft.dropout import build_plan, instrument
-from hkft.modeling import build_lora_model
-from hkft.trainer import HkftTrainer
-from tiny_models import tiny_model
+from hkft.models.lora import build_lora_model
+from hkft.recipes.trainer import HkftTrainer
 
 
 def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: bool):

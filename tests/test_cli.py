@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_one_line_error
 from rich.console import Console
 
-from conftest import assert_one_line_error
 from hkft.config import load_config, presets_dir
-from hkft.rundir import RunDir, save_run_config
+from hkft.run.directory import RunDir, save_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,27 +46,27 @@ def preset(tmp_path) -> Path:
 @pytest.fixture
 def calls(monkeypatch) -> list:
     """Replaces the pipeline and the merger with recorders; each call lands in the returned list."""
-    import hkft.merge
-    import hkft.pipeline
+    import hkft.models.merge
+    import hkft.recipes.train
 
     recorded: list = []
 
     def train(cfg, run, *, resume, console):
         recorded.append(("train", cfg, run, resume, run.config_path.read_text(), json.loads(run.info_path.read_text())))
-        return hkft.pipeline.TrainResult(run.root, run.adapter_dir, {"accuracy": 0.8333333, "macro_f1": 0.5})
+        return hkft.recipes.train.TrainResult(run.root, run.adapter_dir, {"accuracy": 0.8333333, "macro_f1": 0.5})
 
     def evaluate(target, *, data, split, overrides, console):
         recorded.append(("eval", target, data, split, overrides))
-        return hkft.pipeline.EvalResult({"accuracy": 0.625}, target / "eval.json", target / "predictions.jsonl")
+        return hkft.recipes.evaluate.EvalResult({"accuracy": 0.625}, target / "eval.json", target / "predictions.jsonl")
 
     def merge_adapter(target, output, dtype="float32", overwrite=False, gguf_type=None):
         recorded.append(("merge", target, output, dtype, overwrite, gguf_type))
         gguf_file = output / f"model-{gguf_type}.gguf" if gguf_type else None
-        return hkft.merge.MergeReport(output, 3.0517578125e-05, dtype, gguf_file)
+        return hkft.models.merge.MergeReport(output, 3.0517578125e-05, dtype, gguf_file)
 
-    monkeypatch.setattr(hkft.pipeline, "train", train)
-    monkeypatch.setattr(hkft.pipeline, "evaluate", evaluate)
-    monkeypatch.setattr(hkft.merge, "merge_adapter", merge_adapter)
+    monkeypatch.setattr(hkft.recipes.train, "train", train)
+    monkeypatch.setattr(hkft.recipes.train, "evaluate", evaluate)
+    monkeypatch.setattr(hkft.models.merge, "merge_adapter", merge_adapter)
     return recorded
 
 
@@ -158,7 +158,7 @@ def test_env_reports_the_installed_versions(cli):
 
 
 def test_env_says_when_bitsandbytes_is_missing_or_broken(monkeypatch):
-    from hkft.envinfo import environment_report
+    from hkft.run.environment import environment_report
 
     expected = "CUDA backend" if torch.cuda.is_available() else "CPU backend"
     assert environment_report()["bitsandbytes support"].startswith(expected)
@@ -284,22 +284,22 @@ def test_merge_adapter_format_gguf_prints_the_gguf_file(cli, tmp_path, calls, op
 # --- errors that are not HkftErrors --------------------------------------------------------------
 
 def test_ctrl_c_is_one_line_and_exit_130(cli, preset, tmp_path, monkeypatch):
-    import hkft.pipeline
+    import hkft.recipes.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hkft.pipeline, "train", interrupted)
+    monkeypatch.setattr(hkft.recipes.train, "train", interrupted)
     assert_one_line_error(cli("train", preset, "--output-dir", tmp_path / "run"), "interrupted", code=130)
 
 
 def test_a_bug_keeps_its_traceback(cli, preset, tmp_path, monkeypatch):
-    import hkft.pipeline
+    import hkft.recipes.train
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(hkft.pipeline, "train", broken)
+    monkeypatch.setattr(hkft.recipes.train, "train", broken)
     with pytest.raises(ZeroDivisionError):
         cli("train", preset, "--output-dir", tmp_path / "run")
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
 

@@ -8,9 +8,12 @@ import json
 import shutil
 
 import pytest
+from fake_runs import fake_run, loss_events
 from rich.console import Console
 
-from fake_runs import fake_run, loss_events
+from hkft.config.schema import HubSource
+from hkft.errors import HkftError
+from hkft.recipes.curves import read_curves
 from hkft.study.comparison import (
     collect_runs,
     compare_runs,
@@ -20,9 +23,6 @@ from hkft.study.comparison import (
     table_markdown,
     write_table,
 )
-from hkft.config.schema import HubSource
-from hkft.plots import read_curves
-from hkft.errors import HkftError
 
 
 @pytest.fixture

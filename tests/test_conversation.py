@@ -12,13 +12,13 @@ from pathlib import Path
 import pexpect
 import pytest
 import yaml
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from conftest import assert_one_line_error
-from hkft.chat import ChatLayout, conversation
+from peft import PeftModel
 from test_chat import ANSWERS, chat_preset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hkft.data.chat import ChatLayout, conversation
 
 PROMPT = "you> "
 
@@ -158,8 +158,8 @@ def test_a_bad_input_line_is_one_error_naming_the_line(cli, chat_run, stdin, mes
 
 
 def test_save_appends_one_line_after_a_line_break_the_file_lacked(tmp_path):
-    from hkft.conversation import save_conversation
     from hkft.errors import HkftError
+    from hkft.inference.conversation import save_conversation
 
     path = tmp_path / "chats.jsonl"
     path.write_text('{"messages": []}')  # no final line break
@@ -199,7 +199,7 @@ def test_missing_damaged_and_busy_runs_are_one_line_errors(cli, chat_run, tmp_pa
     assert_one_line_error(cli("chat", damaged, "--prompt", "x"), "adapter weights are damaged")
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from hkft.rundir import training_run_dir\n"
+        [sys.executable, "-c", "import sys; from pathlib import Path; from hkft.run.directory import training_run_dir\n"
          "with training_run_dir(Path(sys.argv[1])):\n print('held', flush=True); sys.stdin.read()", str(chat_run)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

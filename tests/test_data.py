@@ -8,16 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from checkpoints import MEMORISE, memorise_texts, word_tokenizer, write_jsonl
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from checkpoints import MEMORISE, memorise_texts, word_tokenizer, write_jsonl
 from hkft.config import validate_config
 from hkft.config.schema import HubSource
-from hkft.data import (IGNORE_INDEX, check_local_source, label_names_from, load_source, make_collator, parse_hub_spec, prepare_data,
-                       render_prompt)
+from hkft.data.files import check_local_source, load_source, parse_hub_spec
+from hkft.data.preparation import (
+    IGNORE_INDEX,
+    label_names_from,
+    make_collator,
+    prepare_data,
+    render_prompt,
+)
 from hkft.errors import DataError
-from hkft.modeling import resolve_model_path
+from hkft.models.loading import resolve_model_path
 
 ROWS = [{"premise": f"a {i}", "hypothesis": f"b {i}", "label": i % 3, "text": f"t {i}"} for i in range(12)]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -385,8 +391,8 @@ def test_cache_follows_the_template(tmp_path):
 @pytest.mark.parametrize("group_by_length,strategy", [(True, "group_by_length"), (False, "random")])
 def test_training_arguments_use_the_length_grouped_sampler_and_count_tokens(tmp_path, group_by_length, strategy):
     from hkft.config import load_config
-    from hkft.pipeline import training_arguments
-    from hkft.rundir import RunDir
+    from hkft.recipes.train import training_arguments
+    from hkft.run.directory import RunDir
 
     cfg = load_config("quickstart", [f"data.group_by_length={str(group_by_length).lower()}"])
     args = training_arguments(cfg, RunDir(tmp_path / "run"), has_eval=True)

@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 import yaml
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 
 def torchrun(tmp_path, *args):

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from stand_in_base import ensure_stand_in_base
 
 ROOT = Path(__file__).resolve().parents[1]

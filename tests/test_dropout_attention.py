@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 from torch import nn
 
 import hkft.dropout.attention as attention
@@ -12,7 +13,6 @@ from hkft.dropout.attention import AttentionDrop, drop_attention_forward, keep_m
 from hkft.dropout.controller import DropoutController
 from hkft.dropout.patterns import MaskSampler
 from hkft.dropout.plan import PositionDrop
-from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 
 
 class FakeAttention(nn.Module):

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import tiny_model
 from transformers import TrainingArguments
 
-from hkft.dropout import consistency_loss, instrument, named_method
+from hkft.dropout import consistency_loss, instrument
 from hkft.dropout.plan import build_plan
-from hkft.trainer import HkftTrainer
-from tiny_models import tiny_model
+from hkft.recipes.trainer import HkftTrainer
 
 
 def test_symmetric_kl_equals_hand_computation():
@@ -380,8 +380,9 @@ def test_the_lm_head_runs_on_supervised_positions_only():
 def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(monkeypatch, method, smoothing, num_items):
     """Without a compensation term a causal LM still gets the chunked cross-entropy (head on the
     supervised rows, gradient written in the forward pass): same loss and gradients as the Trainer's."""
-    import hkft.dropout.compensation as consistency
     from transformers import Trainer
+
+    import hkft.dropout.compensation as consistency
 
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)
     model = tiny_model("llama")

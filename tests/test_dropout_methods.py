@@ -3,14 +3,18 @@
 
 import pytest
 import torch
+from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hkft.dropout import build_plan, instrument, named_method
-from hkft.dropout.architecture import attention_module, ffn_output_module, transformer_layers
+from hkft.dropout.architecture import (
+    attention_module,
+    ffn_output_module,
+    transformer_layers,
+)
 from hkft.dropout.plan import DropoutPlan
 from hkft.errors import ModelError
-from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 
 METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
 ARCHS = ENCODERS + DECODERS
@@ -211,7 +215,7 @@ def test_named_methods_are_the_papers_table(method):
 def test_config_defaults_are_the_papers_defaults():
     """HiddenKey with p = 0.1 at both positions, KL weight 1.0, one branch, auto layers."""
     from hkft.config.schema import DropoutConfig
-    from hkft.pipeline import plan_from_config
+    from hkft.dropout.config import plan_from_config
 
     plan = plan_from_config(DropoutConfig())
     assert plan == named_method("hiddenkey", 0.1, kl_weight=1.0)

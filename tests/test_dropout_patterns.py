@@ -5,10 +5,10 @@ import torch
 
 from hkft.dropout.patterns import (
     MaskSampler,
+    apply_feature_mask,
     attention_drop_mask,
     bernoulli,
     causal_mask,
-    apply_feature_mask,
     feature_keep_mask,
     feature_scale,
     guarded_keep_mask,

@@ -4,8 +4,14 @@ import json
 
 import pytest
 import yaml
-
-from checkpoints import MEMORISE, REVIEWS, memorise_texts, review_texts, save_tiny_model, write_jsonl
+from checkpoints import (
+    MEMORISE,
+    REVIEWS,
+    memorise_texts,
+    review_texts,
+    save_tiny_model,
+    write_jsonl,
+)
 
 
 def causal_preset(tmp_path, arch: str, method: str = "hiddenkey", **train) -> "Path":
@@ -78,7 +84,7 @@ def test_generation_ignores_token_type_ids_a_decoder_tokenizer_emits(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hkft.config.schema import GenerationConfig
-    from hkft.evaluation import generate
+    from hkft.tasks.evaluation import generate
 
     model_dir = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -91,12 +97,12 @@ def test_generation_ignores_token_type_ids_a_decoder_tokenizer_emits(tmp_path):
 
 def test_the_adapter_is_saved_before_the_final_evaluation(tmp_path, cli, monkeypatch):
     """Training is the expensive part: a failure in the final evaluation must not lose it."""
-    import hkft.pipeline
+    import hkft.recipes.train
 
     def failing_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(hkft.pipeline, "final_evaluation", failing_evaluation)
+    monkeypatch.setattr(hkft.recipes.train, "final_evaluation", failing_evaluation)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         cli("train", causal_preset(tmp_path, "llama", epochs=1), "--output-dir", tmp_path / "run")
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()

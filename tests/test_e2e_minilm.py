@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hkft.config import load_config
-from hkft.modeling import resolve_model_path
+from hkft.models.loading import resolve_model_path
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,19 @@ and leaves nothing half-written."""
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-
-from checkpoints import MEMORISE, REVIEWS, memorise_texts, review_texts, save_tiny_model, write_jsonl
+from checkpoints import (
+    MEMORISE,
+    REVIEWS,
+    memorise_texts,
+    review_texts,
+    save_tiny_model,
+    write_jsonl,
+)
 from conftest import assert_one_line_error
 
 
@@ -270,7 +275,7 @@ def test_disk_full_while_writing_eval_keeps_the_old_file(cli, trained, monkeypat
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("hkft.io.os.replace", no_space)
+    monkeypatch.setattr("hkft.run.files.os.replace", no_space)
     result = cli("eval", trained)
     assert_one_line_error(result, "no space left on the device while writing", "eval.json", code=4)
     assert (trained / "eval.json").read_text() == before

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, OPTConfig
-
 from checkpoints import memorise_texts, save_tiny_model, word_tokenizer
 from conftest import assert_one_line_error
-from hkft import export
-from hkft.errors import ModelError
-from hkft.merge import merge_adapter
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 from test_merge import llama_adapter, minilm_adapter  # noqa: F401 (a fixture)
 from tiny_models import FAMILIES, HEADS, family_config, family_heads
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from hkft.errors import ModelError
+from hkft.models import export
+from hkft.models.merge import merge_adapter
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FETCHED_SDIST = export.llama_cpp_dir() / export.SDIST  # where the user's cache has it, before a test moves HF_HOME

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import Cli
-from hkft import export
+
+from hkft.models import export
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # a 135M model trained and exported on a CPU
 QUICKSTART = Path(__file__).resolve().parents[1] / "presets" / "data" / "quickstart-chat"

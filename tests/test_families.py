@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import FAMILIES, family_heads, family_model
 from torch import nn
 
 import hkft.dropout.attention as attention
 from hkft.dropout import build_plan, instrument, named_method
 from hkft.dropout.architecture import layer_stack, uses_attention_interface
-from tiny_models import FAMILIES, family_heads, family_model
 
 CASES = [(family, task) for family in FAMILIES for task in family_heads(family)]
 CASE_IDS = [f"{family}-{task}" for family, task in CASES]

@@ -8,8 +8,8 @@ import torch
 from hkft.config.schema import LoraConfig
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import transformer_layers
-from hkft.first_token import compute_first_token_only
-from hkft.modeling import build_lora_model
+from hkft.dropout.first_token import compute_first_token_only
+from hkft.models.lora import build_lora_model
 from tests.tiny_models import batch, tiny_model
 
 

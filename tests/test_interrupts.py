@@ -1,9 +1,14 @@
 """A stop asked for by a signal: a checkpoint at the step, nothing the uninterrupted run would not do."""
 
 from transformers import TrainingArguments
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import (
+    CallbackHandler,
+    DefaultFlowCallback,
+    TrainerControl,
+    TrainerState,
+)
 
-from hkft.interrupts import StopOnSignal
+from hkft.run.interrupts import StopOnSignal
 
 
 def test_a_stop_mid_epoch_saves_the_step_and_skips_the_epoch_end_evaluation(tmp_path):

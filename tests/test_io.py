@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from hkft.errors import HkftError
-from hkft.io import DiskFullError, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+from hkft.run.files import (
+    DiskFullError,
+    append_jsonl,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 def leftovers(directory: Path) -> list[Path]:
@@ -63,7 +69,7 @@ def test_atomic_write_json_keeps_key_order_and_indents(tmp_path):
     assert text == json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-@pytest.mark.parametrize("target", ["hkft.io.os.replace", "hkft.io.os.fsync"])
+@pytest.mark.parametrize("target", ["hkft.run.files.os.replace", "hkft.run.files.os.fsync"])
 def test_failure_mid_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, target):
     path = tmp_path / "metrics.json"
     atomic_write_json(path, {"old": 1})
@@ -78,7 +84,7 @@ def test_failure_mid_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch,
 def test_interrupt_mid_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "a.txt"
     atomic_write_text(path, "old")
-    monkeypatch.setattr("hkft.io.os.fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr("hkft.run.files.os.fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
@@ -88,7 +94,7 @@ def test_interrupt_mid_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatc
 def test_disk_full_is_one_line_and_nothing_overwritten(tmp_path, monkeypatch):
     path = tmp_path / "eval.json"
     atomic_write_text(path, "old")
-    monkeypatch.setattr("hkft.io.os.fsync", fail_with(errno.ENOSPC))
+    monkeypatch.setattr("hkft.run.files.os.fsync", fail_with(errno.ENOSPC))
     with pytest.raises(DiskFullError) as caught:
         atomic_write_text(path, "new" * 1000)
     message = str(caught.value)
@@ -157,7 +163,7 @@ def test_atomic_dir_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatc
             raise OSError(errno.EXDEV, "cross-device link")
         real_replace(src, dst)
 
-    monkeypatch.setattr("hkft.io.os.replace", replace)
+    monkeypatch.setattr("hkft.run.files.os.replace", replace)
     with pytest.raises(HkftError, match="cannot write"):
         with atomic_dir(final) as staging:
             (staging / "model.bin").write_text("new")

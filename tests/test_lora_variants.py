@@ -6,17 +6,18 @@ import json
 import pytest
 import torch
 import yaml
-from peft import PeftModel
-from transformers import TrainingArguments
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
+from peft import PeftModel
+from tiny_models import batch, tiny_model
+from transformers import TrainingArguments
+
 from hkft.config import load_config
 from hkft.config.schema import LoraConfig
 from hkft.dropout import instrument, named_method
-from hkft.modeling import build_lora_model, initial_adapter, save_lora_adapter
-from hkft.trainer import HkftTrainer
-from tiny_models import batch, tiny_model
+from hkft.models.adapters import save_lora_adapter
+from hkft.models.lora import build_lora_model, initial_adapter
+from hkft.recipes.trainer import HkftTrainer
 
 TASKS = {"llama": "causal-lm", "bert": "classification"}
 

@@ -6,16 +6,22 @@ import shutil
 
 import pytest
 import torch
+from checkpoints import memorise_texts, save_tiny_model
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
-from checkpoints import memorise_texts, save_tiny_model
 from hkft.config.schema import LoraConfig, ModelConfig
 from hkft.errors import ModelError
-from hkft.merge import merge_adapter
-from hkft.modeling import base_fingerprint, build_lora_model, load_base_model, load_tokenizer, resolve_model_path
-from hkft.rundir import write_sidecar
+from hkft.models.adapters import base_fingerprint
+from hkft.models.loading import load_base_model, load_tokenizer, resolve_model_path
+from hkft.models.lora import build_lora_model
+from hkft.models.merge import merge_adapter
+from hkft.run.directory import write_sidecar
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SENTENCES = ["The kettle is great.", "I would not call the tent comfortable.", "Broken lamp.", "A fine phone, really."]

@@ -12,7 +12,7 @@ from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from hkft.config.schema import Task
-from hkft.metrics import (
+from hkft.tasks.metrics import (
     MAIN_METRIC,
     classification_metrics,
     generation_metrics,
@@ -126,8 +126,8 @@ def test_metric_for_best_must_be_one_the_evaluation_reports(tmp_path, task, metr
     """Checked before training: the Trainer would only fail (KeyError) at the first evaluation."""
     from hkft.config import load_config
     from hkft.errors import ConfigError
-    from hkft.pipeline import training_arguments
-    from hkft.rundir import RunDir
+    from hkft.recipes.train import training_arguments
+    from hkft.run.directory import RunDir
 
     cfg = load_config("quickstart", [f"model.task={task}", f"train.metric_for_best={metric}"])
     if valid:
@@ -141,7 +141,11 @@ def test_the_metric_names_checked_before_training_are_the_ones_evaluation_report
     """EVAL_METRICS lists what compute_metrics returns (plus the loss); it must not drift from it."""
     import numpy as np
 
-    from hkft.metrics import EVAL_METRICS, classification_metrics, regression_metrics
+    from hkft.tasks.metrics import (
+        EVAL_METRICS,
+        classification_metrics,
+        regression_metrics,
+    )
 
     labels = np.array([0, 1, 1, 0])
     assert set(EVAL_METRICS["classification"]) == {"loss", *classification_metrics(labels, labels)}

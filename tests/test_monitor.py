@@ -12,13 +12,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
-
 from checkpoints import save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
+from transformers import (
+    EarlyStoppingCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
 from hkft.config import load_config
-from hkft.monitor import OverfittingMonitor, alarms, evaluations, latest_train_loss, rises, verdict
-from hkft.progress import ProgressCallback
+from hkft.recipes.monitor import (
+    OverfittingMonitor,
+    alarms,
+    evaluations,
+    latest_train_loss,
+    rises,
+    verdict,
+)
+from hkft.run.progress import ProgressCallback
 
 EVERY = 5  # steps between evaluations
 

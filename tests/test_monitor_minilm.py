@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hkft.config import presets_dir
-from hkft.monitor import evaluations
+from hkft.recipes.monitor import evaluations
 
 QUICKSTART_TRAIN = presets_dir() / "data/quickstart/train.jsonl"
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from hkft.config import load_config
-from hkft.monitor import alarms, evaluations, verdict
+from hkft.recipes.monitor import alarms, evaluations, verdict
 
 RUNS = 1000
 CFG = load_config("quickstart", ["dropout.method=none"])

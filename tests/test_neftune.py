@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 import yaml
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
-from hkft.config import load_config
-from hkft.dropout import build_plan, instrument, named_method
-from hkft.pipeline import plan_from_config
-from hkft.study.grid import expand_cells
-from hkft.study.spec import load_study
 from test_dropout_methods import task_for, zero_dropout
 from tiny_models import batch, tiny_model
+
+from hkft.config import load_config
+from hkft.dropout import build_plan, instrument, named_method
+from hkft.dropout.config import plan_from_config
+from hkft.study.grid import expand_cells
+from hkft.study.spec import load_study
 
 ALPHA = 5.0
 

@@ -10,25 +10,36 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from chat_models import chat_tokenizer
+from checkpoints import (
+    MEMORISE,
+    memorise_texts,
+    save_tiny_model,
+    word_tokenizer,
+    write_jsonl,
+)
+from conftest import assert_one_line_error
+from test_chat import MULTI_TURN, expected_tokens
+from test_resume import DRIVER, assert_same_run, drive
+from tiny_models import tiny_model
 from transformers import TrainingArguments, masking_utils
 
-from chat_models import chat_tokenizer
-from checkpoints import MEMORISE, memorise_texts, save_tiny_model, word_tokenizer, write_jsonl
-from conftest import assert_one_line_error
-from hkft.chat import IGNORE_INDEX
 from hkft.config import load_config
 from hkft.config.schema import HkftConfig, LoraConfig
-from hkft.data import make_collator, prepare_data
+from hkft.data.chat import IGNORE_INDEX
+from hkft.data.packing import (
+    PackedCollator,
+    best_fit_decreasing,
+    check_packed_attention,
+    pack_training_data,
+)
+from hkft.data.preparation import make_collator, prepare_data
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import ffn_output_module, transformer_layers
 from hkft.dropout.patterns import MaskSampler, embedding_noise, packed_extent, span
 from hkft.errors import ConfigError
-from hkft.modeling import build_lora_model
-from hkft.packing import PackedCollator, best_fit_decreasing, check_packed_attention, pack_training_data
-from hkft.trainer import HkftTrainer
-from test_chat import MULTI_TURN, expected_tokens
-from test_resume import DRIVER, assert_same_run, drive
-from tiny_models import tiny_model
+from hkft.models.lora import build_lora_model
+from hkft.recipes.trainer import HkftTrainer
 
 CPU = torch.device("cpu")
 MAX_LENGTH = 40

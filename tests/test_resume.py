@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
-from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
-from hkft.rundir import RunDir, latest_checkpoint
+from hkft.run.directory import RunDir, latest_checkpoint
 
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from hkft.progress import ProgressCallback
+    from hkft.run.progress import ProgressCallback
     from hkft.cli import app
 
     stop_at, how = int(sys.argv[1]), sys.argv[2]

@@ -6,7 +6,7 @@ import re
 from rich.console import Console
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hkft.progress import ProgressCallback, format_duration
+from hkft.run.progress import ProgressCallback, format_duration
 
 
 class FakeClock:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import hkft.rundir
+import hkft.run.directory
 from hkft.config import load_config, validate_config
 from hkft.errors import ModelError, TrainingError
-from hkft.rundir import (
+from hkft.run.directory import (
     RunDir,
     check_resume_compatible,
     default_run_dir,
@@ -52,7 +52,7 @@ def test_layout_matches_the_documented_one(tmp_path):
     run = RunDir(tmp_path)
     files = [run.config_path, run.info_path, run.metrics_jsonl, run.metrics_json, run.eval_json, run.predictions_jsonl]
     folders = [run.adapter_dir, run.checkpoints_dir, run.tb_dir]
-    layout = hkft.rundir.__doc__.split("```")[1]
+    layout = hkft.run.directory.__doc__.split("```")[1]
     documented = set(re.findall(r"[\w.<>-]+/?", layout))
     for path in files + folders:
         assert path.parent == tmp_path

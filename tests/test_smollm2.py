@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from hkft.chat import IGNORE_INDEX, encode_chat
+from hkft.data.chat import IGNORE_INDEX, encode_chat
 
 pytestmark = pytest.mark.slow
 MODEL, GGUF = "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,7 +26,7 @@ def converted(tmp_path_factory):
     home = tmp_path_factory.mktemp("hf")
     patch = pytest.MonkeyPatch()
     patch.setenv("HF_HOME", str(home))
-    from hkft.gguf import gguf_model_dir
+    from hkft.models.gguf import gguf_model_dir
 
     yield gguf_model_dir(MODEL, GGUF)
     patch.undo()

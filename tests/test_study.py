@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_runs import loss_events, write_run
 from rich.console import Console
 
-from fake_runs import loss_events, write_run
 from hkft.config import presets_dir
 from hkft.errors import ConfigError
 from hkft.study.grid import Cell, expand_cells, run_sweep, train_cell
@@ -172,14 +172,14 @@ def test_unfinished_cell_with_a_checkpoint_is_resumed(tmp_path):
 
 def test_train_cell_runs_the_pipeline_like_hkft_train(tmp_path, monkeypatch):
     """The default train_fn: run directory, saved config and run_info, then pipeline.train."""
-    import hkft.pipeline
+    import hkft.recipes.train
 
     seen = {}
 
     def fake_train(cfg, run, *, resume, console, callbacks):
         seen.update(cfg=cfg, run=run, resume=resume, callbacks=callbacks)
 
-    monkeypatch.setattr(hkft.pipeline, "train", fake_train)
+    monkeypatch.setattr(hkft.recipes.train, "train", fake_train)
     (cell,) = expand_cells(load_study(write_study(tmp_path, grid={"train.seed": [7]})))
     train_cell(cell, resume=False, console=quiet())
     assert seen["run"].root == cell.run_dir and seen["resume"] is False and seen["cfg"].train.seed == 7
@@ -214,7 +214,7 @@ def test_real_sweep_on_minilm(tmp_path):
 
 def test_the_training_recipe_never_imports_the_study_package():
     """hkft.study calls the recipe; the recipe (and a run's own curves.png) must not depend on studies."""
-    code = "import sys, hkft.pipeline, hkft.cli; print(sorted(m for m in sys.modules if m.startswith('hkft.study')))"
+    code = "import sys, hkft.recipes.train, hkft.cli; print(sorted(m for m in sys.modules if m.startswith('hkft.study')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import assert_one_line_error
 
 pytest.importorskip("mlflow", reason="pip install 'hkft[mlflow]'")

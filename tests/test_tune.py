@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
+from conftest import assert_one_line_error
 from rich.console import Console
 
-from conftest import assert_one_line_error
 from hkft.config import config_to_yaml, load_config
 from hkft.errors import ConfigError, InterruptedRun, TrainingError
 from hkft.study.grid import Cell, expand_cells

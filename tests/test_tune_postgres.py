@@ -24,9 +24,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from test_tune import SMALL_RUN
 
 from hkft.config import load_config
-from test_tune import SMALL_RUN
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

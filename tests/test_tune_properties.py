@@ -24,13 +24,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
+from tune_fakes import STEPS, SteppedTrials, accuracy
 
 from hkft.config import load_config
 from hkft.errors import ConfigError
 from hkft.study import search as search_module
 from hkft.study.search import TRIAL_RECORD, plan_tune, run_tune, trials_by_run
 from hkft.study.spec import load_study
-from tune_fakes import STEPS, SteppedTrials, accuracy
 
 LR = {"low": 1e-5, "high": 1e-1, "log": True}
 FAST, SLOW = 4, 25  # situations per property in the fast and the slow suite

@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 def _not_a_boolean(value: object) -> object:
@@ -190,7 +197,7 @@ class DataConfig(Section):
 
 
 class OverfittingConfig(Section):
-    """The overfitting monitor (``hkft.monitor``): when it fires, and how sure it must be first."""
+    """The overfitting monitor (``hkft.recipes.monitor``): when it fires, and how sure it must be first."""
 
     enabled: bool = Field(True, description="Watch every evaluation for overfitting (needs an evaluation split).")
     patience: Int = Field(3, gt=0, description="Evaluations in a row that must show the symptom.")

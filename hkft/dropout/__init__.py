@@ -7,7 +7,14 @@ loss is a pure function of two forward passes. One file per axis: `positions.py`
 
 from hkft.dropout.compensation import consistency_loss
 from hkft.dropout.controller import DropoutController, instrument
-from hkft.dropout.plan import PATTERNS, POSITIONS, DropoutPlan, PositionDrop, build_plan, named_method
+from hkft.dropout.plan import (
+    PATTERNS,
+    POSITIONS,
+    DropoutPlan,
+    PositionDrop,
+    build_plan,
+    named_method,
+)
 
 __all__ = [
     "PATTERNS",

@@ -12,6 +12,8 @@ None`` and add it to `ATTENTION_SHAPES`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -221,3 +223,16 @@ def set_builtin_dropout(model: nn.Module, rate: float) -> None:
         for attribute in DROPOUT_ATTRIBUTES:
             if isinstance(getattr(module, attribute, None), float):
                 setattr(module, attribute, rate)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The eval-mode model (the `js` target, the packing check): hkft's masks, the model's own
+    dropout and peft's lora_dropout all off. Each module's mode is put back afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hkft.dropout import architecture
-from hkft.dropout.attention import ATTENTION_NAME, AttentionDrop, intercept_attention, register_attention
+from hkft.dropout.attention import (
+    ATTENTION_NAME,
+    AttentionDrop,
+    intercept_attention,
+    register_attention,
+)
 from hkft.dropout.patterns import Extent, MaskSampler, packed_extent, token_extent
 from hkft.dropout.plan import DropoutPlan
 from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always

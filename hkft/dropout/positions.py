@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hkft.dropout.patterns import apply_feature_mask, embedding_noise, feature_keep_mask, feature_scale
+from hkft.dropout.patterns import (
+    apply_feature_mask,
+    embedding_noise,
+    feature_keep_mask,
+    feature_scale,
+)
 from hkft.dropout.plan import PositionDrop
 
 if TYPE_CHECKING:

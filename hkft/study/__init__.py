@@ -1,4 +1,4 @@
 """Studies over many runs: grids (`hkft sweep`), their comparison (`hkft compare`) and its plots.
 
-This package calls the training recipe (`hkft.pipeline`) and is never imported by it.
+This package calls the training recipe (`hkft.recipes.train`) and is never imported by it.
 """

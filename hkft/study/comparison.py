@@ -24,11 +24,11 @@ from rich.table import Table
 from hkft.config import HkftConfig, load_config
 from hkft.config.schema import DROPOUT_METHODS, DataSource, HubSource
 from hkft.errors import HkftError
-from hkft.io import atomic_write_text
-from hkft.metrics import MAIN_METRIC
-from hkft.plots import Curve, read_curves
-from hkft.rundir import RunDir
+from hkft.recipes.curves import Curve, read_curves
+from hkft.run.directory import RunDir
+from hkft.run.files import atomic_write_text
 from hkft.study.plots import plot_comparison
+from hkft.tasks.metrics import MAIN_METRIC
 
 # Keys that are not part of a run's setting: the seed is what a group varies over; the rest is
 # shown in its own column or does not change the result.
@@ -78,7 +78,7 @@ class Row:
 def dataset_name(source: DataSource) -> str:
     """``nyu-mll/glue:rte`` for the hub, ``quickstart/train.jsonl`` (folder/file) for a local file."""
     if isinstance(source, str) and source.startswith("hub:"):
-        from hkft.data import parse_hub_spec
+        from hkft.data.files import parse_hub_spec
 
         source = parse_hub_spec(source)
     if isinstance(source, HubSource):
@@ -98,7 +98,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def effective_dropout(cfg: HkftConfig) -> tuple[float | None, float | None, str | None]:
     """(rate, kl_weight, branches) as the built dropout plan uses them, None where a value has no effect."""
-    from hkft.pipeline import plan_from_config
+    from hkft.dropout.config import plan_from_config
 
     plan = plan_from_config(cfg.dropout)
     drops = bool(plan.active_positions) or bool(plan.model_dropout)

@@ -23,8 +23,15 @@ from rich.console import Console
 
 from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
-from hkft.io import check_can_create_dir
-from hkft.rundir import RunDir, check_resume_compatible, latest_checkpoint, prepare_run_dir, save_run_config, training_run_dir
+from hkft.run.directory import (
+    RunDir,
+    check_resume_compatible,
+    latest_checkpoint,
+    prepare_run_dir,
+    save_run_config,
+    training_run_dir,
+)
+from hkft.run.files import check_can_create_dir
 from hkft.study.comparison import compare_runs, flatten
 from hkft.study.spec import STUDY_MARKER, Study
 
@@ -67,7 +74,7 @@ def cell_name(assignment: dict[str, JsonValue], labels: dict[str, str]) -> str:
 def run_fingerprint(cfg: HkftConfig) -> str:
     """What decides a run's outcome: the config less bookkeeping, with the dropout section replaced by
     the plan it builds, so settings a method ignores (kl_weight without KL, rate of `none`) drop out."""
-    from hkft.pipeline import plan_from_config
+    from hkft.dropout.config import plan_from_config
 
     plan = plan_from_config(cfg.dropout)
     if not plan.uses_consistency_loss:
@@ -118,7 +125,7 @@ def expand_cells(study: Study) -> list[Cell]:
 def train_cell(cell: Cell, *, resume: bool, console: Console, callbacks: Sequence[TrainerCallback] = ()) -> None:
     """What `hkft train PRESET --set ... --output-dir DIR [--resume]` does for one cell; ``callbacks``
     join the Trainer's (a tuning trial's pruner)."""
-    from hkft.pipeline import train
+    from hkft.recipes.train import train
 
     with training_run_dir(cell.run_dir):
         run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)

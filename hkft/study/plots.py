@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hkft.plots import PANEL, Curve, _no_data, _plot, save_figure
+from hkft.recipes.curves import PANEL, Curve, _no_data, _plot, save_figure
 
 if TYPE_CHECKING:
     from hkft.study.comparison import Row, RunSummary

@@ -38,18 +38,39 @@ from transformers import TrainerCallback
 
 from hkft.config import config_to_yaml, load_config, resolve_preset_path
 from hkft.errors import ConfigError, InterruptedRun, TrainingError
-from hkft.io import atomic_write_json, atomic_write_text, check_can_create_dir
-from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
-from hkft.plots import read_curves
-from hkft.rundir import RunDir, holds_run
-from hkft.tracking import one_parent_run_per_search
+from hkft.recipes.curves import read_curves
+from hkft.run.directory import RunDir, holds_run
+from hkft.run.files import atomic_write_json, atomic_write_text, check_can_create_dir
+from hkft.run.tracking import one_parent_run_per_search
 from hkft.study.comparison import compare_runs
-from hkft.study.grid import (Cell, cell_name, cell_state, expand_cells, labels_of, make_cell, run_fingerprint, train_cell,
-                             train_cells)
-from hkft.study.plots import figure_metric_vs_param, figure_optimization_history, figure_param_importances, save_figure
+from hkft.study.grid import (
+    Cell,
+    cell_name,
+    cell_state,
+    expand_cells,
+    labels_of,
+    make_cell,
+    run_fingerprint,
+    train_cell,
+    train_cells,
+)
+from hkft.study.plots import (
+    figure_metric_vs_param,
+    figure_optimization_history,
+    figure_param_importances,
+    save_figure,
+)
 from hkft.study.spec import SearchDimension, SearchRange, Study, TuneSettings
-from hkft.study.workers import (WORKER_ATTR, claim_output, describe_worker, origin_number, requeue, take_over_abandoned,
-                                this_worker)
+from hkft.study.workers import (
+    WORKER_ATTR,
+    claim_output,
+    describe_worker,
+    origin_number,
+    requeue,
+    take_over_abandoned,
+    this_worker,
+)
+from hkft.tasks.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 
 TRIAL_RECORD = "trial.json"
 DEFAULT_DB = "optuna.db"  # the study's storage in its output folder, without tune.storage

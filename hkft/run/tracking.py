@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 from hkft.config import HkftConfig, load_config
 from hkft.errors import ConfigError, InterruptedRun
-from hkft.io import atomic_write_json
-from hkft.rundir import RunDir
+from hkft.run.directory import RunDir
+from hkft.run.files import atomic_write_json
 
 EXPERIMENT = "hkft"
 MLFLOW_STORE, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"

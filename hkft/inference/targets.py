@@ -21,19 +21,29 @@ from hkft.config import HkftConfig, load_config, validate_config
 from hkft.config.loading import apply_overrides
 from hkft.config.schema import ModelConfig
 from hkft.errors import ConfigError, ModelError
-from hkft.modeling import (
+from hkft.models.adapters import (
     check_same_base,
-    check_task_fits_model,
-    ensure_pad_token,
     load_adapter_model,
     load_adapter_tokenizer,
+)
+from hkft.models.loading import (
+    check_task_fits_model,
+    ensure_pad_token,
     load_base_model,
     load_tokenizer,
     read_model_config,
     resolve_model_path,
     saved_as_causal_lm,
 )
-from hkft.rundir import SIDECAR, RunDir, find_adapter_dir, owned, read_sidecar, run_root_of, sidecar_label_names
+from hkft.run.directory import (
+    SIDECAR,
+    RunDir,
+    find_adapter_dir,
+    owned,
+    read_sidecar,
+    run_root_of,
+    sidecar_label_names,
+)
 
 # The command for each task, for the error that points from one to the other.
 COMMAND_FOR_TASK = {"causal-lm": "chat", "classification": "predict", "regression": "predict"}

@@ -1,7 +1,7 @@
 """`hkft chat`: a conversation with a trained causal LM in the terminal, or one reply per input line
 for scripts.
 
-Each reply is generated the way `hkft eval` generates (hkft.evaluation.generate, the run's
+Each reply is generated the way `hkft eval` generates (hkft.tasks.evaluation.generate, the run's
 eval.generation settings, greedy) after the conversation rendered with the chat template the run
 trained with: its data.chat_template, else the tokenizer's (saved beside the adapter). In a
 terminal the tokens are streamed as they come; Ctrl-C stops the reply being generated (a stopping
@@ -23,13 +23,19 @@ from typing import TextIO
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from hkft.chat import ChatLayout, Message, checked_messages, render, use_chat_template
 from hkft.config.schema import GenerationConfig
+from hkft.data.chat import (
+    ChatLayout,
+    Message,
+    checked_messages,
+    render,
+    use_chat_template,
+)
 from hkft.errors import ConfigError, DataError, HkftError
-from hkft.evaluation import generate
-from hkft.io import environment_error
-from hkft.modeling import position_limit
-from hkft.targets import Target, load_base_target, load_target, looks_like_run
+from hkft.inference.targets import Target, load_base_target, load_target, looks_like_run
+from hkft.models.loading import position_limit
+from hkft.run.files import environment_error
+from hkft.tasks.evaluation import generate
 
 COMMANDS = "/reset starts over, /save FILE appends the conversation to a JSONL file, /exit or Ctrl-D leaves"
 STOPPED = "(stopped)"

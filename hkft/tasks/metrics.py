@@ -98,3 +98,14 @@ def preprocess_logits_for_metrics(task: str) -> Callable[[torch.Tensor, torch.Te
         return logits.argmax(dim=-1) if task == "classification" else logits.squeeze(-1)
 
     return reduce
+
+
+def metric_implementations(task: str) -> dict[str, str]:
+    if task == "classification":
+        return {"accuracy": "sklearn.metrics.accuracy_score", "macro_f1": "sklearn.metrics.f1_score(average='macro')",
+                "mcc": "sklearn.metrics.matthews_corrcoef"}
+    if task == "regression":
+        return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
+    return {"loss": "token-level cross-entropy on completion (chat: assistant) tokens", "perplexity": "exp(loss)",
+            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure",
+            "exact_match": "reply == reference up to whitespace (chat, short references)"}

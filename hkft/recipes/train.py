@@ -1,16 +1,13 @@
 """The train and eval recipes, readable top to bottom.
 
 train: seed -> data -> base model -> LoRA -> dropout plan -> Trainer -> adapter -> final metrics.
-eval:  adapter + sidecar -> base model -> data with the training label map -> metrics + predictions.
-"""
+eval:  adapter + sidecar -> base model -> data with the training label map -> metrics + predictions."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,62 +17,68 @@ from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.integrations import TensorBoardCallback
 
 import hkft
-from hkft.config import HkftConfig, load_config, validate_config
-from hkft.config.loading import apply_overrides
-from hkft.config.schema import DropoutConfig
-from hkft.data import SPLITS, make_collator, prepare_data
-from hkft.dropout import DropoutPlan, build_plan, instrument
+from hkft.config import HkftConfig
+from hkft.data.packing import (
+    PackedCollator,
+    check_packed_attention,
+    pack_training_data,
+)
+from hkft.data.preparation import (
+    SPLITS,
+    make_collator,
+    prepare_data,
+)
+from hkft.dropout import instrument
+from hkft.dropout.config import plan_from_config
+from hkft.dropout.first_token import compute_first_token_only
 from hkft.errors import ConfigError, DataError, InterruptedRun
-from hkft.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
-from hkft.first_token import compute_first_token_only
-from hkft.io import DiskFullError, atomic_dir, atomic_write_json, atomic_write_text, is_disk_full
-from hkft.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
-from hkft.modeling import (
+from hkft.models.adapters import (
     base_fingerprint,
-    build_lora_model,
+    save_lora_adapter,
+)
+from hkft.models.loading import (
     check_fits_positions,
     check_quantization_supported,
-    initial_adapter,
-    check_same_base,
     check_task_fits_model,
     ensure_pad_token,
     load_base_model,
-    load_adapter_model,
-    load_adapter_tokenizer,
     load_tokenizer,
     position_limit,
     read_model_config,
     resolve_model_path,
-    save_lora_adapter,
 )
-from hkft.interrupts import StopOnSignal
-from hkft.monitor import OverfittingMonitor, Verdict, verdict
-from hkft.packing import PackedCollator, check_packed_attention, pack_training_data
-from hkft.plots import plot_run_curves
-from hkft.progress import ProgressCallback
-from hkft.rundir import (
-    READER_BUSY_HINT,
+from hkft.models.lora import build_lora_model, initial_adapter
+from hkft.recipes.curves import plot_run_curves
+from hkft.recipes.monitor import OverfittingMonitor, Verdict, verdict
+from hkft.recipes.trainer import HkftTrainer
+from hkft.run.directory import (
     RunDir,
     checkpoint_is_complete,
-    find_adapter_dir,
     latest_checkpoint,
-    owned,
-    read_sidecar,
-    sidecar_label_names,
-    run_root_of,
     write_sidecar,
 )
-from hkft.tracking import track_training
-from hkft.trainer import HkftTrainer
-
+from hkft.run.files import DiskFullError, atomic_dir, atomic_write_json, is_disk_full
+from hkft.run.interrupts import StopOnSignal
+from hkft.run.progress import ProgressCallback
+from hkft.run.tracking import track_training
+from hkft.tasks.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
+from hkft.tasks.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
 
 # Far beyond any finetuning run (at ten steps a second, twelve days); a typo such as
 # `train.epochs: 1e9` otherwise starts a run with an ETA of centuries.
 MAX_OPTIMIZER_STEPS = 10_000_000
+
 
 
 @dataclass(frozen=True)
@@ -88,32 +91,6 @@ class TrainResult:
     samples: list[dict] = field(default_factory=list)  # eval.compare_base: replies before and after
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, float]
-    eval_path: Path
-    predictions_path: Path
-
-
-def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
-    overrides = {
-        name: None if position is None else (position.pattern, position.rate)
-        for name, position in dropout.positions.items()
-    }
-    try:
-        return build_plan(
-            dropout.method,
-            dropout.rate,
-            dropout.kl_weight,
-            compensation=dropout.compensation,
-            branches=dropout.branches,
-            layers=dropout.layers,
-            position_overrides=overrides,
-            neftune_alpha=dropout.neftune_alpha,
-        )
-    except ValueError as err:
-        raise ConfigError(f"dropout: {err}") from None
-
 
 def mixed_precision(precision: str) -> dict[str, bool]:
     if precision == "auto":
@@ -121,6 +98,7 @@ def mixed_precision(precision: str) -> dict[str, bool]:
     if precision != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"train.precision {precision} needs a GPU", "use train.precision=fp32 (or auto) on a CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
 
 
 def check_fsdp_possible() -> None:
@@ -135,6 +113,7 @@ def check_fsdp_possible() -> None:
     if not (torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise ConfigError("distributed.strategy fsdp needs a distributed launch",
                           "start it with torchrun --nproc_per_node N -m hkft train ... or accelerate launch")
+
 
 
 def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
@@ -192,6 +171,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     )
 
 
+
 def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
     """An absurd number of optimizer steps (``train.epochs: 1e9``) is a typo, not a run to start."""
     train = cfg.train
@@ -204,6 +184,7 @@ def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
             f"{length} is {steps:,} optimizer steps, more than hkft's limit of {MAX_OPTIMIZER_STEPS:,}",
             "set train.epochs or train.max_steps to the length you mean",
         )
+
 
 
 def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
@@ -219,6 +200,7 @@ def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     return summary
 
 
+
 def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, model) -> str:
     """What is about to train, where and on what, in one line."""
     trainable, total = model.get_nb_trainable_parameters()
@@ -227,6 +209,7 @@ def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, mo
     train = f"{len(data.train):,} packed training rows" if cfg.data.packing else f"{len(data.train):,} training"
     return (f"{run.root}: {cfg.model.name} on {device}, {train} / {validation:,} validation "
             f"examples, {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,})")
+
 
 
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
@@ -240,6 +223,7 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         # without an active exception") and takes the whole torchrun job down with it.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
 
 
 def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
@@ -354,6 +338,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     return result
 
 
+
 def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, data, cfg: HkftConfig, run: RunDir,
                    initial, progress: ProgressCallback) -> TrainResult:
     """The adapter, then the final evaluation, the overfitting verdict and metrics.json (each file atomic)."""
@@ -378,10 +363,12 @@ def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, 
     return TrainResult(run.root, run.adapter_dir, outcome.metrics, found, base.metrics, before_and_after(base, outcome))
 
 
+
 def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer, steps: Steps | None = None) -> EvalOutcome:
     """The same evaluation with the adapter switched off: what training changed."""
     with trainer.model.disable_adapter():
         return final_evaluation(trainer, data, split, cfg, tokenizer, steps)
+
 
 
 def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> list[dict]:
@@ -392,9 +379,11 @@ def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> l
     ]
 
 
+
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
     """The training data in order, as plain dicts (peft's EVA rejects a collator's BatchEncoding)."""
     return DataLoader(dataset, batch_size=batch_size, collate_fn=lambda rows: dict(collator(rows)))
+
 
 
 def disk_full_in_training(run: RunDir) -> DiskFullError:
@@ -406,6 +395,7 @@ def disk_full_in_training(run: RunDir) -> DiskFullError:
     kept = latest_checkpoint(run)
     how = f"continue from {kept.name} with the same command and --resume" if kept else "run the same command again"
     return DiskFullError(f"no space left on the device while training into {run.root}", f"free some disk space, then {how}")
+
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer,
@@ -423,6 +413,7 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
         tokenizer=tokenizer,
         steps=steps,
     )
+
 
 
 def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controller) -> dict:
@@ -443,6 +434,7 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
     }
 
 
+
 def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: dict | None = None,
                  state_dict: dict | None = None) -> None:
     """``initial``: PiSSA/OLoRA's initial adapter, which the saved one is converted against (see `save_lora_adapter`);
@@ -451,99 +443,3 @@ def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: d
         save_lora_adapter(model, staging, initial, state_dict)
         tokenizer.save_pretrained(staging)
         write_sidecar(staging, facts)
-
-
-def run_config_for(adapter_dir: Path) -> Path | None:
-    candidate = adapter_dir.parent / "hkft_config.yaml"
-    return candidate if candidate.is_file() else None
-
-
-def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: list[str]) -> tuple[HkftConfig, RunDir]:
-    """The run's own config; for an adapter folder on its own, one rebuilt from its sidecar and --data.
-    Results go to the run directory, or into the adapter folder itself."""
-    config_path = run_config_for(adapter_dir)
-    if config_path is not None:
-        return load_config(config_path, overrides, overrides_from="--set"), RunDir(adapter_dir.parent)
-    if data is None or not facts.get("model"):
-        raise ConfigError(
-            f"{adapter_dir} has no hkft_config.yaml beside it",
-            "pass --data FILE (and --set data.text_column=... if the columns differ), or evaluate a run directory",
-        )
-    spec = {"model": facts["model"], "data": {"train": data, **facts.get("data", {})}}
-    return (validate_config(apply_overrides(spec, overrides), source=str(adapter_dir), overrides=overrides, overrides_from="--set"),
-            RunDir(adapter_dir))
-
-
-def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
-    """Scores an adapter only while no other process uses its run: never a half-written adapter,
-    nor results that a training still running is about to replace."""
-    with owned(run_root_of(target), READER_BUSY_HINT, required=False):
-        return _evaluate(target, data=data, split=split, overrides=overrides, console=console)
-
-
-def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
-    adapter_dir = find_adapter_dir(target)
-    facts = read_sidecar(adapter_dir)
-    cfg, run = eval_config(adapter_dir, facts, data, overrides)
-    sidecar_label_names(adapter_dir, facts, cfg.model.task)
-    split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
-    if split not in ("validation", "test", "train"):
-        raise ConfigError(f"--split {split!r}: choose validation, test or train")
-    if data is not None:
-        setattr(cfg.data, split, data)
-    task = cfg.model.task
-
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
-    check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
-    tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task)
-    prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
-    for notice in prepared.notices:
-        console.print(f"[yellow]{escape(notice)}[/]")
-    if getattr(prepared, split) is None:
-        raise DataError(f"no {split} data to evaluate", f"set data.{split} or pass --data FILE")
-    check_fits_positions({split: getattr(prepared, split)}, cfg.data.max_length,
-                         position_limit(read_model_config(cfg.model, model_path)), cfg.model.name)
-    model = load_adapter_model(adapter_dir, cfg.model, facts, model_path, tokenizer)
-
-    with tempfile.TemporaryDirectory(prefix="hkft-eval-") as scratch:  # the Trainer wants an output_dir; eval writes none
-        args = TrainingArguments(
-            output_dir=scratch,
-            report_to=[],
-            per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-            disable_tqdm=True,
-            prediction_loss_only=task == "causal-lm",
-            use_cpu=not torch.cuda.is_available(),
-        )
-        progress = ProgressCallback(None, console)  # train's bars for the evaluation and the generation
-        trainer = Trainer(
-            model=model,
-            args=args,
-            data_collator=make_collator(task, tokenizer),
-            processing_class=tokenizer,
-            **metric_hooks(task),
-            callbacks=[progress],
-        )
-        trainer.remove_callback(PrinterCallback)
-        outcome = final_evaluation(trainer, prepared, split, cfg, tokenizer, progress.steps)
-    eval_path, predictions_path = run.eval_json, run.predictions_jsonl
-    report = {
-        "split": split,
-        "data": str(getattr(cfg.data, split)),
-        "metrics": outcome.metrics,
-        "implementations": metric_implementations(task),
-        "generation": cfg.eval.generation.model_dump() if task == "causal-lm" else None,
-    }
-    atomic_write_json(eval_path, report)
-    atomic_write_text(predictions_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.predictions))
-    return EvalResult(outcome.metrics, eval_path, predictions_path)
-
-
-def metric_implementations(task: str) -> dict[str, str]:
-    if task == "classification":
-        return {"accuracy": "sklearn.metrics.accuracy_score", "macro_f1": "sklearn.metrics.f1_score(average='macro')",
-                "mcc": "sklearn.metrics.matthews_corrcoef"}
-    if task == "regression":
-        return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
-    return {"loss": "token-level cross-entropy on completion (chat: assistant) tokens", "perplexity": "exp(loss)",
-            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure",
-            "exact_match": "reply == reference up to whitespace (chat, short references)"}

@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 
 from hkft.config import HkftConfig, config_to_yaml, presets_dir
 from hkft.errors import ConfigError, ModelError, TrainingError
-from hkft.io import TEMP_PREFIX, atomic_write_json, atomic_write_text
+from hkft.run.files import TEMP_PREFIX, atomic_write_json, atomic_write_text
 
 SIDECAR = "hkft_adapter.json"
 LOCK_FILE = ".hkft.lock"
@@ -167,7 +167,7 @@ def training_run_dir(root: Path) -> Iterator[None]:
 
 def remove_stale_staging(run: RunDir) -> None:
     """`.tmp-<name>-*` folders and files beside hkft's outputs are what a process killed mid-write
-    left (see hkft.io); only the run's owner calls this, so none of them is still being written."""
+    left (see hkft.run.files); only the run's owner calls this, so none of them is still being written."""
     names = tuple(f"{TEMP_PREFIX}{path.name}-" for path in written_paths(run))
     for path in run.root.glob(f"{TEMP_PREFIX}*"):
         if path.name.startswith(names):
@@ -249,7 +249,9 @@ def latest_checkpoint(run: RunDir) -> Path | None:
 
 
 def save_run_config(run: RunDir, cfg: HkftConfig, argv: list[str]) -> None:
-    from hkft.envinfo import environment_report  # imports torch: keeps `import hkft.rundir` (and the CLI) light
+    from hkft.run.environment import (
+        environment_report,  # imports torch: keeps `import hkft.rundir` (and the CLI) light
+    )
 
     atomic_write_text(run.config_path, config_to_yaml(cfg))
     info = {

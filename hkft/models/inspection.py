@@ -17,12 +17,17 @@ from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
 from hkft.config.schema import DROPOUT_METHODS, Task
 from hkft.dropout import PATTERNS, architecture, instrument
+from hkft.dropout.config import plan_from_config
 from hkft.errors import ConfigError, ModelError
-from hkft.gguf import gguf_config_source
-from hkft.export import gguf_export_fact
-from hkft.modeling import (build_lora_model, default_target_modules, model_skeleton, read_model_config, resolve_model_path,
-                           saved_as_causal_lm)
-from hkft.pipeline import plan_from_config
+from hkft.models.export import gguf_export_fact
+from hkft.models.gguf import gguf_config_source
+from hkft.models.loading import (
+    model_skeleton,
+    read_model_config,
+    resolve_model_path,
+    saved_as_causal_lm,
+)
+from hkft.models.lora import build_lora_model, default_target_modules
 
 # A bare model has no data to count labels from.
 ASSUMED_LABELS = 2

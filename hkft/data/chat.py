@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hkft.config.schema import DataConfig
-from hkft.errors import DataError, kind_of
+from hkft.errors import DataError, first_line, kind_of
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 ROLES = ("system", "user", "assistant")
@@ -158,15 +158,13 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], where: s
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except TemplateError as err:
-        raise DataError(f"{where}: the chat template refuses this conversation ({_first_line(err)})",
+        raise DataError(f"{where}: the chat template refuses this conversation ({first_line(err)})",
                         "fix the conversation, or set data.chat_template") from None
     except Exception as err:  # any error a Jinja expression can raise (TypeError, KeyError, ...)
-        raise DataError(f"{where}: the chat template fails on this conversation ({type(err).__name__}: {_first_line(err)})",
+        raise DataError(f"{where}: the chat template fails on this conversation ({type(err).__name__}: {first_line(err)})",
                         "fix data.chat_template (it replaces the tokenizer's template), or set it to a working one") from None
 
 
-def _first_line(err: Exception) -> str:
-    return next(iter(str(err).strip().splitlines()), "")[:200]
 
 
 def _reply_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], index: int, where: str) -> str:

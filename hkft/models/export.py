@@ -23,8 +23,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from hkft.errors import ModelError
-from hkft.gguf import cache_root, content_hash
-from hkft.io import atomic_dir
+from hkft.models.gguf import cache_root, content_hash
+from hkft.run.files import atomic_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"

@@ -16,17 +16,25 @@ from typing import Any
 
 import torch
 from peft.optimizers import create_loraplus_optimizer
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hkft.dropout import DropoutController, consistency_loss
-from hkft.dropout.architecture import head_module, transformers_model
-from hkft.dropout.compensation import ObjectiveWeights, causal_lm_objective, supervised_rows, supervised_token_count
+from hkft.dropout.architecture import eval_mode, head_module, transformers_model
+from hkft.dropout.compensation import (
+    ObjectiveWeights,
+    causal_lm_objective,
+    supervised_rows,
+    supervised_token_count,
+)
 from hkft.errors import TrainingError
-from hkft.io import atomic_write_json, default_file_modes
-from hkft.rundir import checkpoint_is_complete
+from hkft.run.directory import checkpoint_is_complete
+from hkft.run.files import atomic_write_json, default_file_modes
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 # What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
@@ -275,19 +283,6 @@ class HkftTrainer(Trainer):
 
 def _without_labels(inputs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in inputs.items() if key != "labels"}
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """The eval-mode model (the `js` target, the packing check): hkft's masks, the model's own
-    dropout and peft's lora_dropout all off. Each module's mode is put back afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextmanager

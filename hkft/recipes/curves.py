@@ -15,9 +15,9 @@ from matplotlib.figure import Figure
 
 from hkft.config import load_config
 from hkft.errors import HkftError
-from hkft.io import atomic_write_bytes
-from hkft.metrics import MAIN_METRIC
-from hkft.rundir import RunDir
+from hkft.run.directory import RunDir
+from hkft.run.files import atomic_write_bytes
+from hkft.tasks.metrics import MAIN_METRIC
 
 Curve = list[tuple[int, float]]
 PANEL = (5.5, 4.0)

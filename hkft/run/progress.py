@@ -14,12 +14,25 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import has_length
 
-from hkft.io import append_jsonl, atomic_write_text
+from hkft.run.files import append_jsonl, atomic_write_text
 
 # Shown on the console, in this order, with these names; every key still goes to metrics.jsonl.
 SHOWN = {"loss": "loss", "task_loss": "task_loss", "kl_loss": "kl_loss", "learning_rate": "lr", "grad_norm": "grad_norm",

@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import Trainer
 
 from hkft.config.schema import GenerationConfig
-from hkft.metrics import (
+from hkft.tasks.metrics import (
     SHORT_REFERENCE_WORDS,
     classification_metrics,
     exact_match,
@@ -26,7 +26,6 @@ from hkft.metrics import (
     preprocess_logits_for_metrics,
     regression_metrics,
 )
-
 
 # Progress of a loop outside the Trainer: (description, batches) -> a context yielding "one batch done".
 Steps = Callable[[str, int], AbstractContextManager[Callable[[], None]]]

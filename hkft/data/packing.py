@@ -26,11 +26,10 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening
 
-from hkft.chat import IGNORE_INDEX
-from hkft.data import PreparedData
-from hkft.dropout.architecture import transformers_model
+from hkft.data.chat import IGNORE_INDEX
+from hkft.data.preparation import PreparedData
+from hkft.dropout.architecture import eval_mode, transformers_model
 from hkft.errors import ConfigError
-from hkft.trainer import eval_mode
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

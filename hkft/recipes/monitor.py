@@ -33,10 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from scipy import stats
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from hkft.config.schema import HkftConfig, OverfittingConfig
-from hkft.metrics import greater_is_better
+from hkft.tasks.metrics import greater_is_better
 
 RECENT = 4  # evaluations averaged into the recent level
 MIN_REFERENCE = 4  # evaluations averaged into the reference, at least

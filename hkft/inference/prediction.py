@@ -16,13 +16,19 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from hkft.data import make_collator
+from hkft.data.preparation import make_collator
 from hkft.errors import ConfigError, DataError
-from hkft.io import atomic_write_text, check_can_create_dir
-from hkft.targets import Target, load_target
+from hkft.inference.targets import Target, load_target
+from hkft.run.files import atomic_write_text, check_can_create_dir
 
 FILE_HINT = 'one JSON object per line, e.g. {"text": "..."}'
 

@@ -13,13 +13,24 @@ from pathlib import Path
 
 import torch
 
-from hkft import export
 from hkft.config.schema import ModelConfig
 from hkft.errors import ModelError
-from hkft.io import atomic_dir, atomic_write_json, check_can_create_dir
-from hkft.modeling import (DTYPES, check_same_base, load_adapter_model, load_adapter_tokenizer, read_model_config,
-                           resolve_model_path)
-from hkft.rundir import READER_BUSY_HINT, check_run_location, find_adapter_dir, owned, read_sidecar, run_root_of
+from hkft.models import export
+from hkft.models.adapters import (
+    check_same_base,
+    load_adapter_model,
+    load_adapter_tokenizer,
+)
+from hkft.models.loading import DTYPES, read_model_config, resolve_model_path
+from hkft.run.directory import (
+    READER_BUSY_HINT,
+    check_run_location,
+    find_adapter_dir,
+    owned,
+    read_sidecar,
+    run_root_of,
+)
+from hkft.run.files import atomic_dir, atomic_write_json, check_can_create_dir
 
 CHECK_TEXTS = ("The quick brown fox jumps over the lazy dog.", "LoRA adapters merge into their base model.",
                "A third, shorter one.")

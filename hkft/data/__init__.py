@@ -1,0 +1,1 @@
+"""Training data: local and hub files, chat conversations, tokenisation, packing and collation."""

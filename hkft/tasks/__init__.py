@@ -1,0 +1,1 @@
+"""What each task trains and measures: metrics and evaluation."""
