@@ -18,6 +18,7 @@ import yaml
 from conftest import assert_one_line_error
 from rich.console import Console
 
+import hkft.commands.common
 from hkft.config import load_config, presets_dir
 from hkft.run.directory import RunDir, save_run_config
 
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Tables wide enough that no path or description is wrapped inside a cell."""
-    monkeypatch.setattr("hkft.cli.console", Console(width=400, emoji=False))
+    monkeypatch.setattr(hkft.commands.common.console, "_width", 400)
 
 
 @pytest.fixture
@@ -47,6 +48,7 @@ def preset(tmp_path) -> Path:
 def calls(monkeypatch) -> list:
     """Replaces the pipeline and the merger with recorders; each call lands in the returned list."""
     import hkft.models.merge
+    import hkft.recipes.evaluate
     import hkft.recipes.train
 
     recorded: list = []
@@ -65,7 +67,7 @@ def calls(monkeypatch) -> list:
         return hkft.models.merge.MergeReport(output, 3.0517578125e-05, dtype, gguf_file)
 
     monkeypatch.setattr(hkft.recipes.train, "train", train)
-    monkeypatch.setattr(hkft.recipes.train, "evaluate", evaluate)
+    monkeypatch.setattr(hkft.recipes.evaluate, "evaluate", evaluate)
     monkeypatch.setattr(hkft.models.merge, "merge_adapter", merge_adapter)
     return recorded
 
@@ -99,14 +101,14 @@ def test_presets_lists_every_shipped_preset_with_its_description(cli):
 def test_presets_survives_a_broken_preset(cli, tmp_path, monkeypatch):
     (tmp_path / "good.yaml").write_text("description: fine\n")
     (tmp_path / "bad.yaml").write_text("description: [\n")
-    monkeypatch.setattr("hkft.cli.presets_dir", lambda: tmp_path)
+    monkeypatch.setattr("hkft.commands.presets.presets_dir", lambda: tmp_path)
     result = cli("presets")
     assert result.exit_code == 0
     assert "fine" in result.stdout and "(unreadable:" in result.stdout and "YAML syntax error" in result.stdout
 
 
 def test_config_prints_the_resolved_preset_with_both_override_styles(cli, monkeypatch):
-    monkeypatch.setattr("hkft.cli.console", Console(width=40))  # a narrow terminal must not wrap YAML lines
+    monkeypatch.setattr(hkft.commands.common.console, "_width", 40)  # a narrow terminal must not wrap YAML lines
     result = cli("config", "quickstart", "lora.r=4", "--set", "train.lr=0.001", "-s", "dropout.rate=0.25")
     assert result.exit_code == 0, result.stderr
     printed = yaml.safe_load(result.stdout)

@@ -2,8 +2,8 @@
 
 import pytest
 
-import hkft.cli
-from hkft.cli import print_before_and_after, print_table
+import hkft.commands.common
+from hkft.commands.common import print_before_and_after, print_table
 
 WIDTH = 60
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -11,7 +11,7 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @pytest.fixture
 def narrow(monkeypatch):
-    monkeypatch.setattr(hkft.cli.console, "_width", WIDTH)
+    monkeypatch.setattr(hkft.commands.common.console, "_width", WIDTH)
 
 
 def printed_lines(capsys) -> list[str]:

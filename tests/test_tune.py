@@ -266,7 +266,7 @@ def test_cli_errors_and_dry_runs(cli, tmp_path):
 
 
 def test_set_overrides_reach_every_sweep_cell(tmp_path):
-    from hkft.cli import load_study_with
+    from hkft.commands.common import load_study_with
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": "quickstart", "output": str(tmp_path / "g"), "overrides": ["train.epochs=2"],

@@ -20,14 +20,14 @@ from transformers import (
 )
 
 from hkft.config.schema import DataConfig, HkftConfig
+from hkft.data import chat
+from hkft.data.chat import IGNORE_INDEX
 from hkft.data.files import (
     csv_text_as_written,
     describe_source,
     first_rows,
     load_source,
 )
-from hkft.data import chat
-from hkft.data.chat import IGNORE_INDEX
 from hkft.errors import DataError
 
 SPLITS = ("train", "validation", "test")
