@@ -174,6 +174,7 @@ def fp16_part(device: str, quick: bool) -> dict:
 
     from hkft.dropout import build_plan, instrument
     from hkft.recipes.trainer import HkftTrainer
+    from hkft.tasks.registry import task_for
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096 if quick else 32000, hidden_size=128 if quick else 1024, intermediate_size=352 if quick else 2816,
@@ -181,7 +182,7 @@ def fp16_part(device: str, quick: bool) -> dict:
     model = LlamaForCausalLM(config).to(device)
     controller = instrument(model, build_plan("none", 0.0, 0.0), seed=0)
     args = TrainingArguments(output_dir=tempfile.gettempdir(), report_to=[], use_cpu=device == "cpu")
-    ours, stock = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"), Trainer(model=model, args=args)
+    ours, stock = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm")), Trainer(model=model, args=args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device)
     ids = torch.randint(3, config.vocab_size, (2, 64 if quick else 512), device=device)

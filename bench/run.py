@@ -146,7 +146,7 @@ def hkft_model(
     """A LoRA model with ``plan`` applied as `hkft train` applies it, and its trainer."""
     model = lora(workload, device)
     controller = instrument(model, plan, seed=0)
-    compute_first_token_only(model, workload.task, controller)
+    compute_first_token_only(model, workload.task != "causal-lm", controller)
     return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
 
 

@@ -11,8 +11,8 @@ from conftest import assert_one_line_error
 
 from hkft.config.schema import HkftConfig
 from hkft.data.chat import IGNORE_INDEX, encode_chat
-from hkft.data.preparation import prepare_data
 from hkft.errors import DataError
+from hkft.tasks.base import prepare_data
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 MULTI_TURN = [

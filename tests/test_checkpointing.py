@@ -12,6 +12,7 @@ from hkft.config.schema import LoraConfig
 from hkft.dropout import build_plan, instrument
 from hkft.models.lora import build_lora_model
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.registry import task_for
 
 
 def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: bool):
@@ -23,7 +24,7 @@ def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: boo
             torch.nn.init.normal_(parameter, std=0.1)
     controller = instrument(model, build_plan(method, 0.3, 1.0, branches=branches), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for(task))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]])
     labels = ids.clone() if task == "causal-lm" else torch.tensor([0, 2])
     model.train()

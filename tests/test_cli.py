@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from conftest import assert_one_line_error
-from rich.console import Console
 
 import hkft.commands.common
 from hkft.config import load_config, presets_dir

@@ -18,12 +18,12 @@ from hkft.data.files import check_local_source, load_source, parse_hub_spec
 from hkft.data.preparation import (
     IGNORE_INDEX,
     label_names_from,
-    make_collator,
-    prepare_data,
     render_prompt,
 )
 from hkft.errors import DataError
 from hkft.models.loading import resolve_model_path
+from hkft.tasks.base import prepare_data
+from hkft.tasks.registry import task_for
 
 ROWS = [{"premise": f"a {i}", "hypothesis": f"b {i}", "label": i % 3, "text": f"t {i}"} for i in range(12)]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -271,7 +271,7 @@ def test_max_samples_truncation_and_length_column(tmp_path, bert_tokenizer):
 
 def test_classification_collator_pads_per_batch(bert_tokenizer):
     features = [{**bert_tokenizer(text), "labels": label} for text, label in (("a b c d e", 1), ("a", 0))]
-    batch = make_collator("classification", bert_tokenizer)(features)
+    batch = task_for("classification").collator(bert_tokenizer)(features)
     assert batch["input_ids"].shape == (2, 7)  # [CLS] + 5 words + [SEP]: padded to the longest, no further
     assert batch["input_ids"][1, 3:].tolist() == [bert_tokenizer.pad_token_id] * 4
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
@@ -336,7 +336,7 @@ def test_render_prompt_errors_name_the_field_and_template():
 
 def test_causal_collator_pads_labels_with_ignore_index():
     tokenizer = word_tokenizer(["a b c"])
-    batch = make_collator("causal-lm", tokenizer)([
+    batch = task_for("causal-lm").collator(tokenizer)([
         {"input_ids": [4, 5, 6], "attention_mask": [1, 1, 1], "labels": [-100, 5, 6]},
         {"input_ids": [4], "attention_mask": [1], "labels": [4]},
     ])

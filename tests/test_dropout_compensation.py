@@ -8,9 +8,10 @@ from datasets import Dataset
 from tiny_models import tiny_model
 from transformers import TrainingArguments
 
-from hkft.dropout import consistency_loss, instrument
+from hkft.dropout import instrument
 from hkft.dropout.plan import build_plan
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.registry import task_for
 
 
 def test_symmetric_kl_equals_hand_computation():
@@ -20,9 +21,9 @@ def test_symmetric_kl_equals_hand_computation():
     kl_qp = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
     logits = torch.tensor([[0.0, math.log(3.0)]])
     target = torch.tensor([[0.0, 0.0]])
-    got = consistency_loss("classification", logits, target)
+    got = task_for("classification").consistency_loss(logits, target)
     assert got.item() == pytest.approx(0.5 * (kl_pq + kl_qp), rel=1e-6)
-    one_way = consistency_loss("classification", logits, target, symmetric=False)
+    one_way = task_for("classification").consistency_loss(logits, target, symmetric=False)
     assert one_way.item() == pytest.approx(kl_pq, rel=1e-6)
 
 
@@ -30,7 +31,7 @@ def test_causal_lm_kl_counts_only_supervised_next_tokens():
     torch.manual_seed(0)
     logits, target = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
-    got = consistency_loss("causal-lm", logits, target, labels=labels)
+    got = task_for("causal-lm").consistency_loss(logits, target, labels=labels)
     rows = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
     expected = 0.0
     for b, t in rows:
@@ -40,15 +41,15 @@ def test_causal_lm_kl_counts_only_supervised_next_tokens():
 
 
 def test_regression_consistency_is_gaussian_kl():
-    got = consistency_loss("regression", torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.5]]))
+    got = task_for("regression").consistency_loss(torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.5]]))
     assert got.item() == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)
 
 
 def test_accumulated_halves_equal_one_big_batch():
     torch.manual_seed(1)
     logits, target = torch.randn(8, 3), torch.randn(8, 3)
-    whole = consistency_loss("classification", logits, target)
-    halves = sum(consistency_loss("classification", logits[i : i + 4], target[i : i + 4], num_items=8) for i in (0, 4))
+    whole = task_for("classification").consistency_loss(logits, target)
+    halves = sum(task_for("classification").consistency_loss(logits[i : i + 4], target[i : i + 4], num_items=8) for i in (0, 4))
     assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
@@ -58,7 +59,7 @@ def make_trainer(method: str, branches: str = "one", kl_weight: float = 1.0):
     controller = instrument(model, plan, seed=0)
     data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 4, "attention_mask": [[1] * 4] * 4, "labels": [0, 1, 2, 0]})
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, per_device_train_batch_size=4)
-    trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task="classification")
+    trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task=task_for("classification"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
               "labels": torch.tensor([0, 1, 2, 0])}
     return trainer, model, controller, inputs
@@ -88,7 +89,7 @@ def test_one_branch_loss_equals_hand_computation_with_the_same_masks():
     first = model(**inputs)
     with torch.no_grad():
         second = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    expected = first.loss + 0.7 * consistency_loss("classification", first.logits, second)
+    expected = first.loss + 0.7 * task_for("classification").consistency_loss(first.logits, second)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert trainer._logged_terms["kl_loss"][-1] > 0
 
@@ -103,7 +104,7 @@ def test_js_target_is_the_pass_without_masks():
     first = model(**inputs)
     model.eval()
     clean = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    expected = first.loss + consistency_loss("classification", first.logits, clean, symmetric=False)
+    expected = first.loss + task_for("classification").consistency_loss(first.logits, clean, symmetric=False)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -113,7 +114,7 @@ def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout():
     model = tiny_model("bert", "classification")
     controller = instrument(model, build_plan("dropout", 0.3, 1.0, compensation="js"), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="classification")
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
               "labels": torch.tensor([0, 1, 2, 0])}
     model.train()
@@ -124,7 +125,7 @@ def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout():
     first = model(**inputs)
     model.eval()
     clean = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    expected = first.loss + consistency_loss("classification", first.logits, clean, symmetric=False)
+    expected = first.loss + task_for("classification").consistency_loss(first.logits, clean, symmetric=False)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -171,7 +172,7 @@ def decoder_trainer(branches: str, share: bool, arch: str = "llama"):
     if not share:
         controller.shared = []
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for(task))
     return trainer, model, controller
 
 
@@ -239,7 +240,7 @@ def test_chunked_kl_gradients_match_autograd(monkeypatch, symmetric, target_grad
     target = torch.randn(2, 9, 11, requires_grad=target_grad)
     labels = torch.randint(0, 11, (2, 9))
     labels[0, :4] = -100
-    loss = consistency.consistency_loss("causal-lm", logits, target, labels=labels, symmetric=symmetric, num_items=7)
+    loss = task_for("causal-lm").consistency_loss(logits, target, labels=labels, symmetric=symmetric, num_items=7)
     loss.backward()
 
     ref_logits = logits.detach().clone().requires_grad_()
@@ -258,7 +259,7 @@ def test_chunked_kl_gradients_match_autograd(monkeypatch, symmetric, target_grad
 def test_one_branch_kl_sends_no_gradient_to_the_target():
     logits = torch.randn(4, 3, requires_grad=True)
     target = torch.randn(4, 3, requires_grad=True)
-    consistency_loss("classification", logits, target.detach()).backward()
+    task_for("classification").consistency_loss(logits, target.detach()).backward()
     assert logits.grad is not None and target.grad is None
 
 
@@ -322,7 +323,7 @@ def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeyp
     plan = build_plan("hiddenkey", 0.2, 0.7, branches=branches, compensation=compensation)
     controller = instrument(model, plan, seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     inputs = decoder_batch_with_prompts()
     model.train()
     state = controller.state_dict()
@@ -342,7 +343,7 @@ def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
     model = tiny_model("llama")
     controller = instrument(model, build_plan("hiddenkey", 0.0, 1.0), seed=0)  # rate 0: both passes equal, KL 0
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
               "labels": torch.tensor([[-100, 6, 7, 8]])}
     model.train()
@@ -395,7 +396,7 @@ def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(
     state = controller.state_dict()
     head_rows = []
     handle = model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[0]))
-    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     loss, grads = loss_and_gradients(hkft_trainer, model, inputs, count)
     assert head_rows == [8]  # the supervised next tokens, not the 2 x 6 positions
     handle.remove()
@@ -417,7 +418,7 @@ def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method):
     inputs = decoder_batch_with_prompts()
     model.train()
     count = torch.tensor(8)
-    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     loss, grads = loss_and_gradients(hkft_trainer, model, inputs, count)
     expected, expected_grads = loss_and_gradients(Trainer(model=model, args=args), model, inputs, count)
     assert model(**inputs).aux_loss > 0
@@ -449,7 +450,7 @@ def test_fused_causal_lm_objective_under_fp16_autocast_and_loss_scaling(method):
     inputs = decoder_batch_with_prompts()
     model.train()
     state = controller.state_dict()
-    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    hkft_trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     loss, grads = scaled_fp16_loss_and_gradients(hkft_trainer, model, inputs, 2.0 ** 16)
     controller.load_state_dict(state)
     if method == "hiddenkey-":

@@ -40,7 +40,7 @@ def test_first_token_only_gives_the_stock_logits_and_gradients(arch):
     inputs = {**batch(arch, padded=True), "labels": torch.tensor([0, 2, 1])}
     logits, grads = logits_and_gradients(model, inputs)
 
-    handle = compute_first_token_only(model, "classification", controller)
+    handle = compute_first_token_only(model, True, controller)
     assert handle is not None
     feed_forward_tokens = []
     transformer_layers(model)[-1].intermediate.register_forward_hook(lambda module, args, out: feed_forward_tokens.append(out.shape[1]))
@@ -60,7 +60,7 @@ def test_first_token_only_gives_the_stock_logits_and_gradients(arch):
 def test_models_whose_head_reads_other_tokens_are_left_alone(arch, task):
     model = tiny_model(arch, task=task if task != "causal-lm" else "classification")
     controller = instrument(model, build_plan("hiddenkey", 0.1, 1.0), seed=0)
-    assert compute_first_token_only(model, task, controller) is None
+    assert compute_first_token_only(model, task != "causal-lm", controller) is None
 
 
 @pytest.mark.parametrize("pattern,layers,sliced", [("element", "all", True), ("column", "all", True), ("span", "all", False), ("span", [0], True)])
@@ -70,4 +70,4 @@ def test_a_hidden_token_span_in_the_last_layer_keeps_the_layer_whole(pattern, la
     model = tiny_model("bert", task="classification")
     plan = build_plan("hiddencut", 0.3, 0.0, layers=layers, position_overrides={"hidden": (pattern, 0.3)})
     controller = instrument(model, plan, seed=0)
-    assert (compute_first_token_only(model, "classification", controller) is not None) == sliced
+    assert (compute_first_token_only(model, True, controller) is not None) == sliced

@@ -33,6 +33,7 @@ from hkft.dropout.plan import build_plan
 from hkft.models.adapters import save_lora_adapter
 from hkft.models.lora import build_lora_model
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.registry import task_for
 
 pytestmark = pytest.mark.slow  # two processes each import transformers and peft: about a minute on 2 cores
 
@@ -52,7 +53,7 @@ def instrumented(rank: int, output_dir: Path, **training_args):
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
     controller = instrument(model, build_plan("hiddenkey", 0.2, 1.0, branches="one"), seed=SEED, rank=rank)
     args = TrainingArguments(output_dir=str(output_dir), report_to=[], use_cpu=True, **training_args)
-    return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm")
+    return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
 
 
 def token_batch(seed: int) -> dict[str, torch.Tensor]:

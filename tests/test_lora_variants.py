@@ -18,6 +18,7 @@ from hkft.dropout import instrument, named_method
 from hkft.models.adapters import save_lora_adapter
 from hkft.models.lora import build_lora_model, initial_adapter
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.registry import task_for
 
 TASKS = {"llama": "causal-lm", "bert": "classification"}
 
@@ -136,7 +137,7 @@ def test_loraplus_gives_the_b_matrices_the_ratio_of_the_learning_rate():
     controller = instrument(model, named_method("none", 0.0), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, learning_rate=1e-3,
                              weight_decay=0.1)
-    trainer = HkftTrainer(model=model, args=args, dropout=controller, task="classification", loraplus_lr_ratio=16.0)
+    trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification"), loraplus_lr_ratio=16.0)
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -154,7 +155,7 @@ def test_without_loraplus_every_parameter_has_the_learning_rate():
     model, _ = lora_model("bert", "default")
     controller = instrument(model, named_method("none", 0.0), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, learning_rate=1e-3)
-    optimizer = HkftTrainer(model=model, args=args, dropout=controller, task="classification").create_optimizer()
+    optimizer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification")).create_optimizer()
     assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
 
 

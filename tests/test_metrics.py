@@ -2,7 +2,6 @@
 
 import math
 import warnings
-from typing import get_args
 
 import numpy as np
 import pytest
@@ -11,16 +10,14 @@ import torch
 from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from hkft.config.schema import Task
 from hkft.tasks.metrics import (
-    MAIN_METRIC,
     classification_metrics,
     generation_metrics,
     greater_is_better,
     perplexity,
-    preprocess_logits_for_metrics,
     regression_metrics,
 )
+from hkft.tasks.registry import task_for, task_names
 
 
 def test_classification_metrics_by_hand():
@@ -103,19 +100,19 @@ def test_perplexity_is_exp_loss():
 
 
 def test_main_metric_for_every_task_and_its_direction():
-    assert set(MAIN_METRIC) == set(get_args(Task))
-    assert [greater_is_better(MAIN_METRIC[task]) for task in ("classification", "regression", "causal-lm")] == [True, True, False]
+    assert set(task_names()) == {"classification", "regression", "causal-lm"}
+    assert [greater_is_better(task_for(task).main_metric) for task in ("classification", "regression", "causal-lm")] == [True, True, False]
     assert not greater_is_better("eval_mse") and not greater_is_better("perplexity") and greater_is_better("mcc")
 
 
 def test_logits_are_reduced_per_batch():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
-    classify = preprocess_logits_for_metrics("classification")
+    classify = task_for("classification").metric_hooks()["preprocess_logits_for_metrics"]
     assert classify(logits, None).tolist() == [1, 0]
     assert classify((logits, torch.zeros(2, 4)), None).tolist() == [1, 0]
     scores = torch.tensor([[0.5], [-1.25]])
-    assert preprocess_logits_for_metrics("regression")(scores, None).tolist() == [0.5, -1.25]
-    assert preprocess_logits_for_metrics("causal-lm") is None
+    assert task_for("regression").metric_hooks()["preprocess_logits_for_metrics"](scores, None).tolist() == [0.5, -1.25]
+    assert task_for("causal-lm").metric_hooks()["preprocess_logits_for_metrics"] is None
 
 
 @pytest.mark.parametrize("task,metric,valid", [
@@ -138,15 +135,9 @@ def test_metric_for_best_must_be_one_the_evaluation_reports(tmp_path, task, metr
 
 
 def test_the_metric_names_checked_before_training_are_the_ones_evaluation_reports():
-    """EVAL_METRICS lists what compute_metrics returns (plus the loss); it must not drift from it."""
+    """A task's eval_metrics list what its compute_metrics returns (plus the loss); they must not drift apart."""
     import numpy as np
 
-    from hkft.tasks.metrics import (
-        EVAL_METRICS,
-        classification_metrics,
-        regression_metrics,
-    )
-
     labels = np.array([0, 1, 1, 0])
-    assert set(EVAL_METRICS["classification"]) == {"loss", *classification_metrics(labels, labels)}
-    assert set(EVAL_METRICS["regression"]) == {"loss", *regression_metrics(labels.astype(float), labels.astype(float))}
+    assert set(task_for("classification").eval_metrics) == {"loss", *classification_metrics(labels, labels)}
+    assert set(task_for("regression").eval_metrics) == {"loss", *regression_metrics(labels.astype(float), labels.astype(float))}

@@ -33,13 +33,14 @@ from hkft.data.packing import (
     check_packed_attention,
     pack_training_data,
 )
-from hkft.data.preparation import make_collator, prepare_data
 from hkft.dropout import build_plan, instrument
 from hkft.dropout.architecture import ffn_output_module, transformer_layers
 from hkft.dropout.patterns import MaskSampler, embedding_noise, packed_extent, span
 from hkft.errors import ConfigError
 from hkft.models.lora import build_lora_model
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.base import prepare_data
+from hkft.tasks.registry import task_for
 
 CPU = torch.device("cpu")
 MAX_LENGTH = 40
@@ -113,7 +114,7 @@ def lora_trainer(method: str = "none", rate: float = 0.0, arch: str = "llama", *
             torch.nn.init.normal_(parameter, std=0.1)
     controller = instrument(model, build_plan(method, rate, 1.0, **plan), seed=0)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
-    return HkftTrainer(model=model, args=args, dropout=controller, task="causal-lm"), model, controller
+    return HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm")), model, controller
 
 
 def loss_and_gradients(trainer, model, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -141,7 +142,7 @@ def naive_concatenation(packed_rows: list[dict], unpacked: dict, pad: int) -> di
 def test_packed_loss_and_gradients_equal_the_unpacked_ones_with_dropout_off(tmp_path, arch, rows):
     tokenizer, data, packed = memorise_data(tmp_path, rows)
     trainer, model, _ = lora_trainer(arch=arch)
-    plain = make_collator("causal-lm", tokenizer)
+    plain = task_for("causal-lm").collator(tokenizer)
     unpacked_loss, unpacked_grads = loss_and_gradients(trainer, model, plain(list(data.train)))
     packed_batch = PackedCollator(tokenizer.pad_token_id, plain)(list(packed.train))
     assert "attention_mask" not in packed_batch and packed_batch["input_ids"].shape[0] < len(data.train)
@@ -238,7 +239,7 @@ def test_hiddencut_spans_in_a_packed_forward_stay_inside_each_example_and_column
 def test_kl_compensation_on_packed_rows_runs_over_each_examples_own_supervised_tokens(tmp_path):
     tokenizer, data, packed = memorise_data(tmp_path, TEXTS)
     trainer, model, controller = lora_trainer("hiddenkey", 0.3)
-    batch = PackedCollator(tokenizer.pad_token_id, make_collator("causal-lm", tokenizer))(list(packed.train))
+    batch = PackedCollator(tokenizer.pad_token_id, task_for("causal-lm").collator(tokenizer))(list(packed.train))
     state = controller.sampler.state_dict()
     model.train()
     trainer.compute_loss(model, batch)

@@ -10,6 +10,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -17,6 +18,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from hkft.tasks.registry import task_names
 
 
 def _not_a_boolean(value: object) -> object:
@@ -30,7 +34,17 @@ Int = Annotated[int, BeforeValidator(_not_a_boolean)]
 Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
-Task = Literal["classification", "regression", "causal-lm"]
+def _known_task(name: str) -> str:
+    """A task registered in hkft/tasks/registry.py (the built-in ones, or one a project registered);
+    the message is pydantic's own for a choice of values."""
+    if name not in task_names():
+        *others, last = (repr(known) for known in task_names())
+        expected = f"{', '.join(others)} or {last}" if others else last
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
+
+
+Task = Annotated[str, AfterValidator(_known_task)]
 Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]

@@ -1,4 +1,4 @@
-"""Datasets for the three tasks: load (local files or the hub), check, tokenise once (cached), collate.
+"""Data preparation shared by the tasks (hkft/tasks/): split loading, checks, encoders, the prepared splits.
 
 Tokenisation goes through `Dataset.map`, whose fingerprint hashes the input dataset (for a local
 file: its path and modification time) and the map function with everything it closes over: the
@@ -14,17 +14,12 @@ import datasets
 import numpy as np
 from datasets import Dataset
 from transformers import (
-    DataCollatorForSeq2Seq,
-    DataCollatorWithPadding,
     PreTrainedTokenizerBase,
 )
 
-from hkft.config.schema import DataConfig, HkftConfig
-from hkft.data import chat
+from hkft.config.schema import DataConfig
 from hkft.data.chat import IGNORE_INDEX
 from hkft.data.files import (
-    csv_text_as_written,
-    describe_source,
     first_rows,
     load_source,
 )
@@ -33,11 +28,9 @@ from hkft.errors import DataError
 SPLITS = ("train", "validation", "test")
 
 
-
 # A class held by at most this share of the training rows (or by a single row) is worth a warning:
 # most often a typo in the label column, which silently becomes a class of its own.
 RARE_LABEL_SHARE = 0.01
-
 
 
 @dataclass(frozen=True)
@@ -52,6 +45,18 @@ class PreparedData:
     raw_test: Dataset | None = None
     notices: tuple[str, ...] = ()  # what the user should know about the data (rare labels, truncated conversations)
 
+    @classmethod
+    def of(cls, tokenised: dict[str, Dataset], untokenised: dict[str, Dataset], label_names: list[str] | None,
+           notices: Sequence[str] = ()) -> PreparedData:
+        return cls(
+            train=tokenised.get("train"),
+            validation=tokenised.get("validation"),
+            test=tokenised.get("test"),
+            label_names=label_names,
+            raw_validation=untokenised.get("validation"),
+            raw_test=untokenised.get("test"),
+            notices=tuple(notices),
+        )
 
 
 def render_prompt(template: str, example: dict) -> str:
@@ -66,8 +71,7 @@ def render_prompt(template: str, example: dict) -> str:
         raise DataError(f"data.template {template!r} is not a valid template ({err})", "name fields in braces: {prompt}") from None
 
 
-
-def _require_columns(dataset: Dataset, columns: list[str], split: str) -> None:
+def require_columns(dataset: Dataset, columns: list[str], split: str) -> None:
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
         raise DataError(
@@ -76,13 +80,11 @@ def _require_columns(dataset: Dataset, columns: list[str], split: str) -> None:
         )
 
 
-
-def _require_values(dataset: Dataset, columns: list[str], split: str) -> None:
+def require_values(dataset: Dataset, columns: list[str], split: str) -> None:
     for column in columns:
         row = next((index for index, value in enumerate(dataset[column]) if value is None), None)
         if row is not None:
             raise DataError(f"{split} data: row {row} has no value in column {column!r}", "fill it in or drop the row")
-
 
 
 def label_names_from(dataset: Dataset, column: str) -> list[str]:
@@ -93,8 +95,7 @@ def label_names_from(dataset: Dataset, column: str) -> list[str]:
     return sorted(values)
 
 
-
-def _require_strings(dataset: Dataset, columns: list[str], where: str) -> None:
+def require_strings(dataset: Dataset, columns: list[str], where: str) -> None:
     """Checked up front: the tokenizer's own error for a number or a list is a traceback."""
     for column in columns:
         feature = dataset.features[column]
@@ -108,27 +109,23 @@ def _require_strings(dataset: Dataset, columns: list[str], where: str) -> None:
             )
 
 
-
-def _require_some_text(dataset: Dataset, columns: list[str], where: str) -> None:
+def require_some_text(dataset: Dataset, columns: list[str], where: str) -> None:
     """Every text empty trains on nothing but special tokens, and scores the same."""
     if all(not value.strip() for column in columns for value in dataset[column]):
         raise DataError(f"{where}: every text in {', '.join(map(repr, columns))} is empty", "check data.text_column and the file")
 
 
-
-def _check_room(tokenizer: PreTrainedTokenizerBase, data: DataConfig, task: str) -> None:
-    """data.max_length must leave room for a text token after the tokenizer's special tokens (and,
-    for a causal LM, for a second token to predict)."""
-    pair = task != "causal-lm" and len(data.text_columns) == 2
+def check_room(tokenizer: PreTrainedTokenizerBase, data: DataConfig, *, pair: bool, min_tokens: int, note: str = "") -> None:
+    """data.max_length must leave room for ``min_tokens`` text tokens after the tokenizer's special
+    tokens (a causal LM needs a second token to predict); ``note`` says why, when it is more than one."""
     special = tokenizer.num_special_tokens_to_add(pair=pair)
-    needed = max(special + 1, 2 if task == "causal-lm" else 1)
+    needed = max(special + 1, min_tokens)
     if data.max_length < needed:
         raise DataError(
             f"data.max_length {data.max_length} leaves no room for text (the tokenizer adds {special} special tokens"
-            f"{'; a causal LM needs two tokens to predict one' if task == 'causal-lm' else ''})",
+            f"{'; ' + note if note else ''})",
             "raise data.max_length (the presets use 128 to 512)",
         )
-
 
 
 def rare_label_warnings(raw: dict[str, Dataset], column: str) -> list[str]:
@@ -150,8 +147,7 @@ def rare_label_warnings(raw: dict[str, Dataset], column: str) -> list[str]:
     return warnings
 
 
-
-def _check_known_labels(dataset: Dataset, column: str, label_names: list[str], split: str) -> None:
+def check_known_labels(dataset: Dataset, column: str, label_names: list[str], split: str) -> None:
     known = set(label_names)
     unknown = next((value for value in dataset[column] if str(value) not in known), None)
     if unknown is not None:
@@ -161,13 +157,11 @@ def _check_known_labels(dataset: Dataset, column: str, label_names: list[str], s
         )
 
 
-
-def _check_numeric_labels(dataset: Dataset, column: str, split: str) -> None:
+def check_numeric_labels(dataset: Dataset, column: str, split: str) -> None:
     try:
         np.asarray(dataset[column], dtype=np.float32)
     except (TypeError, ValueError):
         raise DataError(f"{split} data: regression labels must be numbers", f"column {column!r} holds other values") from None
-
 
 
 def _with_length(features: dict, with_length: bool) -> dict:
@@ -176,8 +170,7 @@ def _with_length(features: dict, with_length: bool) -> dict:
     return features
 
 
-
-def _classification_encoder(tokenizer, text_columns: list[str], max_length: int, label_column: str,
+def sequence_encoder(tokenizer, text_columns: list[str], max_length: int, label_column: str,
                             label_index: dict[str, int] | None, with_length: bool) -> Callable[[dict], dict]:
     """``label_index`` maps labels to class ids; None means regression (float32 targets)."""
 
@@ -193,10 +186,8 @@ def _classification_encoder(tokenizer, text_columns: list[str], max_length: int,
     return encode
 
 
-
 def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
 
 
 def _causal_features(input_ids: list[list[int]], labels: list[list[int]], with_length: bool) -> dict:
@@ -204,10 +195,8 @@ def _causal_features(input_ids: list[list[int]], labels: list[list[int]], with_l
     return _with_length(features, with_length)
 
 
-
 def _rows(batch: dict) -> list[dict]:
     return [dict(zip(batch, values)) for values in zip(*batch.values())]
-
 
 
 def _prompted_encoder(tokenizer, template: str, completion_column: str, max_length: int,
@@ -226,7 +215,6 @@ def _prompted_encoder(tokenizer, template: str, completion_column: str, max_leng
     return encode
 
 
-
 def _text_encoder(tokenizer, text_column: str, max_length: int, with_length: bool) -> Callable[[dict], dict]:
     eos = _eos_ids(tokenizer)
 
@@ -237,8 +225,7 @@ def _text_encoder(tokenizer, text_column: str, max_length: int, with_length: boo
     return encode
 
 
-
-def _generation_set(raw: Dataset, template: str, completion_column: str) -> Dataset:
+def generation_set(raw: Dataset, template: str, completion_column: str) -> Dataset:
     """One row per rendered prompt with all its references (E2E lists one row per reference)."""
     grouped: dict[str, list[str]] = {}
     for row in raw:
@@ -246,11 +233,7 @@ def _generation_set(raw: Dataset, template: str, completion_column: str) -> Data
     return Dataset.from_dict({"prompt_text": list(grouped), "reference": list(grouped.values())})
 
 
-
-
-
-
-def _hold_out(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+def hold_out(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
     try:
         parts = train.train_test_split(test_size=share, seed=seed)
     except ValueError:
@@ -261,8 +244,7 @@ def _hold_out(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset
     return parts["train"], parts["test"]
 
 
-
-def _load_splits(data: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
+def load_splits(data: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
     return {
         split: first_rows(load_source(getattr(data, split), f"data.{split}"), data.max_samples)
         for split in splits
@@ -270,20 +252,13 @@ def _load_splits(data: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
     }
 
 
-
-def _is_prompted(raw: dict[str, Dataset], data: DataConfig) -> bool:
-    return all({data.prompt_column, data.completion_column} <= set(dataset.column_names) for dataset in raw.values())
-
-
-
-def _causal_encoder(data: DataConfig, tokenizer, prompted: bool) -> Callable[[dict], dict]:
+def causal_encoder(data: DataConfig, tokenizer, prompted: bool) -> Callable[[dict], dict]:
     if prompted:
         return _prompted_encoder(tokenizer, data.template, data.completion_column, data.max_length, data.group_by_length)
     return _text_encoder(tokenizer, data.text_columns[0], data.max_length, data.group_by_length)
 
 
-
-def _build_label_names(raw: dict[str, Dataset], column: str) -> list[str]:
+def build_label_names(raw: dict[str, Dataset], column: str) -> list[str]:
     if "train" not in raw:
         raise DataError("classification needs the training labels to build the label map", "set data.train")
     names = label_names_from(raw["train"], column)
@@ -292,121 +267,3 @@ def _build_label_names(raw: dict[str, Dataset], column: str) -> list[str]:
     return names
 
 
-
-def prepare_data(
-    cfg: HkftConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    label_names: list[str] | None = None,
-    splits: Sequence[str] = SPLITS,
-) -> PreparedData:
-    """Tokenised splits (unpadded) with ``labels``; ``label_names`` is passed in at eval time (the
-    saved label map) and built from the training labels otherwise."""
-    data, task = cfg.data, cfg.model.task
-    # A validation set held out from train is rebuilt the same way (same share, same seed) when
-    # validation is asked for alone: `hkft eval` scores the split training selected on.
-    held_out = "validation" in splits and data.validation is None
-    raw = _load_splits(data, [*splits, "train"] if held_out and "train" not in splits else splits)
-    layout = _chat_layout(raw, data) if task == "causal-lm" else None
-    prompted = task == "causal-lm" and layout is None and (
-        data.format == "prompt-completion" or (data.format == "auto" and _is_prompted(raw, data))
-    )
-    if layout is not None:
-        texts, needed = [], chat.required_columns(layout)
-    elif task == "causal-lm":
-        texts = [data.prompt_column, data.completion_column] if prompted else data.text_columns[:1]
-        needed = texts
-    else:
-        texts = data.text_columns
-        needed = [*texts, data.label_column]
-    for split, dataset in raw.items():
-        raw[split] = dataset = csv_text_as_written(dataset, getattr(data, split), chat.text_columns(layout) if layout else texts,
-                                                    data.max_samples)
-        where = f"{describe_source(getattr(data, split))} (data.{split})"
-        _require_columns(dataset, needed, split)
-        _require_values(dataset, needed, split)
-        _require_strings(dataset, texts, where)
-        if texts:  # conversations are checked message by message (hkft.data.preparation.chat)
-            _require_some_text(dataset, texts, where)
-    _check_room(tokenizer, data, task)
-    if held_out and "train" in raw:
-        raw["train"], raw["validation"] = _hold_out(raw["train"], data.validation_split, cfg.train.seed)
-        if "train" not in splits:
-            del raw["train"]
-    if layout is not None:
-        return _prepare_chat(raw, data, tokenizer, layout, cfg.model.name)
-    training = task == "classification" and label_names is None and "train" in raw
-    notices = rare_label_warnings(raw, data.label_column) if training else []
-
-    if task == "classification":
-        label_names = label_names if label_names is not None else _build_label_names(raw, data.label_column)
-        for split, dataset in raw.items():
-            _check_known_labels(dataset, data.label_column, label_names, split)
-        encode = _classification_encoder(tokenizer, data.text_columns, data.max_length, data.label_column,
-                                         {name: index for index, name in enumerate(label_names)}, data.group_by_length)
-    elif task == "regression":
-        label_names = None
-        for split, dataset in raw.items():
-            _check_numeric_labels(dataset, data.label_column, split)
-        encode = _classification_encoder(tokenizer, data.text_columns, data.max_length, data.label_column, None, data.group_by_length)
-    else:
-        label_names = None
-        encode = _causal_encoder(data, tokenizer, prompted)
-
-    tokenised = {
-        split: dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenising {split}")
-        for split, dataset in raw.items()
-    }
-    scored = [split for split in ("validation", "test") if split in raw]
-    untokenised = {}
-    if prompted:
-        untokenised = {split: _generation_set(raw[split], data.template, data.completion_column) for split in scored}
-    elif task != "causal-lm":
-        untokenised = {split: raw[split].select_columns(texts) for split in scored}
-    return _prepared(tokenised, untokenised, label_names, notices)
-
-
-
-def _prepared(tokenised: dict[str, Dataset], generation: dict[str, Dataset], label_names: list[str] | None,
-              notices: Sequence[str] = ()) -> PreparedData:
-    return PreparedData(
-        train=tokenised.get("train"),
-        validation=tokenised.get("validation"),
-        test=tokenised.get("test"),
-        label_names=label_names,
-        raw_validation=generation.get("validation"),
-        raw_test=generation.get("test"),
-        notices=tuple(notices),
-    )
-
-
-
-def _chat_layout(raw: dict[str, Dataset], data: DataConfig) -> chat.ChatLayout | None:
-    layouts = {split: chat.chat_format(data, dataset) for split, dataset in raw.items()}
-    if len(set(layouts.values())) > 1:
-        found = ", ".join(f"{split}: {layout or 'not chat'}" for split, layout in layouts.items())
-        raise DataError(f"the data splits have different layouts ({found})", "give every split the same columns, or set data.format")
-    return next(iter(layouts.values()), None)
-
-
-
-def _prepare_chat(raw: dict[str, Dataset], data: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: chat.ChatLayout,
-                  model_name: str) -> PreparedData:
-    """Conversations: rendered with the chat template, labels on the assistant's tokens (hkft.data.preparation.chat)."""
-    chat.use_chat_template(tokenizer, data, model_name)
-    tokenised, notices = {}, []
-    for split, dataset in raw.items():
-        encoded = dataset.map(chat.chat_encoder(tokenizer, data, layout, split), batched=True, with_indices=True,
-                              remove_columns=dataset.column_names, desc=f"tokenising {split}")
-        tokenised[split], notice = chat.count_truncation(encoded, split, data.max_length)
-        notices += [notice] if notice else []
-    generation = {split: chat.chat_generation_set(tokenizer, raw[split], layout, split)
-                  for split in ("validation", "test") if split in raw}
-    return _prepared(tokenised, generation, None, notices)
-
-
-
-def make_collator(task: str, tokenizer: PreTrainedTokenizerBase) -> Callable:
-    """Dynamic padding; causal-LM labels are padded with IGNORE_INDEX so padding carries no loss."""
-    if task == "causal-lm":
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-    return DataCollatorWithPadding(tokenizer)

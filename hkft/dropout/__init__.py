@@ -5,7 +5,7 @@ loss is a pure function of two forward passes. One file per axis: `positions.py`
 `attention.py`), `patterns.py`, `compensation.py`.
 """
 
-from hkft.dropout.compensation import consistency_loss
+from hkft.dropout.compensation import kl_consistency, squared_consistency
 from hkft.dropout.controller import DropoutController, instrument
 from hkft.dropout.plan import (
     PATTERNS,
@@ -23,7 +23,8 @@ __all__ = [
     "DropoutPlan",
     "PositionDrop",
     "build_plan",
-    "consistency_loss",
+    "kl_consistency",
     "instrument",
     "named_method",
+    "squared_consistency",
 ]

@@ -213,29 +213,28 @@ def causal_lm_objective(
     return _ChunkedObjective.apply(logits, target_logits, rows, task_targets, weights)
 
 
-def consistency_loss(
-    task: str,
+def kl_consistency(
     logits: torch.Tensor,
     target_logits: torch.Tensor,
+    rows: torch.Tensor,
     *,
-    labels: torch.Tensor | None = None,
     symmetric: bool = True,
     num_items: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The compensation term between ``logits`` and ``target_logits`` (detach the target for
-    one-branch KL). ``symmetric=False`` gives KL(P_logits || P_target), the `js` variant."""
-    if task == "regression":
-        per_item = 0.5 * (logits.float().squeeze(-1) - target_logits.float().squeeze(-1)) ** 2
-        return per_item.sum() / (num_items if num_items is not None else max(per_item.numel(), 1))
-    if task == "causal-lm":
-        if labels is None:
-            raise ValueError("causal-lm consistency needs the labels to find supervised tokens")
-        rows = supervised_rows(labels)
-    else:
-        rows = torch.arange(logits.shape[0], device=logits.device)
+    """The KL compensation term between ``logits`` and ``target_logits`` over ``rows`` of the flattened
+    logits (detach the target for one-branch KL), divided by ``num_items`` (else the row count).
+    ``symmetric=False`` gives KL(P_logits || P_target), the `js` variant."""
     count = num_items if num_items is not None else max(len(rows), 1)
     weights = ObjectiveWeights(kl=1.0 / float(count), symmetric=symmetric)
     flat_a = logits.reshape(-1, logits.shape[-1])
     flat_b = target_logits.reshape(-1, target_logits.shape[-1])
     total, _, _ = _ChunkedObjective.apply(flat_a, flat_b, rows, None, weights)
     return total
+
+
+def squared_consistency(
+    logits: torch.Tensor, target_logits: torch.Tensor, *, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """The compensation term of a score (regression): half the squared difference, per item."""
+    per_item = 0.5 * (logits.float().squeeze(-1) - target_logits.float().squeeze(-1)) ** 2
+    return per_item.sum() / (num_items if num_items is not None else max(per_item.numel(), 1))

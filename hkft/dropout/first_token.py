@@ -27,20 +27,20 @@ from hkft.dropout.architecture import transformer_layers, transformers_model
 # Model types whose sequence-classification head reads hidden[:, 0] of the last layer, and
 # whose layers compute `attention.output(attention, residual)` before the feed-forward block.
 FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
-SEQUENCE_TASKS = ("classification", "regression")
 
 
 def _first_token_only(module: nn.Module, args: tuple) -> tuple:
     return tuple(arg[:, :1] for arg in args)
 
 
-def compute_first_token_only(model: nn.Module, task: str, dropout: DropoutController) -> RemovableHandle | None:
-    """Make the last layer compute its output for the first token only, where that is exact.
+def compute_first_token_only(model: nn.Module, sequence_head: bool, dropout: DropoutController) -> RemovableHandle | None:
+    """Make the last layer compute its output for the first token only, where that is exact
+    (``sequence_head``: the task's head reads the first token; a language model reads every token).
 
     Returns the hook's handle (remove it to restore full outputs), or None where not applicable.
     """
     base = transformers_model(model)
-    if task not in SEQUENCE_TASKS or getattr(base.config, "model_type", None) not in FIRST_TOKEN_HEADS:
+    if not sequence_head or getattr(base.config, "model_type", None) not in FIRST_TOKEN_HEADS:
         return None
     layers = transformer_layers(model)
     if dropout.drops_token_spans(len(layers) - 1):

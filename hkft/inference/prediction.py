@@ -25,10 +25,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hkft.data.preparation import make_collator
 from hkft.errors import ConfigError, DataError
 from hkft.inference.targets import Target, load_target
 from hkft.run.files import atomic_write_text, check_can_create_dir
+from hkft.tasks.registry import task_for
 
 FILE_HINT = 'one JSON object per line, e.g. {"text": "..."}'
 
@@ -62,7 +62,7 @@ def run_predict(target: Path, texts: list[str], file: Path | None, output: Path 
     elif file is not None or as_json:
         print(jsonl(predicted), end="", flush=True)
     else:
-        console.print(prediction_table(predicted, columns, loaded.task))
+        console.print(prediction_table(predicted, columns, labelled=loaded.label_names is not None))
 
 
 def check_output(output: Path, file: Path | None) -> None:
@@ -123,7 +123,7 @@ def predict_rows(loaded: Target, rows: list[dict[str, Any]], advance: Callable[[
     """Each row followed by its prediction: a label and every label's probability, or a value."""
     model, tokenizer, data = loaded.model, loaded.tokenizer, loaded.cfg.data
     model.eval()
-    collate = make_collator(loaded.task, tokenizer)
+    collate = task_for(loaded.task).collator(tokenizer)
     device = next(model.parameters()).device
     size = batch_size(loaded)
     predicted = []
@@ -139,7 +139,7 @@ def predict_rows(loaded: Target, rows: list[dict[str, Any]], advance: Callable[[
 
 
 def prediction(logits: torch.Tensor, loaded: Target) -> dict[str, Any]:
-    if loaded.task == "regression":
+    if loaded.label_names is None:  # a regressor: one value
         return {"prediction": logits[0].item()}
     probabilities = torch.softmax(logits, dim=-1).tolist()
     names = loaded.label_names
@@ -161,16 +161,16 @@ def progress_bar(console: Console, batches: int) -> Iterator[Callable[[], None]]
         yield lambda: bar.advance(task)
 
 
-def prediction_table(rows: list[dict[str, Any]], columns: list[str], task: str) -> Table:
+def prediction_table(rows: list[dict[str, Any]], columns: list[str], *, labelled: bool) -> Table:
     table = Table(title="hkft predict", header_style="bold")
     for column in columns:
         table.add_column(column)
     table.add_column("prediction")
-    if task == "classification":
+    if labelled:
         table.add_column("probabilities")
     for row in rows:
         cells = [escape(row[column]) for column in columns]
-        if task == "classification":
+        if labelled:
             shown = ", ".join(f"{name} {value:.3f}" for name, value in row["probabilities"].items())
             table.add_row(*cells, escape(row["prediction"]), escape(shown))
         else:

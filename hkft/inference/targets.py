@@ -44,9 +44,9 @@ from hkft.run.directory import (
     run_root_of,
     sidecar_label_names,
 )
+from hkft.tasks.registry import task_for
 
 # The command for each task, for the error that points from one to the other.
-COMMAND_FOR_TASK = {"causal-lm": "chat", "classification": "predict", "regression": "predict"}
 BUSY_HINT = "wait until it has finished: chat and predict load a run only once nothing writes it"
 # data.train is required by the schema; chat and predict read no training data.
 UNUSED_DATA = "(not read by hkft chat or predict)"
@@ -79,7 +79,7 @@ class Target:
 
 def check_task(task: str, target: str, command: str) -> None:
     """chat talks to causal LMs, predict scores classifiers and regressors: point to the other one."""
-    if COMMAND_FOR_TASK[task] == command:
+    if command == ("chat" if task_for(task).language_model else "predict"):
         return
     if command == "chat":
         raise ModelError(f"{target} is a {task} model: hkft chat talks to causal language models",
@@ -130,7 +130,7 @@ def _load_run(target: Path, overrides: list[str], command: str) -> Target:
     facts = read_sidecar(adapter_dir)
     cfg = _run_config(adapter_dir, facts, overrides)
     check_task(cfg.model.task, str(target), command)
-    label_names = sidecar_label_names(adapter_dir, facts, cfg.model.task)
+    label_names = sidecar_label_names(adapter_dir, facts, task_for(cfg.model.task).keeps_label_names)
     path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_same_base(path, adapter_dir, facts.get("base_fingerprint"))
     tokenizer = load_adapter_tokenizer(adapter_dir, path, cfg.model.task)
@@ -159,7 +159,7 @@ def _load_model_folder(folder: Path, overrides: list[str], command: str) -> Targ
     tokenizer = load_tokenizer(str(folder), cfg.model.task)
     model = load_base_model(cfg.model, str(folder), None)
     ensure_pad_token(model, tokenizer)
-    labels = [model.config.id2label[index] for index in range(model.config.num_labels)] if cfg.model.task == "classification" else None
+    labels = [model.config.id2label[index] for index in range(model.config.num_labels)] if task_for(cfg.model.task).keeps_label_names else None
     return Target(on_device(model, cfg), tokenizer, cfg, labels, f"{folder} (a standalone model)")
 
 

@@ -25,6 +25,7 @@ from filelock import FileLock
 from hkft.errors import ModelError
 from hkft.models.gguf import cache_root, content_hash
 from hkft.run.files import atomic_dir
+from hkft.tasks.registry import task_for
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -149,7 +150,7 @@ def causal_lm_class(model_type: str) -> str | None:
 
 
 def task_refusal(task: str) -> str | None:
-    return None if task == "causal-lm" else f"GGUF export is for causal language models, and this is a {task} model"
+    return None if task_for(task).language_model else f"GGUF export is for causal language models, and this is a {task} model"
 
 
 def architecture_refusal(architecture: str | None, converter: Converter) -> str | None:

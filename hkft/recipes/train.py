@@ -8,17 +8,20 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
     EarlyStoppingCallback,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -34,12 +37,8 @@ from hkft.data.packing import (
     check_packed_attention,
     pack_training_data,
 )
-from hkft.data.preparation import (
-    SPLITS,
-    make_collator,
-    prepare_data,
-)
-from hkft.dropout import instrument
+from hkft.data.preparation import SPLITS, PreparedData
+from hkft.dropout import DropoutController, instrument
 from hkft.dropout.config import plan_from_config
 from hkft.dropout.first_token import compute_first_token_only
 from hkft.errors import ConfigError, DataError, InterruptedRun
@@ -72,8 +71,10 @@ from hkft.run.files import DiskFullError, atomic_dir, atomic_write_json, is_disk
 from hkft.run.interrupts import StopOnSignal
 from hkft.run.progress import ProgressCallback
 from hkft.run.tracking import track_training
-from hkft.tasks.evaluation import EvalOutcome, Steps, evaluate_model, metric_hooks
-from hkft.tasks.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
+from hkft.tasks.base import Task, prepare_data
+from hkft.tasks.evaluation import EvalOutcome, Steps
+from hkft.tasks.metrics import greater_is_better
+from hkft.tasks.registry import task_for
 
 # Far beyond any finetuning run (at ten steps a second, twelve days); a typo such as
 # `train.epochs: 1e9` otherwise starts a run with an ETA of centuries.
@@ -117,13 +118,13 @@ def check_fsdp_possible() -> None:
 
 
 def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
-    train, task = cfg.train, cfg.model.task
+    train, task = cfg.train, task_for(cfg.model.task)
     strategy = train.eval_strategy if has_eval else "no"
-    metric = train.metric_for_best or MAIN_METRIC[task]
-    if strategy != "no" and metric.removeprefix("eval_") not in EVAL_METRICS[task]:  # else a KeyError after an epoch
+    metric = train.metric_for_best or task.main_metric
+    if strategy != "no" and metric.removeprefix("eval_") not in task.eval_metrics:  # else a KeyError after an epoch
         raise ConfigError(
-            f"train.metric_for_best: {metric!r} is not among the {task} evaluation metrics",
-            f"choose one of {', '.join(EVAL_METRICS[task])}",
+            f"train.metric_for_best: {metric!r} is not among the {task.name} evaluation metrics",
+            f"choose one of {', '.join(task.eval_metrics)}",
         )
     distributed = {}
     if cfg.distributed.strategy == "fsdp":
@@ -161,7 +162,7 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
         logging_first_step=True,
         include_num_input_tokens_seen="non_padding",  # logs tokens seen and tokens per second
         disable_tqdm=True,
-        prediction_loss_only=task == "causal-lm",
+        prediction_loss_only=task.language_model,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         dataloader_num_workers=train.num_workers,
         use_cpu=not torch.cuda.is_available(),
@@ -228,18 +229,67 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
 
 def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
            extra_callbacks: Sequence[TrainerCallback]) -> TrainResult:
-    task = cfg.model.task
+    task = task_for(cfg.model.task)
     has_eval = cfg.train.eval_strategy != "no"  # a validation split always exists (held out if not given)
     args = training_arguments(cfg, run, has_eval)
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)  # before any weight (LoRA included) exists
+    base = setup_base(cfg)
+    data = setup_data(cfg, base, args, console)
+    model, collator, initial = setup_model(cfg, task, base, data, console)
+    controller = setup_dropout(cfg, task, model, args)
+    if args.process_index == 0:
+        console.print(escape(startup_line(run, cfg, args, data, model)), highlight=False, soft_wrap=True)
+    progress, stopper = ProgressCallback(run.metrics_jsonl, console), StopOnSignal()
+    trainer = HkftTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation if has_eval else None,
+        data_collator=collator,
+        processing_class=base.tokenizer,
+        **task.metric_hooks(),
+        callbacks=[progress, stopper, *setup_callbacks(cfg, run, args, progress), *extra_callbacks],
+        dropout=controller,
+        task=task,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
+    with stopper:
+        output = fit(trainer, run, resume, stopper, progress)
+        stopper.stop_at_once()
+        try:
+            facts = sidecar(cfg, base.path, data.label_names, label_count(cfg, data), controller)
+            return _write_results(trainer, output, model, base.tokenizer, facts, data, cfg, run, initial, progress)
+        except KeyboardInterrupt:
+            raise InterruptedRun(
+                f"stopped by {stopper.received or 'SIGINT'} after the last training step ({trainer.state.global_step}), "
+                f"before the adapter and final metrics were all written; checkpoint saved in {run.checkpoints_dir}",
+                "continue with the same command and --resume (it trains no further step)",
+            ) from None
 
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
-    model_config = read_model_config(cfg.model, model_path)
-    check_task_fits_model(cfg.model, model_config)
-    check_quantization_supported(cfg.model, model_path)
-    tokenizer = load_tokenizer(model_path, task)
+
+@dataclass(frozen=True)
+class Base:
+    """The base model's location, its config (read without a weight) and its tokenizer."""
+
+    path: str
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+
+
+def setup_base(cfg: HkftConfig) -> Base:
+    """Find the base model and refuse what cannot train before any weight is read."""
+    path = resolve_model_path(cfg.model.name, cfg.model.revision, cfg.model.gguf_file)
+    config = read_model_config(cfg.model, path)
+    check_task_fits_model(cfg.model, config)
+    check_quantization_supported(cfg.model, path)
+    return Base(path, config, load_tokenizer(path, cfg.model.task))
+
+
+def setup_data(cfg: HkftConfig, base: Base, args: TrainingArguments, console: Console) -> PreparedData:
+    """Tokenised (and packed) splits, checked against the model's positions and hkft's step limit."""
     with args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache, the others reuse it
-        data = prepare_data(cfg, tokenizer)
+        data = prepare_data(cfg, base.tokenizer)
         if cfg.data.packing:
             data = pack_training_data(data, cfg.data.max_length)
     for notice in data.notices:
@@ -247,96 +297,90 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     if data.train is None or len(data.train) == 0:
         raise DataError("data.train has no examples")
     check_fits_positions({split: getattr(data, split) for split in SPLITS}, cfg.data.max_length,
-                         position_limit(model_config), cfg.model.name)
+                         position_limit(base.config), cfg.model.name)
     check_step_count(cfg, len(data.train), args.world_size)
+    label_count(cfg, data)
+    return data
+
+
+def label_count(cfg: HkftConfig, data: PreparedData) -> int | None:
+    """The classifier's label count: the training data's, which model.num_labels may only repeat."""
     num_labels = len(data.label_names) if data.label_names else cfg.model.num_labels
     if data.label_names and cfg.model.num_labels not in (None, num_labels):
         raise ConfigError(
             f"model.num_labels is {cfg.model.num_labels}, but the training data has {num_labels} labels ({', '.join(data.label_names)})",
             "leave model.num_labels unset (it is read from the data), or check data.label_column",
         )
-    base = load_base_model(cfg.model, model_path, num_labels)
-    notice = ensure_pad_token(base, tokenizer)
+    return num_labels
+
+
+def setup_model(cfg: HkftConfig, task: Task, base: Base, data: PreparedData,
+                console: Console) -> tuple[PeftModel, Callable, dict | None]:
+    """The base model with its LoRA adapter, the batch collator, and PiSSA/OLoRA's initial adapter."""
+    model = load_base_model(cfg.model, base.path, label_count(cfg, data))
+    notice = ensure_pad_token(model, base.tokenizer)
     if notice:
         console.print(f"[yellow]{notice}[/]")
-    collator = make_collator(task, tokenizer)
+    collator = task.collator(base.tokenizer)
     if cfg.data.packing:
         # Without a cache, transformers reads restarting position ids as packed examples; with one
         # (a model's default use_cache) it attends across them. The Trainer switches it off too.
-        base.config.use_cache = False
-        collator = PackedCollator(tokenizer.pad_token_id, collator)
+        model.config.use_cache = False
+        collator = PackedCollator(base.tokenizer.pad_token_id, collator)
     eva_batches = plain_batches(data.train, collator, cfg.train.batch_size) if cfg.lora.init == "eva" else None
     model = build_lora_model(
-        base,
+        model,
         cfg.lora,
-        task,
+        cfg.model.task,
         quantized=cfg.model.quantization != "none",
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         eva_batches=eva_batches,
     )
-    initial = initial_adapter(model, cfg.lora)
-    plan = plan_from_config(cfg.dropout)
-    try:
-        controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
-    except ValueError as err:
-        raise ConfigError(f"dropout: {err}") from None
-    compute_first_token_only(model, task, controller)
     if cfg.data.packing:
         check_packed_attention(model)
-    if args.process_index == 0:
-        console.print(escape(startup_line(run, cfg, args, data, model)), highlight=False, soft_wrap=True)
+    return model, collator, initial_adapter(model, cfg.lora)
 
-    stopper = StopOnSignal()
-    progress = ProgressCallback(run.metrics_jsonl, console)
-    callbacks = [progress, stopper]
+
+def setup_dropout(cfg: HkftConfig, task: Task, model: PeftModel, args: TrainingArguments) -> DropoutController:
+    """The dropout plan of the config, applied to the model (method.md: positions x patterns x compensation)."""
+    try:
+        controller = instrument(model, plan_from_config(cfg.dropout), seed=cfg.train.seed, rank=args.process_index)
+    except ValueError as err:
+        raise ConfigError(f"dropout: {err}") from None
+    compute_first_token_only(model, not task.language_model, controller)
+    return controller
+
+
+def setup_callbacks(cfg: HkftConfig, run: RunDir, args: TrainingArguments, progress: ProgressCallback) -> list[TrainerCallback]:
+    """The overfitting monitor, TensorBoard and early stopping, as the config asks."""
+    has_eval = args.eval_strategy != "no"
+    callbacks: list[TrainerCallback] = []
     if has_eval and cfg.train.overfitting.enabled:
         callbacks.append(OverfittingMonitor(cfg, args.metric_for_best_model, progress.notice))
     if "tensorboard" in cfg.output.report_to and args.process_index == 0:
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.tb_dir))))
     if cfg.train.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
-    callbacks.extend(extra_callbacks)
-    trainer = HkftTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.validation if has_eval else None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        **metric_hooks(task),
-        callbacks=callbacks,
-        dropout=controller,
-        task=task,
-        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
-    )
-    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
-    checkpoint = latest_checkpoint(run) if resume else None
-    with stopper:
-        try:
-            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except Exception as err:
-            if not is_disk_full(err):
-                raise
-            raise disk_full_in_training(run) from None
-        finally:
-            progress.close()  # also after a failure, so the error line is not drawn under a live bar
-        if stopper.received:
-            raise InterruptedRun(
-                f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
-                "continue with the same command and --resume",
-            )
-        stopper.stop_at_once()
-        try:
-            facts = sidecar(cfg, model_path, data.label_names, num_labels, controller)
-            result = _write_results(trainer, output, model, tokenizer, facts, data, cfg, run, initial, progress)
-        except KeyboardInterrupt:
-            raise InterruptedRun(
-                f"stopped by {stopper.received or 'SIGINT'} after the last training step ({trainer.state.global_step}), "
-                f"before the adapter and final metrics were all written; checkpoint saved in {run.checkpoints_dir}",
-                "continue with the same command and --resume (it trains no further step)",
-            ) from None
-    return result
+    return callbacks
 
+
+def fit(trainer: HkftTrainer, run: RunDir, resume: bool, stopper: StopOnSignal, progress: ProgressCallback):
+    """The Trainer's loop, from the last checkpoint when resuming; a signal ends it with a checkpoint."""
+    checkpoint = latest_checkpoint(run) if resume else None
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise disk_full_in_training(run) from None
+    finally:
+        progress.close()  # also after a failure, so the error line is not drawn under a live bar
+    if stopper.received:
+        raise InterruptedRun(
+            f"stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in {run.checkpoints_dir}",
+            "continue with the same command and --resume",
+        )
+    return output
 
 
 def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, data, cfg: HkftConfig, run: RunDir,
@@ -348,7 +392,7 @@ def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, 
     split = cfg.eval.split if getattr(data, cfg.eval.split) is not None else "validation"
     steps = progress.steps if trainer.is_world_process_zero() else None
     outcome = final_evaluation(trainer, data, split, cfg, tokenizer, steps)
-    base = base_evaluation(trainer, data, split, cfg, tokenizer, steps) if cfg.eval.compare_base and cfg.model.task == "causal-lm" else None
+    base = base_evaluation(trainer, data, split, cfg, tokenizer, steps) if cfg.eval.compare_base and task_for(cfg.model.task).language_model else None
     has_eval = cfg.train.eval_strategy != "no"
     found = verdict(cfg, trainer.state.log_history, trainer.args.metric_for_best_model) if has_eval else None
     if trainer.is_world_process_zero():
@@ -403,10 +447,9 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
     dataset = getattr(data, split)
     if dataset is None:
         return EvalOutcome({}, [])
-    return evaluate_model(
+    return task_for(cfg.model.task).evaluate(
         trainer,
         dataset,
-        cfg.model.task,
         label_names=data.label_names,
         raw=getattr(data, f"raw_{split}", None),
         generation=cfg.eval.generation if cfg.eval.generate else None,

@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hkft.dropout import DropoutController, consistency_loss
+from hkft.dropout import DropoutController
 from hkft.dropout.architecture import eval_mode, head_module, transformers_model
 from hkft.dropout.compensation import (
     ObjectiveWeights,
@@ -35,6 +35,7 @@ from hkft.dropout.compensation import (
 from hkft.errors import TrainingError
 from hkft.run.directory import checkpoint_is_complete
 from hkft.run.files import atomic_write_json, default_file_modes
+from hkft.tasks.base import Task
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 # What a checkpoint adds for the run's summary: steps, summed training loss and seconds spent so far.
@@ -47,11 +48,11 @@ TRAINER_PRIVATE_ATTRIBUTES = ("_tr_loss", "_total_loss_scalar")
 
 class HkftTrainer(Trainer):
     def __init__(
-        self, *args: Any, dropout: DropoutController, task: str, loraplus_lr_ratio: float | None = None, **kwargs: Any
+        self, *args: Any, dropout: DropoutController, task: Task, loraplus_lr_ratio: float | None = None, **kwargs: Any
     ):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        if task != "causal-lm":
+        if not task.language_model:
             # Sequence-classification and regression heads take **kwargs, so the Trainer assumes they
             # divide their loss by the accumulation window's item count; they return the mean over the
             # micro-batch. Said as it is, the Trainer divides that mean by the accumulation steps (as
@@ -130,7 +131,7 @@ class HkftTrainer(Trainer):
         # one log-softmax per chunk and the gradient written in the same pass (with KL, the task loss
         # is folded into the KL pass), where the model's own loss keeps several logit-sized copies.
         # Other tasks have small logits and keep the Trainer's own loss.
-        fused = model.training and self.task == "causal-lm" and self.compute_loss_func is None and "labels" in inputs
+        fused = model.training and self.task.language_model and self.compute_loss_func is None and "labels" in inputs
         if not (model.training and plan.uses_consistency_loss):
             if fused:
                 return self._chunked_causal_lm_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -157,8 +158,7 @@ class HkftTrainer(Trainer):
         else:
             if both:
                 task_loss = 0.5 * (task_loss + second_loss)
-            term = consistency_loss(
-                self.task,
+            term = self.task.consistency_loss(
                 outputs.logits,
                 second.logits,
                 labels=inputs.get("labels"),

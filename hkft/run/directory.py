@@ -320,9 +320,9 @@ def read_sidecar(adapter_dir: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is not valid JSON", "the adapter directory is damaged; re-run training") from None
 
 
-def sidecar_label_names(adapter_dir: Path, facts: dict[str, Any], task: str) -> list[str] | None:
-    """A classifier's label order, which only its sidecar keeps; None for other tasks."""
-    if task != "classification":
+def sidecar_label_names(adapter_dir: Path, facts: dict[str, Any], required: bool) -> list[str] | None:
+    """A classifier's label order, which only its sidecar keeps (``required``: the task has one)."""
+    if not required:
         return facts.get("label_names")
     if not facts.get("label_names"):
         raise ModelError(f"{adapter_dir / SIDECAR} is missing or names no labels: the classifier's label order is in it",

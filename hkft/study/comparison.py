@@ -28,7 +28,7 @@ from hkft.recipes.curves import Curve, read_curves
 from hkft.run.directory import RunDir
 from hkft.run.files import atomic_write_text
 from hkft.study.plots import plot_comparison
-from hkft.tasks.metrics import MAIN_METRIC
+from hkft.tasks.registry import task_for
 
 # Keys that are not part of a run's setting: the seed is what a group varies over; the rest is
 # shown in its own column or does not change the result.
@@ -54,7 +54,7 @@ class RunSummary:
 
     @property
     def main_metric(self) -> str:
-        return MAIN_METRIC[self.task]
+        return task_for(self.task).main_metric
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Row:
 
     @property
     def main_metric(self) -> str:
-        return MAIN_METRIC[self.task]
+        return task_for(self.task).main_metric
 
 
 def dataset_name(source: DataSource) -> str:

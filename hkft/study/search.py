@@ -70,7 +70,8 @@ from hkft.study.workers import (
     take_over_abandoned,
     this_worker,
 )
-from hkft.tasks.metrics import EVAL_METRICS, MAIN_METRIC, greater_is_better
+from hkft.tasks.metrics import greater_is_better
+from hkft.tasks.registry import task_for
 
 TRIAL_RECORD = "trial.json"
 DEFAULT_DB = "optuna.db"  # the study's storage in its output folder, without tune.storage
@@ -137,11 +138,11 @@ def plan_tune(study: Study) -> TunePlan:
         raise ConfigError("hkft tune takes one base preset", "write one study file per preset")
     preset = resolve_preset_path(study.bases[0])
     base = _load(preset, study.overrides, "study overrides")
-    task = base.model.task
-    metric = study.tune.metric or MAIN_METRIC[task]
-    if metric not in EVAL_METRICS[task]:
-        raise ConfigError(f"tune.metric: {metric!r} is not a {task} validation metric",
-                          f"choose one of {', '.join(EVAL_METRICS[task])}")
+    task = task_for(base.model.task)
+    metric = study.tune.metric or task.main_metric
+    if metric not in task.eval_metrics:
+        raise ConfigError(f"tune.metric: {metric!r} is not a {task.name} validation metric",
+                          f"choose one of {', '.join(task.eval_metrics)}")
     direction = _direction(study.tune, metric)
     if base.train.eval_strategy == "no":
         raise ConfigError("hkft tune scores trials on the validation split, but train.eval_strategy is no",

@@ -1,4 +1,4 @@
-"""Task metrics for a trained model: one function used by `hkft train` (final numbers) and `hkft eval`.
+"""What evaluation shares across tasks: the outcome, batched generation with left padding, chat replies.
 
 Logits never pile up in memory: classification keeps one predicted id per example (reduced per
 batch), causal LM keeps the mean loss and generates in its own batched loop.
@@ -11,7 +11,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import Trainer
@@ -19,12 +18,8 @@ from transformers import Trainer
 from hkft.config.schema import GenerationConfig
 from hkft.tasks.metrics import (
     SHORT_REFERENCE_WORDS,
-    classification_metrics,
     exact_match,
     generation_metrics,
-    perplexity,
-    preprocess_logits_for_metrics,
-    regression_metrics,
 )
 
 # Progress of a loop outside the Trainer: (description, batches) -> a context yielding "one batch done".
@@ -37,64 +32,13 @@ class EvalOutcome:
     predictions: list[dict[str, Any]]
 
 
-def compute_metrics_for(task: str):
-    """The Trainer's compute_metrics for a task (predictions arrive already reduced per batch)."""
-
-    def compute(eval_prediction) -> dict[str, float]:
-        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
-        if task == "classification":
-            return classification_metrics(np.asarray(predictions), np.asarray(labels))
-        return regression_metrics(np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1))
-
-    return compute
 
 
-def metric_hooks(task: str) -> dict:
-    """The Trainer's metric arguments: causal LM is scored by its loss (and generation) alone."""
-    if task == "causal-lm":
-        return {"compute_metrics": None, "preprocess_logits_for_metrics": None}
-    return {"compute_metrics": compute_metrics_for(task), "preprocess_logits_for_metrics": preprocess_logits_for_metrics(task)}
 
 
-def evaluate_model(
-    trainer: Trainer,
-    dataset: Dataset,
-    task: str,
-    *,
-    label_names: list[str] | None = None,
-    raw: Dataset | None = None,
-    generation: GenerationConfig | None = None,
-    tokenizer=None,
-    steps: Steps | None = None,
-) -> EvalOutcome:
-    """Metrics and per-example predictions of ``trainer.model`` on a tokenised split. ``raw`` holds
-    the split's untokenised rows: a causal LM's prompts and references (generated for when
-    ``generation`` is given), or the text columns that each prediction row then starts with."""
-    output = trainer.predict(dataset, metric_key_prefix="eval")
-    metrics = {key.removeprefix("eval_"): float(value) for key, value in output.metrics.items() if _is_metric(key)}
-    if task == "causal-lm":
-        metrics["perplexity"] = perplexity(metrics["loss"])
-        predictions: list[dict[str, Any]] = []
-        if raw is not None and generation is not None and "conversation" in raw.column_names:
-            return _chat_outcome(trainer, raw, generation, tokenizer, metrics, steps)
-        if raw is not None and generation is not None:
-            texts = _generate_with_progress(trainer, tokenizer, raw, generation, steps)
-            prompts, references = raw["prompt_text"][: len(texts)], raw["reference"][: len(texts)]
-            metrics.update(generation_metrics(texts, references))
-            predictions = [{"prompt": p, "prediction": t, "reference": r} for p, t, r in zip(prompts, texts, references)]
-        return EvalOutcome(metrics, predictions)
-    values = np.asarray(output.predictions).reshape(-1)
-    labels = np.asarray(output.label_ids).reshape(-1)
-    if task == "classification" and label_names:
-        rows = [{"prediction": label_names[int(p)], "label": label_names[int(t)]} for p, t in zip(values, labels)]
-    else:
-        rows = [{"prediction": float(p), "label": float(t)} for p, t in zip(values, labels)]
-    if raw is not None:  # each example's text columns, by name, first
-        rows = [{**texts, **row} for texts, row in zip(raw, rows)]
-    return EvalOutcome(metrics, rows)
 
 
-def _generate_with_progress(trainer: Trainer, tokenizer, raw: Dataset, generation: GenerationConfig,
+def generate_with_progress(trainer: Trainer, tokenizer, raw: Dataset, generation: GenerationConfig,
                             steps: Steps | None, **options) -> list[str]:
     batch_size = trainer.args.per_device_eval_batch_size
     count = min(generation.max_examples or len(raw), len(raw))
@@ -102,12 +46,12 @@ def _generate_with_progress(trainer: Trainer, tokenizer, raw: Dataset, generatio
         return generate(trainer.model, tokenizer, raw["prompt_text"], generation, batch_size, advance, **options)
 
 
-def _chat_outcome(trainer: Trainer, raw: Dataset, generation: GenerationConfig, tokenizer, metrics: dict[str, float],
+def chat_outcome(trainer: Trainer, raw: Dataset, generation: GenerationConfig, tokenizer, metrics: dict[str, float],
                   steps: Steps | None) -> EvalOutcome:
     """Replies generated after each conversation's generation prompt, scored against its last
     assistant reply; exact match too when every reference is short."""
     # The template writes its own special tokens.
-    texts = _generate_with_progress(trainer, tokenizer, raw, generation, steps, add_special_tokens=False)
+    texts = generate_with_progress(trainer, tokenizer, raw, generation, steps, add_special_tokens=False)
     references, conversations = raw["reference"][: len(texts)], raw["conversation"][: len(texts)]
     metrics.update(generation_metrics(texts, references))
     if all(len(reference.split()) <= SHORT_REFERENCE_WORDS for reference in references):
@@ -116,7 +60,7 @@ def _chat_outcome(trainer: Trainer, raw: Dataset, generation: GenerationConfig, 
     return EvalOutcome(metrics, rows)
 
 
-def _is_metric(key: str) -> bool:
+def is_metric(key: str) -> bool:
     return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time"))
 
 

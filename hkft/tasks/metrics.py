@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import sacrebleu
-import torch
 from rouge_score import rouge_scorer
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-# The metric that picks the best checkpoint for each task.
-MAIN_METRIC = {"classification": "accuracy", "regression": "pearson", "causal-lm": "loss"}
-# What the Trainer's evaluation reports per task (generation metrics come after training only).
-EVAL_METRICS = {
-    "classification": ("loss", "accuracy", "macro_f1", "mcc"),
-    "regression": ("loss", "pearson", "spearman", "mse"),
-    "causal-lm": ("loss",),
-}
 LOWER_IS_BETTER = frozenset({"loss", "mse", "perplexity"})
 # Chat evaluation reports exact match when every reference reply has at most this many words.
 SHORT_REFERENCE_WORDS = 16
@@ -86,26 +76,4 @@ def exact_match(hypotheses: list[str], references: list[str]) -> float:
     return 100.0 * sum(same) / len(same)
 
 
-def preprocess_logits_for_metrics(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The Trainer's per-batch reduction, so evaluation keeps one value per example instead of every
-    logit: class ids for classification, the squeezed score for regression, nothing for causal LM
-    (which is scored by its loss and by generation)."""
-    if task == "causal-lm":
-        return None
 
-    def reduce(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits.argmax(dim=-1) if task == "classification" else logits.squeeze(-1)
-
-    return reduce
-
-
-def metric_implementations(task: str) -> dict[str, str]:
-    if task == "classification":
-        return {"accuracy": "sklearn.metrics.accuracy_score", "macro_f1": "sklearn.metrics.f1_score(average='macro')",
-                "mcc": "sklearn.metrics.matthews_corrcoef"}
-    if task == "regression":
-        return {"pearson": "scipy.stats.pearsonr", "spearman": "scipy.stats.spearmanr"}
-    return {"loss": "token-level cross-entropy on completion (chat: assistant) tokens", "perplexity": "exp(loss)",
-            "bleu": "sacrebleu.corpus_bleu", "rouge_l": "ROUGE-L F-measure",
-            "exact_match": "reply == reference up to whitespace (chat, short references)"}
