@@ -116,5 +116,4 @@ def load_adapter_model(
         raise ModelError(f"{adapter_dir}: the adapter weights are damaged ({first_line(err)})",
                          "the file was cut short or overwritten; restore it or re-run training") from None
     except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0][:300]
-        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line}") from None
+        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {cfg.name}: {first_line(err)}") from None

@@ -58,6 +58,7 @@ from hkft.models.loading import (
     resolve_model_path,
 )
 from hkft.models.lora import build_lora_model, initial_adapter
+from hkft.recipes.callbacks import CheckpointFileModes
 from hkft.recipes.curves import plot_run_curves
 from hkft.recipes.monitor import OverfittingMonitor, Verdict, verdict
 from hkft.recipes.trainer import HkftTrainer
@@ -248,7 +249,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         data_collator=collator,
         processing_class=base.tokenizer,
         **task.metric_hooks(),
-        callbacks=[progress, stopper, *setup_callbacks(cfg, run, args, progress), *extra_callbacks],
+        callbacks=[progress, stopper, CheckpointFileModes(), *setup_callbacks(cfg, run, args, progress), *extra_callbacks],
         dropout=controller,
         task=task,
         loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,

@@ -1,7 +1,15 @@
-"""transformers' Trainer plus the dropout plan's compensation loss and mask-generator checkpoints.
+"""transformers' Trainer plus what must change its own steps, so cannot be a callback (callbacks.py):
 
-Everything else (optimizer, schedule, accumulation, mixed precision, DDP/FSDP/DeepSpeed,
-checkpoints, resume) is the stock Trainer.
+- the loss: the compensation term's second pass, and a causal LM's loss on supervised rows only;
+- a non-finite loss stops the run at its step (a callback never sees the loss);
+- LoRA+'s optimizer, built on the model as the Trainer wraps it;
+- the task and KL terms averaged into each training log (a callback's logs are already recorded);
+- the mask generators' state, saved with the Trainer's own RNG states (before trainer_state.json,
+  which marks a checkpoint complete) and restored with them; the run's progress across resumes;
+- a resumed run that already reached max_steps takes no further step.
+
+Everything else (schedule, accumulation, mixed precision, DDP/FSDP/DeepSpeed, checkpoints, resume)
+is the stock Trainer.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hkft.dropout import DropoutController
 from hkft.dropout.architecture import eval_mode, head_module, transformers_model
@@ -34,7 +41,7 @@ from hkft.dropout.compensation import (
 )
 from hkft.errors import TrainingError
 from hkft.run.directory import checkpoint_is_complete
-from hkft.run.files import atomic_write_json, default_file_modes
+from hkft.run.files import atomic_write_json
 from hkft.tasks.base import Task
 
 DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
@@ -42,7 +49,7 @@ DROPOUT_RNG_FILE = "hkft_dropout_rng_{rank}.pt"
 PROGRESS_FILE = "hkft_progress.json"
 # Trainer's private names HkftTrainer overrides or reads. They are not transformers' API: pyproject
 # caps transformers at the versions tested, and tests/test_trainer_internals.py names any that is gone.
-TRAINER_PRIVATE_METHODS = ("_run_epoch", "_save_rng_state", "_save_checkpoint", "_load_rng_state", "_get_output_dir")
+TRAINER_PRIVATE_METHODS = ("_run_epoch", "_save_rng_state", "_load_rng_state")
 TRAINER_PRIVATE_ATTRIBUTES = ("_tr_loss", "_total_loss_scalar")
 
 
@@ -266,11 +273,6 @@ class HkftTrainer(Trainer):
                 "loss_sum": self._earlier["loss_sum"] + session_loss,
                 "runtime": self._earlier["runtime"] + time.time() - self._session_start,
             })
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # the Trainer writes the adapter with safetensors, as 0600
-            default_file_modes(Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
