@@ -3,18 +3,28 @@
 
 import pytest
 import torch
+import yaml
 from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hkft.dropout import build_plan, instrument, named_method
+from hkft.config import load_config
+from hkft.dropout import (
+    DropoutMethod,
+    build_plan,
+    instrument,
+    named_method,
+    register_method,
+)
+from hkft.dropout import methods as registry
 from hkft.dropout.architecture import (
     attention_module,
     ffn_output_module,
     transformer_layers,
 )
+from hkft.dropout.config import plan_from_config
 from hkft.dropout.plan import DropoutPlan
-from hkft.errors import ModelError
+from hkft.errors import ConfigError, ModelError
 
 METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
 ARCHS = ENCODERS + DECODERS
@@ -276,3 +286,39 @@ def test_output_token_span_on_a_language_model_drops_tokens():
     model.train()
     model(**batch("llama", padded=False, size=2, length=10))
     assert (seen[0] == 0).all(dim=-1).sum(dim=-1).tolist() == [3, 3]
+
+
+@pytest.fixture
+def toy_method():
+    """A method that is not the paper's: token spans of the FFN output and of the embeddings, JS-compensated."""
+    method = register_method(DropoutMethod("toy-spans", {"hidden": "span", "input": "span"}, compensation="js"))
+    yield method
+    del registry.METHODS[method.name]
+
+
+def test_a_registered_method_is_a_preset_value_and_becomes_its_plan(toy_method, tmp_path):
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x", "task": "causal-lm"}, "data": {"train": "t.jsonl"},
+                                      "dropout": {"method": "toy-spans", "rate": 0.2, "kl_weight": 0.5}}))
+    plan = plan_from_config(load_config(preset).dropout)
+    assert {name: (drop.pattern, drop.rate) for name, drop in plan.positions.items()} == {
+        "hidden": ("span", 0.2), "input": ("span", 0.2)}
+    assert (plan.compensation, plan.kl_weight, plan.model_dropout, plan.neftune_alpha) == ("js", 0.5, None, 0.0)
+    with pytest.raises(ConfigError, match="unknown dropout method 'toy-spanz'; choose one of none, .*, neftune, toy-spans"):
+        load_config(preset, ["dropout.method=toy-spanz"])
+
+    model = tiny_model("llama")
+    instrument(model, plan, seed=0)
+    inputs = batch("llama", padded=False)
+    model.eval()
+    clean = model(**inputs).logits
+    model.train()
+    assert not torch.equal(model(**inputs).logits, clean)
+
+
+def test_a_method_with_a_misspelt_position_or_a_taken_name_is_refused_when_registered():
+    with pytest.raises(ValueError, match="unknown dropout position"):
+        register_method(DropoutMethod("toy-typo", {"hiden": "span"}))  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="'hiddenkey' is already registered"):
+        register_method(DropoutMethod("hiddenkey"))
+    assert "toy-typo" not in registry.METHODS and registry.METHODS["hiddenkey"].compensation == "kl"

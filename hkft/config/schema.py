@@ -18,6 +18,16 @@ from pydantic import (
     model_validator,
 )
 
+from hkft.dropout.methods import dropout_method
+from hkft.dropout.plan import (
+    NEFTUNE_ALPHA,
+    POSITIONS,
+    Branches,
+    Compensation,
+    LayerName,
+    Pattern,
+)
+
 
 def _not_a_boolean(value: object) -> object:
     """pydantic would read true as 1, and YAML reads yes/no/on/off as booleans: `batch_size: yes` is a mistake."""
@@ -34,9 +44,6 @@ Task = Literal["classification", "regression", "causal-lm"]
 Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
-
-DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey", "neftune")
-DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
 
 
 class Section(BaseModel):
@@ -109,22 +116,21 @@ class LoraConfig(Section):
         return self.init.startswith(BASE_MUTATING_INITS)
 
 
-Pattern = Literal["element", "column", "span"]
-
-
 class PositionConfig(Section):
     pattern: Pattern
     rate: Probability | None = Field(None, description="Defaults to dropout.rate.")
 
 
+# The vocabulary (methods, positions, patterns, compensations) is hkft.dropout's: a method registered
+# there (hkft.dropout.methods) is a valid dropout.method here.
 class DropoutConfig(Section):
     method: str = "hiddenkey"
     rate: Probability = 0.1
     kl_weight: Float = Field(1.0, ge=0.0)
-    neftune_alpha: Float = Field(5.0, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
-    compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
-    branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
-    layers: Literal["auto", "all", "latter-half"] | list[Int] = Field(
+    neftune_alpha: Float = Field(NEFTUNE_ALPHA, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
+    compensation: Compensation | None = Field(None, description="Overrides the method's compensation.")
+    branches: Branches = Field("one", description="KL: back-propagate through one branch or both.")
+    layers: LayerName | list[Int] = Field(
         "auto", description="auto = latter-half for decoder-only models, all for encoders."
     )
     positions: dict[str, PositionConfig | None] = Field(
@@ -134,16 +140,15 @@ class DropoutConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in DROPOUT_METHODS:
-            raise ValueError(f"unknown dropout method {value!r}; choose one of {', '.join(DROPOUT_METHODS)}")
+        dropout_method(value)
         return value
 
     @field_validator("positions")
     @classmethod
     def _known_positions(cls, value: dict) -> dict:
         for name in value:
-            if name not in DROPOUT_POSITIONS:
-                raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(DROPOUT_POSITIONS)}")
+            if name not in POSITIONS:
+                raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(POSITIONS)}")
         return value
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
-from hkft.config.schema import DROPOUT_METHODS, Task
-from hkft.dropout import PATTERNS, architecture, instrument
+from hkft.config.schema import Task
+from hkft.dropout import METHODS, PATTERNS, architecture, instrument
 from hkft.dropout.config import plan_from_config
 from hkft.errors import ConfigError, ModelError
 from hkft.models.export import gguf_export_fact
@@ -177,7 +177,7 @@ def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[s
 def method_layers(cfg: HkftConfig, num_layers: int, decoder: bool) -> dict[str, dict[str, Any]]:
     """Each named method at the preset's rate, KL weight and layer selection."""
     methods = {}
-    for method in DROPOUT_METHODS:
+    for method in METHODS:
         plan = plan_from_config(cfg.dropout.model_copy(update={"method": method, "positions": {}}))
         drops = bool(plan.active_positions or plan.model_dropout or plan.neftune_alpha)
         methods[method] = {
