@@ -23,7 +23,7 @@ from hkft.dropout.architecture import (
     transformer_layers,
 )
 from hkft.dropout.config import plan_from_config
-from hkft.dropout.plan import DropoutPlan
+from hkft.dropout.plan import PATTERNS, POSITIONS, DropoutPlan
 from hkft.errors import ConfigError, ModelError
 
 METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
@@ -322,3 +322,35 @@ def test_a_method_with_a_misspelt_position_or_a_taken_name_is_refused_when_regis
     with pytest.raises(ValueError, match="'hiddenkey' is already registered"):
         register_method(DropoutMethod("hiddenkey"))
     assert "toy-typo" not in registry.METHODS and registry.METHODS["hiddenkey"].compensation == "kl"
+
+
+def test_a_plan_refuses_an_unknown_position_in_the_words_a_preset_gets(tmp_path):
+    """One rule, one message: the plan's check is the one the preset schema calls."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x"}, "data": {"train": "t.jsonl"}}))
+    with pytest.raises(ValueError) as from_plan:
+        build_plan("none", 0.1, 0.0, position_overrides={"attn": ("element", None)})
+    with pytest.raises(ConfigError) as from_preset:
+        load_config(preset, ["dropout.positions.attn.pattern=element"])
+    assert str(from_plan.value) == "unknown dropout position 'attn'; choose from " + ", ".join(POSITIONS)
+    assert f"dropout.positions: {from_plan.value}" in str(from_preset.value)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_preset_and_instrumenter_agree_on_the_output_patterns_of_a_head(tmp_path, task, pattern):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x", "task": task}, "data": {"train": "t.jsonl"},
+                                      "dropout": {"method": "none", "positions": {"output": {"pattern": pattern}}}}))
+    try:
+        plan_from_config(load_config(preset).dropout)
+        preset_accepts = True
+    except ConfigError:
+        preset_accepts = False
+    plan = build_plan("none", 0.1, 0.0, position_overrides={"output": (pattern, None)})
+    try:
+        instrument(tiny_model("llama", task), plan, seed=0)
+        model_accepts = True
+    except ValueError:
+        model_accepts = False
+    assert preset_accepts == model_accepts == (pattern != "span" or task == "causal-lm")

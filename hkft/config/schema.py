@@ -21,11 +21,12 @@ from pydantic import (
 from hkft.dropout.methods import dropout_method
 from hkft.dropout.plan import (
     NEFTUNE_ALPHA,
-    POSITIONS,
     Branches,
     Compensation,
     LayerName,
     Pattern,
+    check_position_names,
+    patterns_for,
 )
 
 
@@ -146,9 +147,7 @@ class DropoutConfig(Section):
     @field_validator("positions")
     @classmethod
     def _known_positions(cls, value: dict) -> dict:
-        for name in value:
-            if name not in POSITIONS:
-                raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(POSITIONS)}")
+        check_position_names(value)
         return value
 
 
@@ -323,8 +322,7 @@ class HkftConfig(Section):
             raise ValueError(f"lora.init {self.lora.init} decomposes the full-precision base weights, which a "
                              f"{self.model.quantization} base does not have; use model.quantization=none")
         output = self.dropout.positions.get("output")
-        if self.model.task != "causal-lm" and output is not None and output.pattern == "span":
-            # A sequence head reads one vector per example (pooled or first token): no tokens to span.
+        if output is not None and output.pattern not in patterns_for("output", self.model.task == "causal-lm"):
             raise ValueError("dropout.positions.output: span drops tokens, but a classification or regression "
                              "head reads one vector per example; use pattern element or column")
         return self

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 
 def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
+    """The plan of a validated ``dropout:`` section. The section has already passed the plan's own
+    checks (the schema calls them, see `hkft.dropout.plan`), all but the one only a whole plan asks:
+    attention logits and attention weights together, refused here under ``dropout:``."""
     overrides = {
         name: None if position is None else (position.pattern, position.rate)
         for name, position in dropout.positions.items()

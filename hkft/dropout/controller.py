@@ -22,7 +22,7 @@ from hkft.dropout.attention import (
     register_attention,
 )
 from hkft.dropout.patterns import Extent, MaskSampler, packed_extent, token_extent
-from hkft.dropout.plan import DropoutPlan
+from hkft.dropout.plan import DropoutPlan, patterns_for
 from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
@@ -205,9 +205,9 @@ def shared_modules(model: nn.Module, plan: DropoutPlan, stack: architecture.Laye
 
 
 def check_output_pattern(model: nn.Module, plan: DropoutPlan) -> None:
-    """A token span of the head's input exists only where the head reads every token."""
+    """The pattern of the `output` position must be one the model's head takes (`patterns_for`)."""
     output = plan.active_positions.get("output")
-    if output is not None and output.pattern == "span" and not architecture.reads_token_sequence(model):
+    if output is not None and output.pattern not in patterns_for("output", architecture.reads_token_sequence(model)):
         raise ValueError(
             "positions.output: the span pattern drops a run of tokens, but a sequence classifier reads one "
             "vector per example; use the element or column pattern there"

@@ -4,10 +4,22 @@ part of hkft reads (the preset schema's types among them) and the `DropoutPlan` 
 A `DropoutPlan` is a plain value: which positions drop, with which pattern and rate, how the
 train/inference gap is compensated, and in which layers. The named methods are presets of it, one
 registered entry each (`methods.py`).
+
+Who checks what: every rule about the dropout settings is owned here (or by the registry, for method
+names), not restated by the preset schema. A plan is also built without a preset (`build_plan`,
+`named_method`, tests, studies), so it must refuse what it cannot execute; the schema's types are
+this module's Literals and its validators call the checks below, so a preset's mistake is still
+reported when the preset is loaded, under its key (a plan built from it passes the same checks
+again: one rule, asked twice, in the same words). Two rules only a plan asks: attention logits with
+attention weights (`plan_from_config` reports it under ``dropout:``) and the layer range (it needs
+the model's layer count: `instrument`). Which pattern a position takes depends on the head
+(`patterns_for`): the schema asks it from the task, before any model exists; `instrument` asks it
+from the model it is given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -22,6 +34,21 @@ POSITIONS: tuple[Position, ...] = get_args(Position)
 PATTERNS: tuple[Pattern, ...] = get_args(Pattern)
 # NEFTune's noise scale alpha, as in its paper (Jain et al. 2024) and TRL.
 NEFTUNE_ALPHA = 5.0
+
+
+def check_position_names(names: Iterable[str]) -> None:
+    for name in names:
+        if name not in POSITIONS:
+            raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(POSITIONS)}")
+
+
+def patterns_for(position: str, head_reads_tokens: bool) -> tuple[Pattern, ...]:
+    """The patterns ``position`` takes. A token span of the head's input (`output`) exists only where
+    the head reads every token (a language model's); a sequence head reads one vector per example
+    (pooled, first or last token), so it has no tokens to span."""
+    if position == "output" and not head_reads_tokens:
+        return tuple(pattern for pattern in PATTERNS if pattern != "span")
+    return PATTERNS
 
 
 @dataclass(frozen=True)
@@ -53,9 +80,7 @@ class DropoutPlan:
     def __post_init__(self) -> None:
         if self.neftune_alpha < 0:
             raise ValueError(f"NEFTune alpha must be >= 0, got {self.neftune_alpha}")
-        unknown = set(self.positions) - set(POSITIONS)
-        if unknown:
-            raise ValueError(f"unknown dropout position(s) {sorted(unknown)}; choose from {', '.join(POSITIONS)}")
+        check_position_names(self.positions)
         if "attention_logits" in self.positions and "attention_weights" in self.positions:
             raise ValueError("drop attention logits or attention weights, not both (they act on the same matrix)")
 

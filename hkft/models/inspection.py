@@ -16,8 +16,9 @@ from torch import nn
 from hkft.config import HkftConfig, load_config, presets_dir, validate_config
 from hkft.config.loading import apply_overrides
 from hkft.config.schema import Task
-from hkft.dropout import METHODS, PATTERNS, architecture, instrument
+from hkft.dropout import METHODS, architecture, instrument
 from hkft.dropout.config import plan_from_config
+from hkft.dropout.plan import patterns_for
 from hkft.errors import ConfigError, ModelError
 from hkft.models.export import gguf_export_fact
 from hkft.models.gguf import gguf_config_source
@@ -168,8 +169,7 @@ def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[s
         except ModelError as err:
             positions[name] = {"error": str(err)}
             continue
-        # A sequence head reads one vector per example: it has no tokens to span.
-        patterns = [p for p in PATTERNS if not (name == "output" and task != "causal-lm" and p == "span")]
+        patterns = list(patterns_for(name, head_reads_tokens=task == "causal-lm"))
         positions[name] = {"module": module_path(scope, module), "class": type(module).__name__, "patterns": patterns}
     return positions
 
