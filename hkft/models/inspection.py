@@ -85,7 +85,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
     trainable, total = model.get_nb_trainable_parameters()
     plan = plan_from_config(cfg.dropout)
     try:
-        controller = instrument(model, plan, seed=0)
+        controller = instrument(model, plan, seed=0, packed=cfg.data.packing)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     except ModelError as err:

@@ -277,7 +277,7 @@ def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
     initial = initial_adapter(model, cfg.lora)
     plan = plan_from_config(cfg.dropout)
     try:
-        controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index)
+        controller = instrument(model, plan, seed=cfg.train.seed, rank=args.process_index, packed=cfg.data.packing)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, task, controller)
