@@ -13,8 +13,8 @@ from typing import Any, get_args
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from hkft.config import HkftConfig, load_config, presets_dir, validate_config
-from hkft.config.loading import apply_overrides
+from hkft.config import HkftConfig, load_config, validate_config
+from hkft.config.loading import apply_overrides, shipped_preset
 from hkft.config.schema import Task
 from hkft.dropout import METHODS, architecture, instrument
 from hkft.dropout.config import plan_from_config
@@ -39,7 +39,7 @@ def is_preset(target: str) -> bool:
     path = Path(target)
     if path.is_dir():
         return False
-    return path.is_file() or (presets_dir() / f"{target.removesuffix('.yaml')}.yaml").is_file()
+    return path.is_file() or shipped_preset(target) is not None
 
 
 def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
