@@ -19,6 +19,7 @@ from conftest import assert_one_line_error
 
 import hkft.commands.common
 from hkft.config import load_config, presets_dir
+from hkft.models.inspection import is_preset
 from hkft.run.directory import RunDir, save_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,22 @@ def test_presets_survives_a_broken_preset(cli, tmp_path, monkeypatch):
     assert result.exit_code == 0
     assert "fine" in result.stdout and "(unreadable:" in result.stdout and "YAML syntax error" in result.stdout
 
+
+def test_a_yml_preset_is_found_by_name_and_listed(cli, tmp_path, monkeypatch):
+    shipped = tmp_path / "presets"
+    shipped.mkdir()
+    for name in ("mine.yml", "yours.yaml"):
+        (shipped / name).write_text(yaml.safe_dump({"description": f"{name} preset", "model": {"name": "x"},
+                                                    "data": {"train": "t.jsonl"}}))
+    monkeypatch.setattr("hkft.config.loading.presets_dir", lambda: shipped)
+    monkeypatch.setattr("hkft.commands.presets.presets_dir", lambda: shipped)
+    for name in ("mine", "mine.yml", "yours"):
+        result = cli("train", name, "--dry-run", "--output-dir", tmp_path / "run")
+        assert result.exit_code == 0, result.stderr
+    assert is_preset("mine") and not is_preset("mine.yaml")
+    assert_one_line_error(cli("train", "mien"), "mien: no such preset file", "did you mean mine?")
+    listed = cli("presets").stdout
+    assert "mine.yml preset" in listed and "yours.yaml preset" in listed
 
 def test_config_prints_the_resolved_preset_with_both_override_styles(cli, monkeypatch):
     monkeypatch.setattr(hkft.commands.common.console, "_width", 40)  # a narrow terminal must not wrap YAML lines

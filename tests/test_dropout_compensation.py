@@ -9,7 +9,7 @@ from tiny_models import tiny_model
 from transformers import TrainingArguments
 
 from hkft.dropout import instrument
-from hkft.dropout.plan import build_plan
+from hkft.dropout.methods import build_plan
 from hkft.recipes.trainer import HkftTrainer
 from hkft.tasks.registry import task_for
 

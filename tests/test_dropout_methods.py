@@ -3,18 +3,28 @@
 
 import pytest
 import torch
+import yaml
 from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hkft.dropout import build_plan, instrument, named_method
+from hkft.config import load_config
+from hkft.dropout import (
+    DropoutMethod,
+    build_plan,
+    instrument,
+    named_method,
+    register_method,
+)
+from hkft.dropout import methods as registry
 from hkft.dropout.architecture import (
     attention_module,
     ffn_output_module,
     transformer_layers,
 )
-from hkft.dropout.plan import DropoutPlan
-from hkft.errors import ModelError
+from hkft.dropout.config import plan_from_config
+from hkft.dropout.plan import PATTERNS, POSITIONS, DropoutPlan
+from hkft.errors import ConfigError, ModelError
 
 METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
 ARCHS = ENCODERS + DECODERS
@@ -276,3 +286,71 @@ def test_output_token_span_on_a_language_model_drops_tokens():
     model.train()
     model(**batch("llama", padded=False, size=2, length=10))
     assert (seen[0] == 0).all(dim=-1).sum(dim=-1).tolist() == [3, 3]
+
+
+@pytest.fixture
+def toy_method():
+    """A method that is not the paper's: token spans of the FFN output and of the embeddings, JS-compensated."""
+    method = register_method(DropoutMethod("toy-spans", {"hidden": "span", "input": "span"}, compensation="js"))
+    yield method
+    del registry.METHODS[method.name]
+
+
+def test_a_registered_method_is_a_preset_value_and_becomes_its_plan(toy_method, tmp_path):
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x", "task": "causal-lm"}, "data": {"train": "t.jsonl"},
+                                      "dropout": {"method": "toy-spans", "rate": 0.2, "kl_weight": 0.5}}))
+    plan = plan_from_config(load_config(preset).dropout)
+    assert {name: (drop.pattern, drop.rate) for name, drop in plan.positions.items()} == {
+        "hidden": ("span", 0.2), "input": ("span", 0.2)}
+    assert (plan.compensation, plan.kl_weight, plan.model_dropout, plan.neftune_alpha) == ("js", 0.5, None, 0.0)
+    with pytest.raises(ConfigError, match="unknown dropout method 'toy-spanz'; choose one of none, .*, neftune, toy-spans"):
+        load_config(preset, ["dropout.method=toy-spanz"])
+
+    model = tiny_model("llama")
+    instrument(model, plan, seed=0)
+    inputs = batch("llama", padded=False)
+    model.eval()
+    clean = model(**inputs).logits
+    model.train()
+    assert not torch.equal(model(**inputs).logits, clean)
+
+
+def test_a_method_with_a_misspelt_position_or_a_taken_name_is_refused_when_registered():
+    with pytest.raises(ValueError, match="unknown dropout position"):
+        register_method(DropoutMethod("toy-typo", {"hiden": "span"}))  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="'hiddenkey' is already registered"):
+        register_method(DropoutMethod("hiddenkey"))
+    assert "toy-typo" not in registry.METHODS and registry.METHODS["hiddenkey"].compensation == "kl"
+
+
+def test_a_plan_refuses_an_unknown_position_in_the_words_a_preset_gets(tmp_path):
+    """One rule, one message: the plan's check is the one the preset schema calls."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x"}, "data": {"train": "t.jsonl"}}))
+    with pytest.raises(ValueError) as from_plan:
+        build_plan("none", 0.1, 0.0, position_overrides={"attn": ("element", None)})
+    with pytest.raises(ConfigError) as from_preset:
+        load_config(preset, ["dropout.positions.attn.pattern=element"])
+    assert str(from_plan.value) == "unknown dropout position 'attn'; choose from " + ", ".join(POSITIONS)
+    assert f"dropout.positions: {from_plan.value}" in str(from_preset.value)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_preset_and_instrumenter_agree_on_the_output_patterns_of_a_head(tmp_path, task, pattern):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"name": "x", "task": task}, "data": {"train": "t.jsonl"},
+                                      "dropout": {"method": "none", "positions": {"output": {"pattern": pattern}}}}))
+    try:
+        plan_from_config(load_config(preset).dropout)
+        preset_accepts = True
+    except ConfigError:
+        preset_accepts = False
+    plan = build_plan("none", 0.1, 0.0, position_overrides={"output": (pattern, None)})
+    try:
+        instrument(tiny_model("llama", task), plan, seed=0)
+        model_accepts = True
+    except ValueError:
+        model_accepts = False
+    assert preset_accepts == model_accepts == (pattern != "span" or task == "causal-lm")

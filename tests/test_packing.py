@@ -112,7 +112,7 @@ def lora_trainer(method: str = "none", rate: float = 0.0, arch: str = "llama", *
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # a trained adapter: with B = 0 the adapter would not change the logits
             torch.nn.init.normal_(parameter, std=0.1)
-    controller = instrument(model, build_plan(method, rate, 1.0, **plan), seed=0)
+    controller = instrument(model, build_plan(method, rate, 1.0, **plan), seed=0, packed=True)
     args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
     return HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm")), model, controller
 
@@ -235,6 +235,31 @@ def test_hiddencut_spans_in_a_packed_forward_stay_inside_each_example_and_column
     for tokens in zeroed:
         assert tokens[:6].sum() == 3 and tokens[6:].sum() == 4  # round(0.5 * 6), round(0.5 * 8): one span each
 
+
+def dropped_tokens_per_layer(packed: bool, **inputs) -> list[torch.Tensor]:
+    """Which tokens each layer's FFN output loses to a 0.5 hidden span, with data.packing as given."""
+    model = tiny_model("llama")
+    plan = build_plan("none", 0.5, 0.0, layers="all", position_overrides={"hidden": ("span", None)})
+    instrument(model, plan, seed=0, **({"packed": True} if packed else {}))
+    zeroed = []
+    for layer in transformer_layers(model):
+        ffn_output_module(layer).register_forward_hook(lambda m, a, out: zeroed.append((out[0] == 0).all(-1)))
+    model.train()
+    model(input_ids=PACKED_ROW, use_cache=False, **inputs)
+    return zeroed
+
+
+def test_packing_is_the_runs_setting_not_read_from_a_missing_mask():
+    """data.packing is handed to the controller: a run that does not pack draws one span over a row
+    without a mask, whatever its position ids; a packed run reads its examples from the position
+    ids even where a batch also carries a mask."""
+    unpacked = dropped_tokens_per_layer(False, position_ids=PACKED_POSITIONS)
+    assert len(unpacked) == 4
+    for tokens in unpacked:  # one run of round(0.5 * 14) tokens over the whole row
+        assert tokens.sum() == 7 and (tokens.int().diff() != 0).sum() <= 2
+    packed = dropped_tokens_per_layer(True, position_ids=PACKED_POSITIONS, attention_mask=torch.ones_like(PACKED_ROW))
+    for tokens in packed:  # round(0.5 * 6) inside A, round(0.5 * 8) inside B
+        assert tokens[:6].sum() == 3 and tokens[6:].sum() == 4
 
 def test_kl_compensation_on_packed_rows_runs_over_each_examples_own_supervised_tokens(tmp_path):
     tokenizer, data, packed = memorise_data(tmp_path, TEXTS)

@@ -11,7 +11,7 @@ from hkft.commands.common import print_titled, user_errors
 from hkft.config import (
     presets_dir,
 )
-from hkft.config.loading import read_yaml_mapping
+from hkft.config.loading import preset_files, read_yaml_mapping
 from hkft.errors import HkftError
 
 
@@ -21,7 +21,7 @@ def presets() -> None:
     table = Table(title=f"presets in {presets_dir()}", header_style="bold")
     table.add_column("name")
     table.add_column("description")
-    for path in sorted(presets_dir().glob("*.yaml")):
+    for path in preset_files(presets_dir()):
         table.add_row(escape(path.stem), escape(preset_description(path)))
     print_titled(table)
 

@@ -29,15 +29,26 @@ def presets_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "presets"
 
 
+def preset_files(directory: Path) -> list[Path]:
+    """The presets in ``directory``: its YAML files, either suffix, by name."""
+    return sorted(path for path in directory.iterdir() if path.suffix in PRESET_SUFFIXES and path.is_file())
+
+
+def shipped_preset(name: str) -> Path | None:
+    """The shipped preset called ``name``: NAME.yaml or NAME.yml, or the file NAME names with its suffix."""
+    candidates = [name] if name.endswith(PRESET_SUFFIXES) else [name + suffix for suffix in PRESET_SUFFIXES]
+    return next((path for path in (presets_dir() / file for file in candidates) if path.is_file()), None)
+
+
 def resolve_preset_path(preset: str) -> Path:
     """A path to a YAML file, or the name of a shipped preset (``quickstart``)."""
     path = Path(preset)
     if path.is_file():
         return path
-    shipped = presets_dir() / f"{preset.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
+    shipped = shipped_preset(preset)
+    if shipped is not None:
         return shipped
-    names = [p.stem for p in sorted(presets_dir().glob("*.yaml"))]
+    names = [p.stem for p in preset_files(presets_dir())]
     suggestion = _did_you_mean(path.stem, names)
     hint = f"did you mean {suggestion}?" if suggestion else f"shipped presets: {', '.join(names)}"
     raise ConfigError(f"{preset}: no such preset file", hint)

@@ -20,6 +20,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from hkft.dropout.methods import dropout_method
+from hkft.dropout.plan import (
+    NEFTUNE_ALPHA,
+    Branches,
+    Compensation,
+    LayerName,
+    Pattern,
+    check_position_names,
+    patterns_for,
+)
 from hkft.tasks.registry import task_names
 
 
@@ -48,9 +58,6 @@ Task = Annotated[str, AfterValidator(_known_task)]
 Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
-
-DROPOUT_METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey", "neftune")
-DROPOUT_POSITIONS = ("attention_logits", "attention_weights", "hidden", "input", "output")
 
 
 class Section(BaseModel):
@@ -123,22 +130,21 @@ class LoraConfig(Section):
         return self.init.startswith(BASE_MUTATING_INITS)
 
 
-Pattern = Literal["element", "column", "span"]
-
-
 class PositionConfig(Section):
     pattern: Pattern
     rate: Probability | None = Field(None, description="Defaults to dropout.rate.")
 
 
+# The vocabulary (methods, positions, patterns, compensations) is hkft.dropout's: a method registered
+# there (hkft.dropout.methods) is a valid dropout.method here.
 class DropoutConfig(Section):
     method: str = "hiddenkey"
     rate: Probability = 0.1
     kl_weight: Float = Field(1.0, ge=0.0)
-    neftune_alpha: Float = Field(5.0, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
-    compensation: Literal["rescale", "kl", "js"] | None = Field(None, description="Overrides the method's compensation.")
-    branches: Literal["one", "both"] = Field("one", description="KL: back-propagate through one branch or both.")
-    layers: Literal["auto", "all", "latter-half"] | list[Int] = Field(
+    neftune_alpha: Float = Field(NEFTUNE_ALPHA, gt=0.0, description="Method neftune: noise scale alpha of U(-1,1) * alpha/sqrt(L*d).")
+    compensation: Compensation | None = Field(None, description="Overrides the method's compensation.")
+    branches: Branches = Field("one", description="KL: back-propagate through one branch or both.")
+    layers: LayerName | list[Int] = Field(
         "auto", description="auto = latter-half for decoder-only models, all for encoders."
     )
     positions: dict[str, PositionConfig | None] = Field(
@@ -148,16 +154,13 @@ class DropoutConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in DROPOUT_METHODS:
-            raise ValueError(f"unknown dropout method {value!r}; choose one of {', '.join(DROPOUT_METHODS)}")
+        dropout_method(value)
         return value
 
     @field_validator("positions")
     @classmethod
     def _known_positions(cls, value: dict) -> dict:
-        for name in value:
-            if name not in DROPOUT_POSITIONS:
-                raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(DROPOUT_POSITIONS)}")
+        check_position_names(value)
         return value
 
 
@@ -332,8 +335,7 @@ class HkftConfig(Section):
             raise ValueError(f"lora.init {self.lora.init} decomposes the full-precision base weights, which a "
                              f"{self.model.quantization} base does not have; use model.quantization=none")
         output = self.dropout.positions.get("output")
-        if self.model.task != "causal-lm" and output is not None and output.pattern == "span":
-            # A sequence head reads one vector per example (pooled or first token): no tokens to span.
+        if output is not None and output.pattern not in patterns_for("output", self.model.task == "causal-lm"):
             raise ValueError("dropout.positions.output: span drops tokens, but a classification or regression "
                              "head reads one vector per example; use pattern element or column")
         return self

@@ -1,13 +1,25 @@
-"""From the typed `dropout:` settings to the plan that the dropout code executes."""
+"""From the typed `dropout:` settings to the plan that the dropout code executes.
+
+The preset schema reads its vocabulary from this package; `DropoutConfig` is named here for typing
+only, so the import arrow runs one way (hkft.config to hkft.dropout).
+"""
 
 from __future__ import annotations
 
-from hkft.config.schema import DropoutConfig
-from hkft.dropout import DropoutPlan, build_plan
+from typing import TYPE_CHECKING
+
+from hkft.dropout.methods import build_plan
+from hkft.dropout.plan import DropoutPlan
 from hkft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hkft.config.schema import DropoutConfig
 
 
 def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
+    """The plan of a validated ``dropout:`` section. The section has already passed the plan's own
+    checks (the schema calls them, see `hkft.dropout.plan`), all but the one only a whole plan asks:
+    attention logits and attention weights together, refused here under ``dropout:``."""
     overrides = {
         name: None if position is None else (position.pattern, position.rate)
         for name, position in dropout.positions.items()

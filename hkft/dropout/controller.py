@@ -22,7 +22,7 @@ from hkft.dropout.attention import (
     register_attention,
 )
 from hkft.dropout.patterns import Extent, MaskSampler, packed_extent, token_extent
-from hkft.dropout.plan import DropoutPlan
+from hkft.dropout.plan import DropoutPlan, patterns_for
 from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
@@ -50,6 +50,9 @@ class DropoutController:
     plan: DropoutPlan
     sampler: MaskSampler
     layers: tuple[int, ...] = ()
+    # Whether training rows are packed examples (``data.packing``): where an example's tokens are is
+    # then read from the position ids, else from the padding mask (see `note_padding`).
+    packed: bool = False
     shared: list[nn.Module] = field(default_factory=list, repr=False)
     # The current forward's [B, T] shape and where its examples' real tokens are (see `note_padding`).
     padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
@@ -107,17 +110,15 @@ class DropoutController:
         return self.padding[1]
 
     def note_padding(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the model: where the call's real tokens are, from its [B, T] padding
-        mask, or for packed rows (no mask, position ids restarting at each example: transformers'
-        packed-sequence format) from the position ids, for the span patterns and NEFTune (found once
-        per forward, read by every layer that needs it)."""
-        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if mask is not None and mask.dim() == 2:
-            self.padding = (tuple(mask.shape), token_extent(mask))
-        elif mask is None and positions is not None and positions.dim() == 2:
-            self.padding = (tuple(positions.shape), packed_extent(positions))
+        """Forward pre-hook on the model: where the call's real tokens are, for the span patterns and
+        NEFTune (found once per forward, read by every layer that needs it). Packed rows (transformers'
+        packed-sequence format: no mask, position ids restarting at each example) are read from their
+        [B, T] position ids, any other batch from its [B, T] padding mask."""
+        if self.packed:
+            where, extent = kwargs.get("position_ids"), packed_extent
         else:
-            self.padding = None
+            where, extent = kwargs.get("attention_mask"), token_extent
+        self.padding = (tuple(where.shape), extent(where)) if where is not None and where.dim() == 2 else None
 
     def drops_token_spans(self, layer: int) -> bool:
         """Whether ``layer``'s feed-forward output loses a span of tokens, drawn over its length."""
@@ -205,22 +206,22 @@ def shared_modules(model: nn.Module, plan: DropoutPlan, stack: architecture.Laye
 
 
 def check_output_pattern(model: nn.Module, plan: DropoutPlan) -> None:
-    """A token span of the head's input exists only where the head reads every token."""
+    """The pattern of the `output` position must be one the model's head takes (`patterns_for`)."""
     output = plan.active_positions.get("output")
-    if output is not None and output.pattern == "span" and not architecture.reads_token_sequence(model):
+    if output is not None and output.pattern not in patterns_for("output", architecture.reads_token_sequence(model)):
         raise ValueError(
             "positions.output: the span pattern drops a run of tokens, but a sequence classifier reads one "
             "vector per example; use the element or column pattern there"
         )
 
 
-def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0) -> DropoutController:
+def instrument(model: nn.Module, plan: DropoutPlan, seed: int, rank: int = 0, *, packed: bool = False) -> DropoutController:
     """Apply ``plan`` to ``model`` (plain or peft-wrapped; wrap with LoRA first so hooks see the
-    LoRA-adapted FFN output)."""
+    LoRA-adapted FFN output). ``packed``: the training batches are packed rows (``data.packing``)."""
     check_output_pattern(model, plan)
     stack = architecture.layer_stack(model)
     causal = architecture.is_causal_model(model)
-    controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank))
+    controller = DropoutController(plan=plan, sampler=MaskSampler(seed, rank), packed=packed)
     controller.layers = plan.layer_indices(stack.applications, causal)
     architecture.set_builtin_dropout(model, 0.0)
     if plan.model_dropout:

@@ -1,25 +1,54 @@
-"""The three axes of the framework (position x pattern x compensation) and the named methods.
+"""The three axes of the framework (position x pattern x compensation): the vocabulary every other
+part of hkft reads (the preset schema's types among them) and the `DropoutPlan` value.
 
 A `DropoutPlan` is a plain value: which positions drop, with which pattern and rate, how the
-train/inference gap is compensated, and in which layers. Named methods are presets of it
-(Wang et al. 2024, Table "named methods" in the method notes).
+train/inference gap is compensated, and in which layers. The named methods are presets of it, one
+registered entry each (`methods.py`).
+
+Who checks what: every rule about the dropout settings is owned here (or by the registry, for method
+names), not restated by the preset schema. A plan is also built without a preset (`build_plan`,
+`named_method`, tests, studies), so it must refuse what it cannot execute; the schema's types are
+this module's Literals and its validators call the checks below, so a preset's mistake is still
+reported when the preset is loaded, under its key (a plan built from it passes the same checks
+again: one rule, asked twice, in the same words). Two rules only a plan asks: attention logits with
+attention weights (`plan_from_config` reports it under ``dropout:``) and the layer range (it needs
+the model's layer count: `instrument`). Which pattern a position takes depends on the head
+(`patterns_for`): the schema asks it from the task, before any model exists; `instrument` asks it
+from the model it is given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 Position = Literal["attention_logits", "attention_weights", "hidden", "input", "output"]
 Pattern = Literal["element", "column", "span"]
 Compensation = Literal["rescale", "kl", "js"]
-LayerSelection = Literal["auto", "all", "latter-half"] | tuple[int, ...]
+Branches = Literal["one", "both"]
+LayerName = Literal["auto", "all", "latter-half"]
+LayerSelection = LayerName | tuple[int, ...]
 
-POSITIONS: tuple[Position, ...] = ("attention_logits", "attention_weights", "hidden", "input", "output")
-PATTERNS: tuple[Pattern, ...] = ("element", "column", "span")
-LAYERED_POSITIONS: frozenset[Position] = frozenset({"attention_logits", "attention_weights", "hidden"})
+POSITIONS: tuple[Position, ...] = get_args(Position)
+PATTERNS: tuple[Pattern, ...] = get_args(Pattern)
 # NEFTune's noise scale alpha, as in its paper (Jain et al. 2024) and TRL.
 NEFTUNE_ALPHA = 5.0
+
+
+def check_position_names(names: Iterable[str]) -> None:
+    for name in names:
+        if name not in POSITIONS:
+            raise ValueError(f"unknown dropout position {name!r}; choose from {', '.join(POSITIONS)}")
+
+
+def patterns_for(position: str, head_reads_tokens: bool) -> tuple[Pattern, ...]:
+    """The patterns ``position`` takes. A token span of the head's input (`output`) exists only where
+    the head reads every token (a language model's); a sequence head reads one vector per example
+    (pooled, first or last token), so it has no tokens to span."""
+    if position == "output" and not head_reads_tokens:
+        return tuple(pattern for pattern in PATTERNS if pattern != "span")
+    return PATTERNS
 
 
 @dataclass(frozen=True)
@@ -43,7 +72,7 @@ class DropoutPlan:
     positions: dict[Position, PositionDrop] = field(default_factory=dict)
     compensation: Compensation = "rescale"
     kl_weight: float = 0.0
-    branches: Literal["one", "both"] = "one"
+    branches: Branches = "one"
     layers: LayerSelection = "auto"
     model_dropout: float | None = None
     neftune_alpha: float = 0.0
@@ -51,9 +80,7 @@ class DropoutPlan:
     def __post_init__(self) -> None:
         if self.neftune_alpha < 0:
             raise ValueError(f"NEFTune alpha must be >= 0, got {self.neftune_alpha}")
-        unknown = set(self.positions) - set(POSITIONS)
-        if unknown:
-            raise ValueError(f"unknown dropout position(s) {sorted(unknown)}; choose from {', '.join(POSITIONS)}")
+        check_position_names(self.positions)
         if "attention_logits" in self.positions and "attention_weights" in self.positions:
             raise ValueError("drop attention logits or attention weights, not both (they act on the same matrix)")
 
@@ -78,53 +105,3 @@ class DropoutPlan:
         if bad:
             raise ValueError(f"dropout layers {bad} out of range: the model has layers 0..{num_layers - 1}")
         return tuple(sorted(set(selection)))
-
-
-def named_method(name: str, rate: float, kl_weight: float = 1.0, neftune_alpha: float = NEFTUNE_ALPHA) -> DropoutPlan:
-    """The methods compared in the paper, each a point of the three axes, and NEFTune beside them."""
-    column_logits = {"attention_logits": PositionDrop("column", rate)}
-    element_hidden = {"hidden": PositionDrop("element", rate)}
-    methods = {
-        "none": DropoutPlan(),
-        "dropout": DropoutPlan(model_dropout=rate),
-        "dropkey": DropoutPlan(positions=column_logits),
-        "dropattention": DropoutPlan(positions={"attention_weights": PositionDrop("column", rate)}),
-        "hiddencut": DropoutPlan(positions=element_hidden),
-        "hiddenkey-": DropoutPlan(positions={**column_logits, **element_hidden}),
-        "hiddenkey": DropoutPlan(positions={**column_logits, **element_hidden}, compensation="kl", kl_weight=kl_weight),
-        "neftune": DropoutPlan(neftune_alpha=neftune_alpha),
-    }
-    if name not in methods:
-        raise ValueError(f"unknown dropout method {name!r}; choose one of {', '.join(methods)}")
-    return methods[name]
-
-
-def build_plan(
-    method: str,
-    rate: float,
-    kl_weight: float,
-    *,
-    compensation: Compensation | None = None,
-    branches: Literal["one", "both"] = "one",
-    layers: LayerSelection = "auto",
-    position_overrides: dict[str, tuple[Pattern, float | None] | None] | None = None,
-    neftune_alpha: float = NEFTUNE_ALPHA,
-) -> DropoutPlan:
-    """A named method, then position-by-position overrides (None switches a position off)."""
-    plan = named_method(method, rate, kl_weight, neftune_alpha)
-    positions = dict(plan.positions)
-    for name, override in (position_overrides or {}).items():
-        if override is None:
-            positions.pop(name, None)  # type: ignore[misc]
-        else:
-            pattern, own_rate = override
-            positions[name] = PositionDrop(pattern, rate if own_rate is None else own_rate)  # type: ignore[index]
-    chosen = compensation or plan.compensation
-    return replace(
-        plan,
-        positions=positions,
-        compensation=chosen,
-        kl_weight=kl_weight if chosen in ("kl", "js") else 0.0,
-        branches=branches,
-        layers=tuple(layers) if isinstance(layers, list) else layers,
-    )

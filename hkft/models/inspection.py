@@ -13,11 +13,11 @@ from typing import Any
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from hkft.config import HkftConfig, load_config, presets_dir, validate_config
-from hkft.config.loading import apply_overrides
-from hkft.config.schema import DROPOUT_METHODS
-from hkft.dropout import PATTERNS, architecture, instrument
+from hkft.config import HkftConfig, load_config, validate_config
+from hkft.config.loading import apply_overrides, shipped_preset
+from hkft.dropout import METHODS, architecture, instrument
 from hkft.dropout.config import plan_from_config
+from hkft.dropout.plan import patterns_for
 from hkft.errors import ConfigError, ModelError
 from hkft.models.export import gguf_export_fact
 from hkft.models.gguf import gguf_config_source
@@ -39,7 +39,7 @@ def is_preset(target: str) -> bool:
     path = Path(target)
     if path.is_dir():
         return False
-    return path.is_file() or (presets_dir() / f"{target.removesuffix('.yaml')}.yaml").is_file()
+    return path.is_file() or shipped_preset(target) is not None
 
 
 def inspection_config(target: str, overrides: list[str], task: str | None) -> tuple[HkftConfig, bool]:
@@ -85,7 +85,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
     trainable, total = model.get_nb_trainable_parameters()
     plan = plan_from_config(cfg.dropout)
     try:
-        controller = instrument(model, plan, seed=0)
+        controller = instrument(model, plan, seed=0, packed=cfg.data.packing)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     except ModelError as err:
@@ -169,8 +169,7 @@ def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[s
         except ModelError as err:
             positions[name] = {"error": str(err)}
             continue
-        # A sequence head reads one vector per example: it has no tokens to span.
-        patterns = [p for p in PATTERNS if not (name == "output" and not task_for(task).language_model and p == "span")]
+        patterns = list(patterns_for(name, head_reads_tokens=task_for(task).language_model))
         positions[name] = {"module": module_path(scope, module), "class": type(module).__name__, "patterns": patterns}
     return positions
 
@@ -178,7 +177,7 @@ def available_positions(model: nn.Module, layer: nn.Module, task: str) -> dict[s
 def method_layers(cfg: HkftConfig, num_layers: int, decoder: bool) -> dict[str, dict[str, Any]]:
     """Each named method at the preset's rate, KL weight and layer selection."""
     methods = {}
-    for method in DROPOUT_METHODS:
+    for method in METHODS:
         plan = plan_from_config(cfg.dropout.model_copy(update={"method": method, "positions": {}}))
         drops = bool(plan.active_positions or plan.model_dropout or plan.neftune_alpha)
         methods[method] = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from peft import (
@@ -14,6 +14,8 @@ from peft import (
     prepare_model_for_kbit_training,
 )
 from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import (
     PreTrainedModel,
@@ -25,18 +27,18 @@ from hkft.errors import ModelError, first_line
 from hkft.models.loading import classifier_head_names
 from hkft.tasks.registry import task_for
 
-# LoRA targets when lora.target_modules is "auto": the attention query and value projections, as in
-# the LoRA and HiddenKey papers: a query/value pair (query/value, q_proj/v_proj, q_lin/v_lin,
-# query_proj/value_proj, q/v), else a fused QKV projection (GPT-2's c_attn, ...).
+# LoRA targets when lora.target_modules is "auto": peft's default for the model type
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), else the attention query and value
+# projections, as in the LoRA and HiddenKey papers: a query/value pair (query/value, q_proj/v_proj,
+# q_lin/v_lin, query_proj/value_proj, q/v), else a fused QKV projection (GPT-2's c_attn, ...).
 QUERY_VALUE_STEMS = (("query", "value"), ("q", "v"))
-
-
-
 FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
-
-
-
-
+# Model types whose peft default adapts more than the attention's query and value (Phi its MLP's
+# fc1/fc2, BTLM its output projection c_proj, Nemotron-H the key and output projections too, RWKV
+# its key/receptance/output). hkft keeps the papers' query/value rule for them: "auto" means the same
+# kind of adapter in every family, so methods compare alike, and a preset keeps its trainable
+# parameters. tests/test_modeling.py fails when peft's table gains such an entry.
+BEYOND_QUERY_VALUE = frozenset({"btlm", "nemotron_h", "phi", "rwkv", "rwkv7"})
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
@@ -50,8 +52,15 @@ def adaptable_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    peft_default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if peft_default is not None and model_type not in BEYOND_QUERY_VALUE:
+        return peft_default if isinstance(peft_default, str) else list(peft_default)
+    return query_value_targets(model)
 
-def default_target_modules(model: nn.Module) -> list[str]:
+
+def query_value_targets(model: nn.Module) -> list[str]:
     available = adaptable_module_names(model)
     for name in available:
         for query, value in QUERY_VALUE_STEMS:
@@ -68,14 +77,13 @@ def default_target_modules(model: nn.Module) -> list[str]:
     )
 
 
-
 def _lora_targets(model: nn.Module, requested: list[str] | str) -> list[str] | str:
     if requested == "auto":
         return default_target_modules(model)
     if requested == "all-linear":
         return requested
     layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
-    unknown = [key for key in requested if not any(_matches(name, key) for name in layers)]
+    unknown = [key for key in requested if not any(map(adapted_by([key]), layers))]
     if unknown:
         raise ModelError(
             f"lora.target_modules: {', '.join(unknown)} not found among the Linear/Conv1D layers of {type(model).__name__}",
@@ -84,11 +92,11 @@ def _lora_targets(model: nn.Module, requested: list[str] | str) -> list[str] | s
     return list(requested)
 
 
-
-def _matches(name: str, key: str) -> bool:
-    """peft's rule: a target names a module exactly or as a dotted suffix of its path."""
-    return name == key or name.endswith("." + key)
-
+def adapted_by(targets: list[str] | str) -> Callable[[str], bool]:
+    """Whether peft adapts the module at a path for ``targets`` (a module name or dotted suffix of its
+    path, or a regular expression of the whole path): peft's own matching."""
+    config = PeftLoraConfig(target_modules=targets)
+    return lambda path: bool(check_target_module_exists(config, path))
 
 
 def _check_layers(model: nn.Module, layers: list[int] | None) -> None:
@@ -105,10 +113,8 @@ def _check_layers(model: nn.Module, layers: list[int] | None) -> None:
 
 
 def _uses_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
-    return any(
-        isinstance(module, Conv1D) and (targets == "all-linear" or any(_matches(name, key) for key in targets))
-        for name, module in model.named_modules()
-    )
+    adapted = (lambda path: True) if targets == "all-linear" else adapted_by(targets)
+    return any(isinstance(module, Conv1D) and adapted(name) for name, module in model.named_modules())
 
 
 

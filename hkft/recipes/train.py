@@ -345,7 +345,8 @@ def setup_model(cfg: HkftConfig, task: Task, base: Base, data: PreparedData,
 def setup_dropout(cfg: HkftConfig, task: Task, model: PeftModel, args: TrainingArguments) -> DropoutController:
     """The dropout plan of the config, applied to the model (method.md: positions x patterns x compensation)."""
     try:
-        controller = instrument(model, plan_from_config(cfg.dropout), seed=cfg.train.seed, rank=args.process_index)
+        controller = instrument(model, plan_from_config(cfg.dropout), seed=cfg.train.seed, rank=args.process_index,
+                                packed=cfg.data.packing)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None
     compute_first_token_only(model, not task.language_model, controller)

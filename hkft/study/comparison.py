@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hkft.config import HkftConfig, load_config
-from hkft.config.schema import DROPOUT_METHODS, DataSource, HubSource
+from hkft.config.schema import DataSource, HubSource
+from hkft.dropout.methods import METHODS
 from hkft.errors import HkftError
 from hkft.recipes.curves import Curve, read_curves
 from hkft.run.directory import RunDir
@@ -201,7 +202,8 @@ def _none_first(value: float | None) -> tuple[bool, float]:
 
 
 def _row_order(row: Row) -> tuple:
-    method = DROPOUT_METHODS.index(row.method) if row.method in DROPOUT_METHODS else len(DROPOUT_METHODS)
+    names = list(METHODS)
+    method = names.index(row.method) if row.method in names else len(names)
     return (row.dataset, method, _none_first(row.rate), _none_first(row.kl_weight), repr(row.extra))
 
 
