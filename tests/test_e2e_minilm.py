@@ -71,7 +71,7 @@ def test_saved_config_reproduces_the_run(cli, tmp_path, monkeypatch):
     again = cli("train", first / "hkft_config.yaml", "--output-dir", tmp_path / "again")
     assert again.exit_code == 0, again.stderr
 
-    runs = [tmp_path / "first", tmp_path / "again"]
+    runs = [first, tmp_path / "again"]
     configs = [load_config(run / "hkft_config.yaml").model_dump(exclude={"output"}) for run in runs]
     assert configs[0] == configs[1]
     metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
