@@ -28,6 +28,18 @@ def cli() -> Cli:
     return Cli()
 
 
+@pytest.fixture
+def training_args(tmp_path):
+    """``TrainingArguments`` for a Trainer a test builds by hand: on the CPU, reporting nowhere, and
+    writing (if at all) into the test's own temporary folder."""
+    from transformers import TrainingArguments
+
+    def make(**options) -> TrainingArguments:
+        return TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True, **options)
+
+    return make
+
+
 def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
     """A user error: non-zero exit, exactly one line on stderr naming the problem, no traceback."""
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)

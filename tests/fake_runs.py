@@ -1,11 +1,13 @@
-"""Finished run directories written by hand (config, metrics.json, metrics.jsonl), as `hkft train` leaves them."""
+"""Finished run directories as `hkft train` leaves them (config, run_info.json, metrics.json, metrics.jsonl),
+written through hkft's own run-directory code: a change of the layout changes the fakes with it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from hkft.config import HkftConfig, config_to_yaml, load_config
+from hkft.config import HkftConfig, load_config
+from hkft.run.directory import RunDir, save_run_config
+from hkft.run.files import append_jsonl, atomic_write_json
 
 
 def quickstart_config(*overrides: str) -> HkftConfig:
@@ -13,13 +15,19 @@ def quickstart_config(*overrides: str) -> HkftConfig:
 
 
 def write_run(root: Path, cfg: HkftConfig, metrics: dict[str, float], events: list[dict] | None = None,
-              overfitting: dict | None = None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "hkft_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-    (root / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events or []), encoding="utf-8")
-    final = {"train": {"train_loss": 0.5, "step": 10}, "eval": {"split": "test", **metrics}, "overfitting": overfitting}
-    (root / "metrics.json").write_text(json.dumps(final), encoding="utf-8")
-    return root
+              overfitting: dict | None = None, train: dict | None = None) -> Path:
+    """``train``: metrics.json's training summary; ``events``: metrics.jsonl's lines, as the progress
+    callback appends them."""
+    run = RunDir(Path(root))
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_run_config(run, cfg, ["hkft", "train", "--output-dir", str(run.root)])
+    run.metrics_jsonl.unlink(missing_ok=True)
+    run.metrics_jsonl.touch()
+    for event in events or []:
+        append_jsonl(run.metrics_jsonl, event)
+    summary = train if train is not None else {"train_loss": 0.5, "step": 10}
+    atomic_write_json(run.metrics_json, {"train": summary, "eval": {"split": "test", **metrics}, "overfitting": overfitting})
+    return run.root
 
 
 def fake_run(root: Path, *, method: str = "hiddenkey", rate: float = 0.1, kl_weight: float = 1.0, seed: int = 1,

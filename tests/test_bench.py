@@ -47,17 +47,15 @@ def test_time_ratio_pairs_each_round_with_the_baseline_of_the_same_round():
     assert baseline.time_ratio(baseline) == (1.0, 1.0, 1.0)
 
 
-def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monkeypatch):
+def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monkeypatch, training_args):
     """The floor row is hkft `none` plus the second pass one-branch KL adds: the decoder's first half
     and the first dropping layer's projections run once, the rest twice."""
-    from transformers import TrainingArguments
-
     import bench.run as bench_run
 
     workload = bench_run.llama_workload(1, 16, "none", 64)
     built, build = [], bench_run.lora
     monkeypatch.setattr(bench_run, "lora", lambda *args: built.append(build(*args)) or built[-1])
-    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    args = training_args()
     step = bench_run.one_branch_floor_step(workload, torch.device("cpu"), args, workload.batch)
     (model,) = built
     layers = model.get_base_model().model.layers

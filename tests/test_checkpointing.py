@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import tiny_model
-from transformers import TrainingArguments
 
 from hkft.config.schema import LoraConfig
 from hkft.dropout import build_plan, instrument
@@ -15,7 +14,7 @@ from hkft.recipes.trainer import HkftTrainer
 from hkft.tasks.registry import task_for
 
 
-def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: bool):
+def loss_and_gradients(training_args, arch: str, method: str, branches: str, checkpointing: bool):
     task = "causal-lm" if arch == "llama" else "classification"
     model = build_lora_model(tiny_model(arch, task), LoraConfig(), task, quantized=False, gradient_checkpointing=checkpointing)
     torch.manual_seed(1)
@@ -23,7 +22,7 @@ def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: boo
         if "lora_B" in name:  # a trained adapter: with B = 0 the LoRA A gradients would all be zero
             torch.nn.init.normal_(parameter, std=0.1)
     controller = instrument(model, build_plan(method, 0.3, 1.0, branches=branches), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for(task))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4]])
     labels = ids.clone() if task == "causal-lm" else torch.tensor([0, 2])
@@ -35,9 +34,9 @@ def loss_and_gradients(arch: str, method: str, branches: str, checkpointing: boo
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 @pytest.mark.parametrize("method,branches", [("hiddenkey-", "one"), ("hiddenkey", "one"), ("hiddenkey", "both")])
-def test_checkpointed_training_has_the_gradients_of_the_plain_one(arch, method, branches):
-    loss, grads = loss_and_gradients(arch, method, branches, checkpointing=False)
-    checkpointed_loss, checkpointed_grads = loss_and_gradients(arch, method, branches, checkpointing=True)
+def test_checkpointed_training_has_the_gradients_of_the_plain_one(arch, method, branches, training_args):
+    loss, grads = loss_and_gradients(training_args, arch, method, branches, checkpointing=False)
+    checkpointed_loss, checkpointed_grads = loss_and_gradients(training_args, arch, method, branches, checkpointing=True)
     assert checkpointed_loss == pytest.approx(loss, rel=1e-6)
     assert checkpointed_grads.keys() == grads.keys() and grads
     for name, grad in grads.items():

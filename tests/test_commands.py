@@ -8,22 +8,48 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
-from conftest import assert_one_line_error
+from conftest import Cli, assert_one_line_error
+from safetensors.torch import load_file
 
-METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey")
+METHODS = ("none", "dropout", "dropkey", "dropattention", "hiddencut", "hiddenkey-", "hiddenkey", "neftune")
 QUICK = ("--set", "train.max_steps=3", "--set", "data.max_samples=32", "--set", "train.eval_strategy=no")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_quickstart_runs_with_every_named_method(cli, tmp_path, method):
-    result = cli("train", "quickstart", "--output-dir", tmp_path / "run", "--set", f"dropout.method={method}", *QUICK)
+def train_with_method(cli, root, method: str) -> tuple[dict, float, dict]:
+    """A quick quickstart run logging every step: its sidecar, its first step's loss, its adapter weights."""
+    result = cli("train", "quickstart", "--output-dir", root, "--set", f"dropout.method={method}",
+                 "--set", "train.logging_steps=1", *QUICK)
     assert result.exit_code == 0, result.stderr
-    sidecar = json.loads((tmp_path / "run/adapter/hkft_adapter.json").read_text())
-    expected_kl = 1.0 if method == "hiddenkey" else 0.0
-    assert sidecar["dropout"]["kl_weight"] == expected_kl
-    assert bool(sidecar["dropout"]["positions"]) == (method not in ("none", "dropout"))
+    sidecar = json.loads((root / "adapter/hkft_adapter.json").read_text())
+    events = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    first_loss = next(event["loss"] for event in events if event["step"] == 1 and "loss" in event)
+    return sidecar, first_loss, load_file(root / "adapter/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def without_dropout(tmp_path_factory):
+    return train_with_method(Cli(), tmp_path_factory.mktemp("none") / "run", "none")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quickstart_runs_with_every_named_method(cli, tmp_path, method, without_dropout):
+    """The sidecar names the method's settings, and the method acted: from the same seed (same data
+    order, same initial adapter), the first training step's loss and the trained adapter differ from
+    those of `none`, which a second `none` run reproduces bit for bit."""
+    sidecar, first_loss, weights = train_with_method(cli, tmp_path / "run", method)
+    assert sidecar["dropout"]["kl_weight"] == (1.0 if method == "hiddenkey" else 0.0)
+    assert bool(sidecar["dropout"]["positions"]) == (method not in ("none", "dropout", "neftune"))
+    assert sidecar["dropout"]["model_dropout"] == (0.1 if method == "dropout" else 0.0)
+    assert sidecar["dropout"]["neftune_alpha"] == (5.0 if method == "neftune" else 0.0)
+    _, plain_loss, plain_weights = without_dropout
+    same_adapter = all(torch.equal(weights[name], plain_weights[name]) for name in plain_weights)
+    if method == "none":
+        assert first_loss == plain_loss and same_adapter
+    else:
+        assert first_loss != plain_loss and not same_adapter, "the dropout method changed nothing in training"
 
 
 def test_dry_run_loads_nothing_and_shows_the_plan(cli, tmp_path):

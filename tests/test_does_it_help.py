@@ -4,11 +4,12 @@ import json
 import statistics
 from pathlib import Path
 
+import fake_runs
 import pytest
 from rich.console import Console
 
 from bench.does_it_help import REPO, collect, report
-from hkft.config import config_to_yaml, load_config
+from hkft.config import load_config
 from hkft.study.search import plan_tune
 from hkft.study.spec import load_study
 
@@ -16,16 +17,10 @@ SEEDS = (43, 44, 45)
 
 
 def write_run(folder: Path, overrides: list[str], accuracy: float, runtime: float, detected: bool) -> None:
-    folder.mkdir(parents=True)
-    config = load_config("rotten-tomatoes", overrides)
-    (folder / "hkft_config.yaml").write_text(config_to_yaml(config))
-    (folder / "metrics.json").write_text(json.dumps({
-        "train": {"train_runtime": runtime, "step": 100},
-        "eval": {"split": "test", "accuracy": accuracy, "macro_f1": accuracy - 0.05},
-        "overfitting": {"detected": detected},
-    }))
-    (folder / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": step, "eval_accuracy": accuracy * step / 100}) + "\n" for step in (50, 100)))
+    fake_runs.write_run(folder, load_config("rotten-tomatoes", overrides),
+                        {"accuracy": accuracy, "macro_f1": accuracy - 0.05},
+                        [{"step": step, "eval_accuracy": accuracy * step / 100} for step in (50, 100)],
+                        {"detected": detected}, train={"train_runtime": runtime, "step": 100})
 
 
 def write_study(root: Path, method_dir: str, overrides: list[str], accuracies: list[float]) -> None:

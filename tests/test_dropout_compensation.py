@@ -6,7 +6,6 @@ import pytest
 import torch
 from datasets import Dataset
 from tiny_models import tiny_model
-from transformers import TrainingArguments
 
 from hkft.dropout import instrument
 from hkft.dropout.methods import build_plan
@@ -53,12 +52,12 @@ def test_accumulated_halves_equal_one_big_batch():
     assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
-def make_trainer(method: str, branches: str = "one", kl_weight: float = 1.0):
+def make_trainer(training_args, method: str, branches: str = "one", kl_weight: float = 1.0):
     model = tiny_model("bert", "classification")
     plan = build_plan(method, 0.2, kl_weight, branches=branches)
     controller = instrument(model, plan, seed=0)
     data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 4, "attention_mask": [[1] * 4] * 4, "labels": [0, 1, 2, 0]})
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, per_device_train_batch_size=4)
+    args = training_args(per_device_train_batch_size=4)
     trainer = HkftTrainer(model=model, args=args, train_dataset=data, dropout=controller, task=task_for("classification"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
               "labels": torch.tensor([0, 1, 2, 0])}
@@ -72,16 +71,16 @@ def count_grad_forwards(model):
 
 
 @pytest.mark.parametrize("branches,expected", [("one", [True, False]), ("both", [True, True])])
-def test_kl_branches_build_graphs_only_where_asked(branches, expected):
-    trainer, model, _, inputs = make_trainer("hiddenkey", branches)
+def test_kl_branches_build_graphs_only_where_asked(branches, expected, training_args):
+    trainer, model, _, inputs = make_trainer(training_args, "hiddenkey", branches)
     calls = count_grad_forwards(model)
     model.train()
     trainer.compute_loss(model, inputs)
     assert calls == expected
 
 
-def test_one_branch_loss_equals_hand_computation_with_the_same_masks():
-    trainer, model, controller, inputs = make_trainer("hiddenkey", kl_weight=0.7)
+def test_one_branch_loss_equals_hand_computation_with_the_same_masks(training_args):
+    trainer, model, controller, inputs = make_trainer(training_args, "hiddenkey", kl_weight=0.7)
     model.train()
     state = controller.state_dict()
     loss = trainer.compute_loss(model, inputs)
@@ -94,8 +93,8 @@ def test_one_branch_loss_equals_hand_computation_with_the_same_masks():
     assert trainer._logged_terms["kl_loss"][-1] > 0
 
 
-def test_js_target_is_the_pass_without_masks():
-    trainer, model, controller, inputs = make_trainer("hiddenkey")
+def test_js_target_is_the_pass_without_masks(training_args):
+    trainer, model, controller, inputs = make_trainer(training_args, "hiddenkey")
     trainer.dropout.plan = build_plan("hiddenkey", 0.2, 1.0, compensation="js")
     model.train()
     state = controller.state_dict()
@@ -108,12 +107,12 @@ def test_js_target_is_the_pass_without_masks():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout():
+def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout(training_args):
     """`js` compares the dropout pass with the eval-mode pass: the model's own dropout (the
     `dropout` method, or peft's lora_dropout) must be off in the target too, not only hkft's masks."""
     model = tiny_model("bert", "classification")
     controller = instrument(model, build_plan("dropout", 0.3, 1.0, compensation="js"), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]] * 4), "attention_mask": torch.ones(4, 4, dtype=torch.long),
               "labels": torch.tensor([0, 1, 2, 0])}
@@ -130,11 +129,11 @@ def test_js_target_is_the_eval_mode_model_even_with_the_models_own_dropout():
 
 
 @pytest.mark.parametrize("method", ["hiddenkey", "hiddenkey-"])
-def test_accumulation_divides_the_task_loss_and_the_kl_alike(method):
+def test_accumulation_divides_the_task_loss_and_the_kl_alike(method, training_args):
     """Classification heads accept **kwargs but return the mean over their micro-batch, not a sum
     over the accumulation window: each of two accumulated micro-batches must count half of its task
     loss and half of its KL, so that kl_weight means the same at any grad_accum and device count."""
-    trainer, model, controller, inputs = make_trainer(method, kl_weight=0.7)
+    trainer, model, controller, inputs = make_trainer(training_args, method, kl_weight=0.7)
     model.train()
     state = controller.state_dict()
     _, whole_window = loss_and_gradients(trainer, model, inputs, None)
@@ -146,16 +145,16 @@ def test_accumulation_divides_the_task_loss_and_the_kl_alike(method):
     assert_same_gradients(grads, {name: grad / 2 for name, grad in whole_window.items()})
 
 
-def test_rescale_methods_use_the_plain_loss():
-    trainer, model, _, inputs = make_trainer("hiddenkey-")
+def test_rescale_methods_use_the_plain_loss(training_args):
+    trainer, model, _, inputs = make_trainer(training_args, "hiddenkey-")
     calls = count_grad_forwards(model)
     model.train()
     trainer.compute_loss(model, inputs)
     assert calls == [True]
 
 
-def test_dropout_rng_state_travels_with_checkpoints(tmp_path):
-    trainer, model, controller, inputs = make_trainer("hiddenkey")
+def test_dropout_rng_state_travels_with_checkpoints(tmp_path, training_args):
+    trainer, model, controller, inputs = make_trainer(training_args, "hiddenkey")
     model.train()
     model(**inputs)
     trainer._save_rng_state(str(tmp_path))
@@ -165,13 +164,13 @@ def test_dropout_rng_state_travels_with_checkpoints(tmp_path):
     assert torch.equal(model(**inputs).logits, expected)
 
 
-def decoder_trainer(branches: str, share: bool, arch: str = "llama"):
+def decoder_trainer(training_args, branches: str, share: bool, arch: str = "llama"):
     task = "causal-lm" if arch == "llama" else "classification"
     model = tiny_model(arch, task)
     controller = instrument(model, build_plan("hiddenkey", 0.2, 1.0, branches=branches), seed=0)
     if not share:
         controller.shared = []
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for(task))
     return trainer, model, controller
 
@@ -186,12 +185,12 @@ SHARED = {
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 @pytest.mark.parametrize("branches", ["one", "both"])
-def test_shared_prefix_gives_the_same_loss_and_gradients(branches, arch):
+def test_shared_prefix_gives_the_same_loss_and_gradients(branches, arch, training_args):
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
     inputs["labels"] = inputs["input_ids"].clone() if arch == "llama" else torch.tensor([0, 2])
     results = []
     for share in (True, False):
-        trainer, model, controller = decoder_trainer(branches, share, arch)
+        trainer, model, controller = decoder_trainer(training_args, branches, share, arch)
         model.train()
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
@@ -204,8 +203,8 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(branches, arch):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_grads, plain_grads))
 
 
-def test_shared_prefix_skips_the_prefix_in_the_second_pass():
-    trainer, model, controller = decoder_trainer("one", share=True)
+def test_shared_prefix_skips_the_prefix_in_the_second_pass(training_args):
+    trainer, model, controller = decoder_trainer(training_args, "one", share=True)
     calls = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append(0))
     model.model.layers[3].mlp.register_forward_pre_hook(lambda m, a: calls.append(3))
@@ -315,14 +314,14 @@ def assert_same_gradients(grads: dict[str, torch.Tensor], expected: dict[str, to
     "branches,compensation,smoothing",
     [("one", "kl", 0.0), ("both", "kl", 0.0), ("one", "js", 0.0), ("one", "kl", 0.1), ("both", "kl", 0.1)],
 )
-def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeypatch, branches, compensation, smoothing):
+def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeypatch, branches, compensation, smoothing, training_args):
     import hkft.dropout.compensation as consistency
 
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)  # chunks of 3 rows of the 128-token vocabulary
     model = tiny_model("llama")
     plan = build_plan("hiddenkey", 0.2, 0.7, branches=branches, compensation=compensation)
     controller = instrument(model, plan, seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
+    args = training_args(label_smoothing_factor=smoothing)
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     inputs = decoder_batch_with_prompts()
     model.train()
@@ -339,10 +338,10 @@ def test_fused_causal_lm_objective_equals_the_unfused_loss_and_gradients(monkeyp
     assert_same_gradients(fused_grads, {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
 
 
-def test_fused_objective_normalises_like_the_model_loss_without_an_item_count():
+def test_fused_objective_normalises_like_the_model_loss_without_an_item_count(training_args):
     model = tiny_model("llama")
     controller = instrument(model, build_plan("hiddenkey", 0.0, 1.0), seed=0)  # rate 0: both passes equal, KL 0
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm"))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
               "labels": torch.tensor([[-100, 6, 7, 8]])}
@@ -364,8 +363,8 @@ def test_segments_are_runs_of_consecutive_rows_cut_at_the_chunk_size():
     assert _segments(torch.tensor([], dtype=torch.long), step=2) == []
 
 
-def test_the_lm_head_runs_on_supervised_positions_only():
-    trainer, model, _ = decoder_trainer("one", share=True)
+def test_the_lm_head_runs_on_supervised_positions_only(training_args):
+    trainer, model, _ = decoder_trainer(training_args, "one", share=True)
     head_rows = []
     model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape))
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
@@ -378,7 +377,7 @@ def test_the_lm_head_runs_on_supervised_positions_only():
 
 
 @pytest.mark.parametrize("method,smoothing,num_items", [("none", 0.0, 7), ("hiddenkey-", 0.0, None), ("hiddenkey-", 0.1, 7)])
-def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(monkeypatch, method, smoothing, num_items):
+def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(monkeypatch, method, smoothing, num_items, training_args):
     """Without a compensation term a causal LM still gets the chunked cross-entropy (head on the
     supervised rows, gradient written in the forward pass): same loss and gradients as the Trainer's."""
     from transformers import Trainer
@@ -388,7 +387,7 @@ def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(
     monkeypatch.setattr(consistency, "CHUNK_ELEMENTS", 128 * 3)
     model = tiny_model("llama")
     controller = instrument(model, build_plan(method, 0.2, 0.0), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, label_smoothing_factor=smoothing)
+    args = training_args(label_smoothing_factor=smoothing)
     inputs = decoder_batch_with_prompts()
     model.train()
     count = None if num_items is None else torch.tensor(num_items)
@@ -407,14 +406,14 @@ def test_single_pass_causal_lm_loss_equals_the_stock_trainer_loss_and_gradients(
 
 
 @pytest.mark.parametrize("method", ["hiddenkey-", "hiddenkey"])
-def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method):
+def test_chunked_loss_keeps_a_mixture_of_experts_load_balancing_loss(method, training_args):
     """The chunked loss calls the model without labels, so the model does not add its router loss
     itself; the trainer must (at rate 0 the KL term is 0 and the loss is the model's own)."""
     from transformers import Trainer
 
     model = tiny_model("mixtral")
     controller = instrument(model, build_plan(method, 0.0, 1.0), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     inputs = decoder_batch_with_prompts()
     model.train()
     count = torch.tensor(8)
@@ -437,7 +436,7 @@ def scaled_fp16_loss_and_gradients(trainer, model, inputs, scale: float) -> tupl
 
 
 @pytest.mark.parametrize("method", ["hiddenkey-", "hiddenkey"])
-def test_fused_causal_lm_objective_under_fp16_autocast_and_loss_scaling(method):
+def test_fused_causal_lm_objective_under_fp16_autocast_and_loss_scaling(method, training_args):
     """GradScaler's first scale is 2**16, beyond float16's range: a logit gradient stored in float16
     before the scale is applied overflows on the first step, and its small entries flush to zero.
     Gradients must be finite and match the stock loss (hiddenkey-: one pass) or the same objective
@@ -446,7 +445,7 @@ def test_fused_causal_lm_objective_under_fp16_autocast_and_loss_scaling(method):
 
     model = tiny_model("llama")
     controller = instrument(model, build_plan(method, 0.2, 0.0), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     inputs = decoder_batch_with_prompts()
     model.train()
     state = controller.state_dict()

@@ -46,7 +46,10 @@ def test_causal_lm_training_memorises_and_scores_generations(tmp_path, cli, arch
     evaluated = cli("eval", tmp_path / "run")
     assert evaluated.exit_code == 0, evaluated.stderr
     rows = [json.loads(line) for line in (tmp_path / "run/predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == len(MEMORISE) and {"prompt", "prediction", "reference"} <= set(rows[0])
+    assert [row["prompt"] for row in rows] == [example["prompt"] for example in MEMORISE]
+    assert all(row["prediction"].strip() for row in rows), rows  # trained to reply: never an empty generation
+    # memorised: each reply is its completion (the word-level tokenizer decodes "food." as "food .")
+    assert ["".join(row["prediction"].split()) for row in rows] == ["".join(row["reference"][0].split()) for row in rows]
 
 
 def test_gpt2_lora_uses_fan_in_fan_out_and_merges(tmp_path, cli):
@@ -87,12 +90,18 @@ def test_generation_ignores_token_type_ids_a_decoder_tokenizer_emits(tmp_path):
     from hkft.tasks.evaluation import generate
 
     model_dir = save_tiny_model("llama", tmp_path / "llama", memorise_texts())
+    plain = AutoTokenizer.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    assert "token_type_ids" in tokenizer(["a b"])
+    assert "token_type_ids" in tokenizer(["a b"]) and "token_type_ids" not in plain(["a b"])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    texts = generate(model, tokenizer, [row["prompt"] for row in MEMORISE[:3]], GenerationConfig(max_new_tokens=3), batch_size=2)
-    assert len(texts) == 3 and all(isinstance(text, str) for text in texts)
+    prompts = [row["prompt"] for row in MEMORISE[:3]]
+    # An untrained model may end at once; with the special tokens (end of text included) suppressed
+    # every new token is a word, so each reply is exactly 3 words, never empty.
+    words_only = {"suppress_tokens": tokenizer.all_special_ids}
+    texts = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=3), batch_size=2, **words_only)
+    assert [len(text.split()) for text in texts] == [3, 3, 3], texts
+    assert texts == generate(model, plain, prompts, GenerationConfig(max_new_tokens=3), batch_size=2, **words_only)
 
 
 def test_the_adapter_is_saved_before_the_final_evaluation(tmp_path, cli, monkeypatch):

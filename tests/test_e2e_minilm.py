@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hkft.config import load_config
@@ -53,9 +54,38 @@ def test_run_directory_has_every_documented_file(quickstart_run):
     assert info["seed"] == 42 and info["environment"]["torch"] == torch.__version__
 
 
-def test_saved_config_reproduces_the_run(quickstart_run, cli, tmp_path):
-    result = cli("config", quickstart_run / "hkft_config.yaml")
-    assert result.exit_code == 0 and "hiddenkey" in result.stdout
+def without_timings(event: dict) -> dict:
+    """A logged event less its wall-clock fields, the only ones two identical runs may differ in."""
+    return {key: value for key, value in event.items() if not key.endswith(("_runtime", "_per_second"))}
+
+
+def test_saved_config_reproduces_the_run(cli, tmp_path, monkeypatch):
+    """`hkft train RUN/hkft_config.yaml` alone, from another directory, retrains the run: seeded CPU
+    training is deterministic, so every logged number and every adapter weight is bit-for-bit the same."""
+    first = tmp_path / "first"
+    settings = ("train.max_steps=3", "data.max_samples=32", "train.logging_steps=1", "train.seed=7", "lora.r=4",
+                "dropout.rate=0.2")
+    result = cli("train", "quickstart", "--output-dir", first, *(arg for item in settings for arg in ("--set", item)))
+    assert result.exit_code == 0, result.stderr
+    monkeypatch.chdir(tmp_path)  # the saved config must not depend on where the first run started
+    again = cli("train", first / "hkft_config.yaml", "--output-dir", tmp_path / "again")
+    assert again.exit_code == 0, again.stderr
+
+    runs = [first, tmp_path / "again"]
+    configs = [load_config(run / "hkft_config.yaml").model_dump(exclude={"output"}) for run in runs]
+    assert configs[0] == configs[1]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
+    assert metrics[0]["eval"] == metrics[1]["eval"] and metrics[0]["overfitting"] == metrics[1]["overfitting"]
+    assert without_timings(metrics[0]["train"]) == without_timings(metrics[1]["train"])
+    events = [[without_timings(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+    assert events[0] == events[1]
+    assert [event["step"] for event in events[0] if "loss" in event] == [1, 2, 3]
+
+    weights = [load_file(run / "adapter" / "adapter_model.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    lora_b = [tensor for name, tensor in weights[0].items() if "lora_B" in name]
+    assert lora_b and all(tensor.shape[1] == 4 and tensor.abs().sum() > 0 for tensor in lora_b)  # trained, at r=4
 
 
 def test_eval_twice_gives_identical_numbers_equal_to_training(quickstart_run, cli):

@@ -10,7 +10,6 @@ from checkpoints import MEMORISE, memorise_texts, save_tiny_model, write_jsonl
 from conftest import assert_one_line_error
 from peft import PeftModel
 from tiny_models import batch, tiny_model
-from transformers import TrainingArguments
 
 from hkft.config import load_config
 from hkft.config.schema import LoraConfig
@@ -132,11 +131,10 @@ def test_hkft_eval_on_the_original_base_reproduces_the_in_training_score(tmp_pat
     assert json.loads((run / "eval.json").read_text())["metrics"]["loss"] == pytest.approx(in_training, abs=1e-5)
 
 
-def test_loraplus_gives_the_b_matrices_the_ratio_of_the_learning_rate():
+def test_loraplus_gives_the_b_matrices_the_ratio_of_the_learning_rate(training_args):
     model, _ = lora_model("bert", "default")
     controller = instrument(model, named_method("none", 0.0), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, learning_rate=1e-3,
-                             weight_decay=0.1)
+    args = training_args(learning_rate=1e-3, weight_decay=0.1)
     trainer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification"), loraplus_lr_ratio=16.0)
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -151,10 +149,10 @@ def test_loraplus_gives_the_b_matrices_the_ratio_of_the_learning_rate():
     assert type(optimizer).__name__ == "AdamW"
 
 
-def test_without_loraplus_every_parameter_has_the_learning_rate():
+def test_without_loraplus_every_parameter_has_the_learning_rate(training_args):
     model, _ = lora_model("bert", "default")
     controller = instrument(model, named_method("none", 0.0), seed=0)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True, learning_rate=1e-3)
+    args = training_args(learning_rate=1e-3)
     optimizer = HkftTrainer(model=model, args=args, dropout=controller, task=task_for("classification")).create_optimizer()
     assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
 

@@ -22,7 +22,7 @@ from conftest import assert_one_line_error
 from test_chat import MULTI_TURN, expected_tokens
 from test_resume import DRIVER, assert_same_run, drive
 from tiny_models import tiny_model
-from transformers import TrainingArguments, masking_utils
+from transformers import masking_utils
 
 from hkft.config import load_config
 from hkft.config.schema import HkftConfig, LoraConfig
@@ -106,14 +106,14 @@ def test_chat_rows_keep_their_assistant_labels_when_packed(tmp_path):
         assert labels == [IGNORE_INDEX, *expected[tuple(ids)][1:]]
 
 
-def lora_trainer(method: str = "none", rate: float = 0.0, arch: str = "llama", **plan):
+def lora_trainer(training_args, method: str = "none", rate: float = 0.0, arch: str = "llama", **plan):
     model = build_lora_model(tiny_model(arch), LoraConfig(), "causal-lm", quantized=False, gradient_checkpointing=False)
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # a trained adapter: with B = 0 the adapter would not change the logits
             torch.nn.init.normal_(parameter, std=0.1)
     controller = instrument(model, build_plan(method, rate, 1.0, **plan), seed=0, packed=True)
-    args = TrainingArguments(output_dir="/tmp/hkft-test-trainer", report_to=[], use_cpu=True)
+    args = training_args()
     return HkftTrainer(model=model, args=args, dropout=controller, task=task_for("causal-lm")), model, controller
 
 
@@ -139,9 +139,9 @@ def naive_concatenation(packed_rows: list[dict], unpacked: dict, pad: int) -> di
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("rows", [MEMORISE, TEXTS], ids=["prompt-completion", "text"])
-def test_packed_loss_and_gradients_equal_the_unpacked_ones_with_dropout_off(tmp_path, arch, rows):
+def test_packed_loss_and_gradients_equal_the_unpacked_ones_with_dropout_off(tmp_path, arch, rows, training_args):
     tokenizer, data, packed = memorise_data(tmp_path, rows)
-    trainer, model, _ = lora_trainer(arch=arch)
+    trainer, model, _ = lora_trainer(training_args, arch=arch)
     plain = task_for("causal-lm").collator(tokenizer)
     unpacked_loss, unpacked_grads = loss_and_gradients(trainer, model, plain(list(data.train)))
     packed_batch = PackedCollator(tokenizer.pad_token_id, plain)(list(packed.train))
@@ -166,8 +166,8 @@ PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7]])  #
     ("hiddenkey-", {"attention_logits": ("element", None)}),
     ("neftune", {}),
 ])
-def test_no_example_sees_another_of_its_row_while_dropout_is_on(method, overrides):
-    trainer, model, controller = lora_trainer(method, 0.4, position_overrides=overrides, layers="all")
+def test_no_example_sees_another_of_its_row_while_dropout_is_on(method, overrides, training_args):
+    trainer, model, controller = lora_trainer(training_args, method, 0.4, position_overrides=overrides, layers="all")
     model.train()
     changed = PACKED_ROW.clone()
     changed[0, :6] = torch.tensor([30, 31, 32, 33, 34, 35])  # example A rewritten
@@ -220,10 +220,10 @@ def test_neftune_scales_each_packed_example_by_its_own_length():
     torch.testing.assert_close(noise, uniform * scale[..., None])
 
 
-def test_hiddencut_spans_in_a_packed_forward_stay_inside_each_example_and_column_dropkey_keeps_rows_finite():
+def test_hiddencut_spans_in_a_packed_forward_stay_inside_each_example_and_column_dropkey_keeps_rows_finite(training_args):
     """In the model: the controller finds the examples from the batch's position ids once per forward;
     a first token, which sees only itself, keeps a finite row when its key is dropped."""
-    trainer, model, controller = lora_trainer("hiddenkey-", 0.9, position_overrides={"hidden": ("span", 0.5)}, layers="all")
+    trainer, model, controller = lora_trainer(training_args, "hiddenkey-", 0.9, position_overrides={"hidden": ("span", 0.5)}, layers="all")
     zeroed = []
     for layer in transformer_layers(model):  # registered after hkft's hook: sees the dropped output
         ffn_output_module(layer).register_forward_hook(lambda m, a, out: zeroed.append((out[0] == 0).all(-1)))
@@ -261,9 +261,10 @@ def test_packing_is_the_runs_setting_not_read_from_a_missing_mask():
     for tokens in packed:  # round(0.5 * 6) inside A, round(0.5 * 8) inside B
         assert tokens[:6].sum() == 3 and tokens[6:].sum() == 4
 
-def test_kl_compensation_on_packed_rows_runs_over_each_examples_own_supervised_tokens(tmp_path):
+
+def test_kl_compensation_on_packed_rows_runs_over_each_examples_own_supervised_tokens(tmp_path, training_args):
     tokenizer, data, packed = memorise_data(tmp_path, TEXTS)
-    trainer, model, controller = lora_trainer("hiddenkey", 0.3)
+    trainer, model, controller = lora_trainer(training_args, "hiddenkey", 0.3)
     batch = PackedCollator(tokenizer.pad_token_id, task_for("causal-lm").collator(tokenizer))(list(packed.train))
     state = controller.sampler.state_dict()
     model.train()

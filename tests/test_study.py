@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_runs import loss_events, write_run
+from pydantic import ValidationError
 from rich.console import Console
 
 from hkft.config import presets_dir
@@ -191,8 +192,11 @@ def test_train_cell_runs_the_pipeline_like_hkft_train(tmp_path, monkeypatch):
 
 
 def test_study_model_rejects_unknown_fields():
-    with pytest.raises(Exception, match="extra"):
+    """The one error is the misspelt key: pydantic's extra_forbidden (load_study turns it into a suggestion)."""
+    with pytest.raises(ValidationError) as caught:
         Study.model_validate({"base": "quickstart", "output": "x", "gird": {}})
+    assert caught.value.errors(include_url=False) == [
+        {"type": "extra_forbidden", "loc": ("gird",), "msg": "Extra inputs are not permitted", "input": {}}]
 
 
 def test_real_sweep_on_minilm(tmp_path):
