@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import threading
 import warnings
@@ -168,11 +167,6 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate launch (or a single process) owns the run directory."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def print_titled(table: Table) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,9 @@ from hkft.commands.common import (
     quiet_libraries,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from hkft.models.inspection import InspectionReport
 
 
 @user_errors
@@ -39,7 +42,7 @@ def inspect_command(
         print_titled(table)
 
 
-def inspection_tables(report: dict[str, Any]) -> list[Table]:
+def inspection_tables(report: InspectionReport) -> list[Table]:
     from hkft.models.inspection import layer_ranges
 
     lora, params, dropout = report["lora"], report["parameters"], report["dropout"]

@@ -14,7 +14,6 @@ from hkft.commands.common import (
     Overrides,
     Preset,
     console,
-    is_main_process,
     print_before_and_after,
     print_overfitting,
     print_table,
@@ -29,12 +28,11 @@ from hkft.config import (
 )
 from hkft.run.directory import (
     RunDir,
-    check_resume_compatible,
     check_run_location,
     default_run_dir,
     holds_run,
-    prepare_run_dir,
-    save_run_config,
+    is_main_process,
+    start_run,
     training_run_dir,
 )
 from hkft.run.files import check_can_create_dir
@@ -66,16 +64,6 @@ def run_facts(cfg: HkftConfig, root: Path) -> dict[str, Any]:
     }
 
 
-def start_run(cfg: HkftConfig, root: Path, *, resume: bool, overwrite: bool) -> RunDir:
-    if not is_main_process():
-        return RunDir(root)
-    run = prepare_run_dir(root, resume=resume, overwrite=overwrite)
-    if resume and run.config_path.is_file():
-        check_resume_compatible(load_config(run.config_path), cfg)
-    save_run_config(run, cfg, sys.argv)
-    return run
-
-
 @user_errors
 def train(
     preset: Preset,
@@ -103,7 +91,7 @@ def train(
     from hkft.recipes.train import train as run_training
 
     with training_run_dir(root) if is_main_process() else contextlib.nullcontext():
-        run = start_run(cfg, root, resume=resume, overwrite=overwrite)
+        run = start_run(cfg, root, resume=resume, overwrite=overwrite, argv=sys.argv)
         result = run_training(cfg, run, resume=resume, console=console)
     if not is_main_process():
         return

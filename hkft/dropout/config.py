@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hkft.dropout.controller import DropoutController, instrument
 from hkft.dropout.methods import build_plan
 from hkft.dropout.plan import DropoutPlan
 from hkft.errors import ConfigError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from hkft.config.schema import DropoutConfig
 
 
@@ -35,5 +38,14 @@ def plan_from_config(dropout: DropoutConfig) -> DropoutPlan:
             position_overrides=overrides,
             neftune_alpha=dropout.neftune_alpha,
         )
+    except ValueError as err:
+        raise ConfigError(f"dropout: {err}") from None
+
+
+def apply_dropout(model: nn.Module, dropout: DropoutConfig, *, seed: int, rank: int = 0, packed: bool = False) -> DropoutController:
+    """The plan of a validated ``dropout:`` section, applied to ``model``. What only the model can
+    refuse (a position it does not have, a pattern its head cannot take) is one ConfigError under ``dropout:``."""
+    try:
+        return instrument(model, plan_from_config(dropout), seed=seed, rank=rank, packed=packed)
     except ValueError as err:
         raise ConfigError(f"dropout: {err}") from None

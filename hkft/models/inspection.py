@@ -8,15 +8,15 @@ stops here, as one line. The report is plain data (the CLI draws it, `--json` pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hkft.config import HkftConfig, load_config, validate_config
 from hkft.config.loading import apply_overrides, shipped_preset
-from hkft.dropout import METHODS, architecture, instrument
-from hkft.dropout.config import plan_from_config
+from hkft.dropout import METHODS, architecture
+from hkft.dropout.config import apply_dropout, plan_from_config
 from hkft.dropout.plan import patterns_for
 from hkft.errors import ConfigError, ModelError
 from hkft.models.export import gguf_export_fact
@@ -30,6 +30,26 @@ from hkft.models.loading import (
 from hkft.models.lora import build_lora_model, default_target_modules
 from hkft.tasks.registry import task_for, task_names
 
+
+class LoraReport(TypedDict):
+    targets: list[str] | str
+    adapted_modules: int
+    r: int
+    alpha: float
+    init: str
+    use_dora: bool
+    use_rslora: bool
+    loraplus_lr_ratio: float | None
+    modules_to_save: list[str]
+
+
+# What `hkft inspect` shows, as tables or (--json) as this JSON; "class" is a keyword, hence this form.
+InspectionReport = TypedDict("InspectionReport", {
+    "model": str, "path": str, "model_type": str, "class": str, "task": str, "task_inferred": bool,
+    "num_labels": int | None, "kind": str, "layers": int, "layer_stack": str, "attn_implementation": str,
+    "quantization": str, "gguf_export": str, "positions": dict[str, dict[str, Any]], "methods": dict[str, dict[str, Any]],
+    "dropout": dict[str, Any], "lora": LoraReport, "parameters": dict[str, int],
+})
 # A bare model has no data to count labels from.
 ASSUMED_LABELS = 2
 
@@ -70,7 +90,7 @@ def inferred_task(path: str, cfg: HkftConfig) -> str:
     return "causal-lm" if saved_as_causal_lm(read_model_config(cfg.model, path)) else "classification"
 
 
-def inspect_model(target: str, overrides: list[str], task: str | None = None) -> dict[str, Any]:
+def inspect_model(target: str, overrides: list[str], task: str | None = None) -> InspectionReport:
     cfg, task_given = inspection_config(target, overrides, task)
     path = inspection_path(cfg)
     if not task_given:
@@ -83,11 +103,8 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
     lora = cfg.lora.model_copy(update={"init": "default"})
     model = build_lora_model(skeleton, lora, task, quantized=False, gradient_checkpointing=False)
     trainable, total = model.get_nb_trainable_parameters()
-    plan = plan_from_config(cfg.dropout)
     try:
-        controller = instrument(model, plan, seed=0, packed=cfg.data.packing)
-    except ValueError as err:
-        raise ConfigError(f"dropout: {err}") from None
+        controller = apply_dropout(model, cfg.dropout, seed=0, packed=cfg.data.packing)
     except ModelError as err:
         raise ModelError(
             f"{cfg.model.name} ({skeleton.config.model_type}) is not supported by hkft's dropout, because {err}",
@@ -95,7 +112,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
         ) from None
     stack = architecture.layer_stack(model)
     decoder = architecture.is_causal_model(model)
-    return {
+    return InspectionReport(**{
         "model": cfg.model.name,
         "path": path,
         "model_type": skeleton.config.model_type,
@@ -112,7 +129,7 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
         "positions": available_positions(model, dropping_block(stack, controller.layers), task),
         "methods": method_layers(cfg, stack.applications, decoder),
         "dropout": {"method": cfg.dropout.method, **controller.describe()},
-        "lora": {
+        "lora": LoraReport(**{
             "targets": targets,
             "adapted_modules": sum(isinstance(module, LoraLayer) for module in model.modules()),
             "r": cfg.lora.r,
@@ -122,9 +139,9 @@ def inspect_model(target: str, overrides: list[str], task: str | None = None) ->
             "use_rslora": cfg.lora.use_rslora,
             "loraplus_lr_ratio": cfg.lora.loraplus_lr_ratio,
             "modules_to_save": sorted(set(model.peft_config["default"].modules_to_save or [])),
-        },
+        }),
         "parameters": {"total": total, "trainable": trainable},
-    }
+    })
 
 
 def lora_targets(skeleton: nn.Module, cfg: HkftConfig) -> list[str] | str:

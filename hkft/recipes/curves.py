@@ -30,11 +30,11 @@ def save_figure(figure: Figure, path: Path) -> Path:
     return Path(path)
 
 
-def _plot(axes: Axes, curve: Curve, **style) -> None:
+def plot_curve(axes: Axes, curve: Curve, **style) -> None:
     axes.plot([step for step, _ in curve], [value for _, value in curve], **style)
 
 
-def _no_data(axes: Axes) -> None:
+def no_data(axes: Axes) -> None:
     axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="gray")
 
 
@@ -79,7 +79,7 @@ def figure_run_curves(curves: dict[str, Curve], metric: str, best_step: int | No
     if metric_key:
         metric_axes = axes[-1]
         metric_axes.set(title=f"eval {metric}", xlabel="step", ylabel=metric)
-        _plot(metric_axes, curves[metric_key], label=metric_key, color="C2", marker="o")
+        plot_curve(metric_axes, curves[metric_key], label=metric_key, color="C2", marker="o")
         if best_step is not None:
             metric_axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
     return figure
@@ -90,15 +90,15 @@ def _draw_losses(axes: Axes, curves: dict[str, Curve], training: str | None, bes
     axes.set(title=" and ".join(names) + " loss", xlabel="step", ylabel="loss")
     if training is not None:
         label = "training task loss" if training == "task_loss" else "training loss"
-        _plot(axes, curves[training], label=label, color="C0")
+        plot_curve(axes, curves[training], label=label, color="C0")
     if "eval_loss" in curves:
-        _plot(axes, curves["eval_loss"], label="validation loss", color="C3", marker="o")
+        plot_curve(axes, curves["eval_loss"], label="validation loss", color="C3", marker="o")
     if best_step is not None:
         axes.axvline(best_step, color="gray", linestyle=":", label=f"best (step {best_step})")
     handles = axes.get_lines()
     if "kl_loss" in curves:
         kl_axes = axes.twinx()
-        _plot(kl_axes, curves["kl_loss"], label="kl_loss", color="C1")
+        plot_curve(kl_axes, curves["kl_loss"], label="kl_loss", color="C1")
         kl_axes.set_ylabel("kl_loss", color="C1")
         handles = [*handles, *kl_axes.get_lines()]
     if len(handles) > 1:

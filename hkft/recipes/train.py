@@ -38,8 +38,8 @@ from hkft.data.packing import (
     pack_training_data,
 )
 from hkft.data.preparation import SPLITS, PreparedData
-from hkft.dropout import DropoutController, instrument
-from hkft.dropout.config import plan_from_config
+from hkft.dropout import DropoutController
+from hkft.dropout.config import apply_dropout
 from hkft.dropout.first_token import compute_first_token_only
 from hkft.errors import ConfigError, DataError, InterruptedRun
 from hkft.models.adapters import (
@@ -344,11 +344,7 @@ def setup_model(cfg: HkftConfig, task: Task, base: Base, data: PreparedData,
 
 def setup_dropout(cfg: HkftConfig, task: Task, model: PeftModel, args: TrainingArguments) -> DropoutController:
     """The dropout plan of the config, applied to the model (method.md: positions x patterns x compensation)."""
-    try:
-        controller = instrument(model, plan_from_config(cfg.dropout), seed=cfg.train.seed, rank=args.process_index,
-                                packed=cfg.data.packing)
-    except ValueError as err:
-        raise ConfigError(f"dropout: {err}") from None
+    controller = apply_dropout(model, cfg.dropout, seed=cfg.train.seed, rank=args.process_index, packed=cfg.data.packing)
     compute_first_token_only(model, not task.language_model, controller)
     return controller
 

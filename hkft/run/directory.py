@@ -22,6 +22,7 @@ A directory is a run once it holds results or checkpoints; one left by a start t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from hkft.config import HkftConfig, config_to_yaml, presets_dir
+from hkft.config import HkftConfig, config_to_yaml, load_config, presets_dir
 from hkft.errors import ConfigError, ModelError, TrainingError
 from hkft.run.files import TEMP_PREFIX, atomic_write_json, atomic_write_text
 
@@ -332,3 +333,21 @@ def sidecar_label_names(adapter_dir: Path, facts: dict[str, Any], required: bool
 
 def write_sidecar(adapter_dir: Path, data: dict[str, Any]) -> None:
     atomic_write_json(adapter_dir / SIDECAR, data)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a single process) owns the run directory."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def start_run(cfg: HkftConfig, root: Path, *, resume: bool, overwrite: bool, argv: list[str]) -> RunDir:
+    """The one way a run starts, for `hkft train`, a sweep's cell and a tuning trial alike: the run
+    directory made (or kept, to resume), a resumed run's settings checked against its saved ones, and
+    the config saved with the command line that reproduces the run (``argv``)."""
+    if not is_main_process():
+        return RunDir(root)
+    run = prepare_run_dir(root, resume=resume, overwrite=overwrite)
+    if resume and run.config_path.is_file():
+        check_resume_compatible(load_config(run.config_path), cfg)
+    save_run_config(run, cfg, argv)
+    return run

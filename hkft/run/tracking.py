@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from hkft.config import HkftConfig, load_config
 from hkft.errors import ConfigError, InterruptedRun
-from hkft.run.directory import RunDir
+from hkft.run.directory import RunDir, is_main_process
 from hkft.run.files import atomic_write_json
 
 EXPERIMENT = "hkft"
@@ -205,10 +205,6 @@ class WandbTracker:
 
 
 TRACKERS = {"mlflow": MlflowTracker, "wandb": WandbTracker}
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def track_training(cfg: HkftConfig, run: RunDir, resume: bool, train: Callable[[], Result]) -> Result:

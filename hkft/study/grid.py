@@ -25,10 +25,8 @@ from hkft.config import HkftConfig, load_config, resolve_preset_path
 from hkft.errors import ConfigError
 from hkft.run.directory import (
     RunDir,
-    check_resume_compatible,
     latest_checkpoint,
-    prepare_run_dir,
-    save_run_config,
+    start_run,
     training_run_dir,
 )
 from hkft.run.files import check_can_create_dir
@@ -127,13 +125,11 @@ def train_cell(cell: Cell, *, resume: bool, console: Console, callbacks: Sequenc
     join the Trainer's (a tuning trial's pruner)."""
     from hkft.recipes.train import train
 
+    # The cell's run is what this command line would train: it is saved as the run's argv.
+    argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
+            f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
     with training_run_dir(cell.run_dir):
-        run = prepare_run_dir(cell.run_dir, resume=resume, overwrite=not resume)
-        if resume:
-            check_resume_compatible(load_config(run.config_path), cell.config)
-        argv = ["hkft", "train", str(cell.preset), *(f"--set={item}" for item in cell.overrides),
-                f"--output-dir={cell.run_dir}", *(["--resume"] if resume else [])]
-        save_run_config(run, cell.config, argv)
+        run = start_run(cell.config, cell.run_dir, resume=resume, overwrite=not resume, argv=argv)
         train(cell.config, run, resume=resume, console=console, callbacks=callbacks)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hkft.recipes.curves import PANEL, Curve, _no_data, _plot, save_figure
+from hkft.recipes.curves import PANEL, Curve, no_data, plot_curve, save_figure
 
 if TYPE_CHECKING:
     from hkft.study.comparison import Row, RunSummary
@@ -71,13 +71,13 @@ def _figure_curves_by_method(rows: list[Row], series: Callable[[RunSummary], Cur
         axes = panels[row.dataset]
         curve = median_curve(row.runs, series)
         if curve:
-            _plot(axes, curve, label=row_label(rows, row), marker="." if len(curve) < 30 else None)
+            plot_curve(axes, curve, label=row_label(rows, row), marker="." if len(curve) < 30 else None)
         axes.set(xlabel="step", ylabel=ylabel_of(row))
     for axes in panels.values():
         if axes.get_lines():
             axes.legend(fontsize="small")
         else:
-            _no_data(axes)
+            no_data(axes)
     return figure
 
 
@@ -114,7 +114,7 @@ def figure_metric_vs_rate(rows: list[Row]) -> Figure:
         if axes.get_lines() or axes.containers:
             axes.legend(fontsize="small")
         else:
-            _no_data(axes)
+            no_data(axes)
     return figure
 
 
@@ -134,7 +134,7 @@ def figure_optimization_history(points: list[tuple[int, float]], metric: str, ma
     axes = figure.subplots()
     axes.set(title="optimisation history", xlabel="trial", ylabel=f"validation {metric}")
     if not points:
-        _no_data(axes)
+        no_data(axes)
         return figure
     numbers, values = zip(*sorted(points))
     pick = max if maximize else min
@@ -151,7 +151,7 @@ def figure_param_importances(importances: dict[str, float]) -> Figure:
     axes = figure.subplots()
     axes.set(title="parameter importances", xlabel="importance")
     if not importances:
-        _no_data(axes)
+        no_data(axes)
         return figure
     ordered = sorted(importances.items(), key=lambda item: item[1])
     axes.barh([name for name, _ in ordered], [value for _, value in ordered], color="C0")
@@ -164,7 +164,7 @@ def figure_metric_vs_param(points: list[tuple[object, float]], param: str, metri
     axes = figure.subplots()
     axes.set(title=f"validation {metric} against {param}", xlabel=param, ylabel=f"validation {metric}")
     if not points:
-        _no_data(axes)
+        no_data(axes)
         return figure
     xs = [x for x, _ in points]
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
