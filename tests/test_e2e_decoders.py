@@ -1,6 +1,7 @@
 """Causal LM and decoder classification end to end on tiny random LLaMA and GPT-2 checkpoints."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml

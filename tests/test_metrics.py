@@ -10,6 +10,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from hkft.config.tasks import task_names
 from hkft.tasks.metrics import (
     classification_metrics,
     generation_metrics,
@@ -17,7 +18,7 @@ from hkft.tasks.metrics import (
     perplexity,
     regression_metrics,
 )
-from hkft.tasks.registry import task_for, task_names
+from hkft.tasks.registry import task_for
 
 
 def test_classification_metrics_by_hand():

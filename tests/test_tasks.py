@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from hkft.config import load_config, presets_dir
+from hkft.config import tasks as task_vocabulary
 from hkft.config.schema import ModelConfig
+from hkft.config.tasks import task_names
 from hkft.models.loading import resolve_model_path
-from hkft.tasks import registry
 from hkft.tasks.base import Task
-from hkft.tasks.registry import task_for, task_names
+from hkft.tasks.registry import task_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-before-layout"
 QUICK = ("--set", "train.max_steps=4", "--set", "data.max_samples=32", "--set", "train.eval_strategy=steps",
@@ -58,7 +59,7 @@ def test_the_config_accepts_exactly_the_registered_tasks():
 def toy_task(tmp_path, monkeypatch):
     (tmp_path / "toy_task.py").write_text(TOY_TASK)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(registry.TASK_MODULES, "reversed-labels", "toy_task")  # the one registry line
+    monkeypatch.setitem(task_vocabulary.TASK_MODULES, "reversed-labels", "toy_task")  # the one registry line
     yield "reversed-labels"
     sys.modules.pop("toy_task", None)
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from hkft.config.tasks import task_names
 from hkft.dropout.methods import dropout_method
 from hkft.dropout.plan import (
     NEFTUNE_ALPHA,
@@ -30,7 +31,6 @@ from hkft.dropout.plan import (
     check_position_names,
     patterns_for,
 )
-from hkft.tasks.registry import task_names
 
 
 def _not_a_boolean(value: object) -> object:

@@ -15,6 +15,7 @@ from torch import nn
 
 from hkft.config import HkftConfig, load_config, validate_config
 from hkft.config.loading import apply_overrides, shipped_preset
+from hkft.config.tasks import task_names
 from hkft.dropout import METHODS, architecture
 from hkft.dropout.config import apply_dropout, plan_from_config
 from hkft.dropout.plan import patterns_for
@@ -28,7 +29,7 @@ from hkft.models.loading import (
     saved_as_causal_lm,
 )
 from hkft.models.lora import build_lora_model, default_target_modules
-from hkft.tasks.registry import task_for, task_names
+from hkft.tasks.registry import task_for
 
 
 class LoraReport(TypedDict):
