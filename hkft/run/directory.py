@@ -251,7 +251,7 @@ def latest_checkpoint(run: RunDir) -> Path | None:
 
 def save_run_config(run: RunDir, cfg: HkftConfig, argv: list[str]) -> None:
     from hkft.run.environment import (
-        environment_report,  # imports torch: keeps `import hkft.rundir` (and the CLI) light
+        environment_report,  # imports torch: keeps `import hkft.run.directory` (and the CLI) light
     )
 
     atomic_write_text(run.config_path, config_to_yaml(cfg))
