@@ -72,7 +72,7 @@ DRIVER = textwrap.dedent(
     elif point == "adapter":  # weights and tokenizer in the staging folder, sidecar not yet
         at(hkft.recipes.train, "write_sidecar", lambda *a, **kw: True)
     elif point == "final-eval":
-        at(hkft.recipes.train, "evaluate_model", lambda *a, **kw: True)
+        at(hkft.recipes.train, "final_evaluation", lambda *a, **kw: True)
     app(sys.argv[4:], prog_name="hkft")
     """
 )
@@ -220,7 +220,7 @@ def test_resume_of_a_run_finished_mid_epoch_trains_no_further_step(cli, tiny, fi
 
 # --- a signal after the last training step ----------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["write_sidecar", "evaluate_model"])
+@pytest.mark.parametrize("where", ["write_sidecar", "final_evaluation"])
 def test_sigterm_after_training_exits_130_and_resume_completes_the_run(cli, tiny, finished, monkeypatch, where,
                                                                        sigterm_reaches_test):
     """SIGTERM while the adapter is written or the final evaluation runs -> exit 130, one line naming --resume,
