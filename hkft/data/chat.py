@@ -165,8 +165,6 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], where: s
                         "fix data.chat_template (it replaces the tokenizer's template), or set it to a working one") from None
 
 
-
-
 def _reply_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], index: int, where: str) -> str:
     """What the model is shown before the reply at ``index``: the messages before it, with the
     generation prompt. A conversation that opens with the assistant has none: chat templates render

@@ -22,7 +22,6 @@ from hkft.hub import offline_unless_hub_reachable
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-
 def parse_hub_spec(spec: str) -> HubSource:
     """``hub:ID[:CONFIG][:SPLIT]``, e.g. ``hub:nyu-mll/glue:rte:validation`` (SPLIT may be a slice, ``train[:10%]``)."""
     parts = spec.removeprefix("hub:").split(":", 2)
@@ -30,7 +29,6 @@ def parse_hub_spec(spec: str) -> HubSource:
         raise DataError(f"{spec!r} is not a hub dataset spec", "write hub:ID[:CONFIG][:SPLIT], e.g. hub:nyu-mll/glue:rte:train")
     config = parts[1] if len(parts) > 1 and parts[1] else None
     return HubSource(hub=parts[0], config=config, split=parts[2] if len(parts) == 3 else "train")
-
 
 
 def load_source(source: str | HubSource, setting: str = "data.*") -> Dataset:
@@ -44,12 +42,10 @@ def load_source(source: str | HubSource, setting: str = "data.*") -> Dataset:
     return dataset
 
 
-
 def describe_source(source: str | HubSource) -> str:
     if isinstance(source, str):
         return source
     return ":".join(["hub", source.hub, *([source.config] if source.config else []), source.split])
-
 
 
 @contextmanager
@@ -64,12 +60,10 @@ def _datasets_silenced() -> Iterator[None]:
         logger.setLevel(level)
 
 
-
 def check_local_source(source: str, setting: str) -> None:
     """Fail before any model loads on a local file that is missing or of the wrong type."""
     if not source.startswith("hub:"):
         _check_local_file(Path(source), setting)
-
 
 
 def _check_local_file(path: Path, setting: str) -> None:
@@ -79,7 +73,6 @@ def _check_local_file(path: Path, setting: str) -> None:
         raise DataError(f"{path} is not a file", f"point {setting} at a {', '.join(LOCAL_FORMATS)} file")
     if path.suffix.lower() not in LOCAL_FORMATS:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}", f"use one of {', '.join(LOCAL_FORMATS)}")
-
 
 
 def _load_local(path: Path, setting: str) -> Dataset:
@@ -96,7 +89,6 @@ def _load_local(path: Path, setting: str) -> Dataset:
         raise _local_load_error(path, builder, err) from None
 
 
-
 def _read_local(path: Path, builder: str) -> Dataset:
     """datasets' reader; for a JSON file whose strings it changed or refused, Python's (see below)."""
     try:
@@ -110,7 +102,6 @@ def _read_local(path: Path, builder: str) -> Dataset:
     return dataset
 
 
-
 def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
     if "corresponds to no data" in str(err):
         return DataError(f"{path} has no examples", "add examples to the file")
@@ -121,16 +112,13 @@ def _local_load_error(path: Path, builder: str, err: Exception) -> DataError:
     return DataError(f"{path}: cannot parse as {builder} ({first_line[:200]})", "check the file's format")
 
 
-
 def _failed_on_a_date(err: Exception) -> bool:
     cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
     return re.search(r"\b(timestamp|date32|date64|time32|time64)\b", str(cause)) is not None
 
 
-
 def _reads_as_written(schema: pa.Schema) -> bool:
     return all(_as_written(field.type) == field.type and not _has_mixed_types(field.type) for field in schema)
-
 
 
 def _as_written(data_type: pa.DataType) -> pa.DataType:
@@ -145,14 +133,12 @@ def _as_written(data_type: pa.DataType) -> pa.DataType:
     return data_type
 
 
-
 def _has_mixed_types(data_type: pa.DataType) -> bool:
     if isinstance(data_type, pa.JsonType):
         return True
     if pa.types.is_struct(data_type):
         return any(_has_mixed_types(field.type) for field in data_type)
     return (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and _has_mixed_types(data_type.value_type)
-
 
 
 def _json_as_written(path: Path, inferred: datasets.Features | None) -> Dataset:
@@ -167,7 +153,6 @@ def _json_as_written(path: Path, inferred: datasets.Features | None) -> Dataset:
         "path": str(path.resolve()), "features": features, "stamp": (stat.st_size, stat.st_mtime_ns)})
 
 
-
 def _json_rows(path: str, features: datasets.Features | None, stamp: tuple[int, int]) -> Iterator[dict]:
     """The rows datasets' JSON reader reads: one object per line (JSON Lines), or a top-level list
     of objects (or of strings, each a row's ``text``). ``stamp`` only keys the cache."""
@@ -175,7 +160,6 @@ def _json_rows(path: str, features: datasets.Features | None, stamp: tuple[int, 
     for row in _json_values(Path(path)):
         row = {"text": row} if isinstance(row, str) else row
         yield row if types is None else {name: _json_text_where_mixed(row.get(name), data_type) for name, data_type in types.items()}
-
 
 
 def _json_values(path: Path) -> Iterator[object]:
@@ -190,7 +174,6 @@ def _json_values(path: Path) -> Iterator[object]:
                 yield json.loads(line.decode("utf-8-sig"))
 
 
-
 def _json_text_where_mixed(value: object, data_type: pa.DataType) -> object:
     """``value`` with each value of a mixed-type field replaced by its JSON text."""
     if value is None:
@@ -202,7 +185,6 @@ def _json_text_where_mixed(value: object, data_type: pa.DataType) -> object:
     if (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and isinstance(value, list):
         return [_json_text_where_mixed(item, data_type.value_type) for item in value]
     return value
-
 
 
 def csv_text_as_written(dataset: Dataset, source: str | HubSource, columns: list[str], limit: int | None) -> Dataset:
@@ -222,7 +204,6 @@ def csv_text_as_written(dataset: Dataset, source: str | HubSource, columns: list
         raise _local_load_error(Path(source), "csv", err) from None
 
 
-
 def _require_utf8(path: Path) -> None:
     try:
         with path.open("rb") as handle:
@@ -236,7 +217,6 @@ def _require_utf8(path: Path) -> None:
                     ) from None
     except OSError as err:
         raise DataError(f"{path}: cannot read the file ({err.strerror or err})", "check its permissions") from None
-
 
 
 def _load_hub(source: HubSource) -> Dataset:

@@ -24,7 +24,6 @@ from hkft.models.loading import ensure_pad_token, load_base_model, load_tokenize
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newest format first
 
 
-
 def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torch.Tensor] | None,
                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A plain peft adapter for the ORIGINAL base model, from ``state_dict`` when given (the gathered
@@ -51,14 +50,12 @@ def save_lora_adapter(model: PeftModel, directory: Path, initial: dict[str, torc
     save_file({**load_file(weights), **others}, weights, metadata={"format": "pt"})
 
 
-
 def base_fingerprint(path: str) -> str:
     """sha256 of the base model's config.json: a changed base is detected before evaluation or merging."""
     local = Path(path) / "config.json"
     if not local.is_file():
         local = Path(hf_hub_download(path, "config.json"))
     return hashlib.sha256(local.read_bytes()).hexdigest()
-
 
 
 def check_same_base(path: str, adapter_dir: Path, recorded: str | None) -> None:
@@ -68,7 +65,6 @@ def check_same_base(path: str, adapter_dir: Path, recorded: str | None) -> None:
             f"the base model at {path} is not the one {adapter_dir} was trained on (its config.json changed)",
             "point model.name at the original base model",
         )
-
 
 
 def load_adapter_tokenizer(adapter_dir: Path, base_path: str, task: str) -> PreTrainedTokenizerBase:
@@ -87,7 +83,6 @@ def load_adapter_tokenizer(adapter_dir: Path, base_path: str, task: str) -> PreT
             f"restore them from the base model, or delete {Path(adapter_dir) / 'tokenizer_config.json'} to use the base model's tokenizer",
         )
     return saved
-
 
 
 def load_adapter_model(

@@ -42,16 +42,13 @@ EMBEDDED_MODELS = {
 }
 
 
-
 # model_type of encoders whose position ids start after the padding index (transformers'
 # create_position_ids_from_input_ids).
 PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
                             "data2vec-text", "longformer", "ibert", "luke", "mpnet", "xmod", "markuplm", "lilt", "esm")
 
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 
 def resolve_model_path(name: str, revision: str | None = None, gguf_file: str | None = None) -> str:
@@ -73,7 +70,6 @@ def resolve_model_path(name: str, revision: str | None = None, gguf_file: str | 
     return name
 
 
-
 def _looks_local(name: str, revision: str | None) -> bool:
     """Hub ids are ``name`` or ``org/name``; an ``org/name`` whose ``org`` is a local folder is taken as
     a path unless the hub cache holds it."""
@@ -83,7 +79,6 @@ def _looks_local(name: str, revision: str | None) -> bool:
     if len(parts) < 2 or not Path(parts[0]).is_dir():
         return False
     return not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
-
 
 
 def _fetch_hub_config(name: str, revision: str | None) -> None:
@@ -111,7 +106,6 @@ def _fetch_hub_config(name: str, revision: str | None) -> None:
                          "check model.name") from None
 
 
-
 def load_tokenizer(path: str, task: str) -> PreTrainedTokenizerBase:
     """``task``: the model.task the tokenizer serves (a language model pads training batches on the right)."""
     try:
@@ -124,19 +118,15 @@ def load_tokenizer(path: str, task: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return DTYPES[name]
 
 
-
-
 def saved_as_causal_lm(config: PretrainedConfig) -> bool:
     """Whether a checkpoint's config names a language-model head among its architectures."""
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in getattr(config, "architectures", None) or [])
-
 
 
 def read_model_config(cfg: ModelConfig, path: str, **config_overrides) -> PretrainedConfig:
@@ -152,7 +142,6 @@ def read_model_config(cfg: ModelConfig, path: str, **config_overrides) -> Pretra
         raise ModelError(f"cannot read the config of {cfg.name}: {first_line(err)}") from None
 
 
-
 def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTrainedModel:
     """The task model's module tree on the meta device: its structure, without reading a weight.
     ``config_overrides`` set config attributes (``num_labels=1``)."""
@@ -162,7 +151,6 @@ def model_skeleton(cfg: ModelConfig, path: str, **config_overrides) -> PreTraine
             return task_for(cfg.task).auto_model_class().from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load {cfg.name} for {cfg.task}: {first_line(err)}") from None
-
 
 
 def position_limit(config: PretrainedConfig) -> int | None:
@@ -175,7 +163,6 @@ def position_limit(config: PretrainedConfig) -> int | None:
     if config.model_type in PADDING_OFFSET_POSITIONS:
         positions -= (config.pad_token_id or 0) + 1
     return positions
-
 
 
 def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, limit: int | None, name: str) -> None:
@@ -194,7 +181,6 @@ def check_fits_positions(splits: dict[str, Dataset | None], max_length: int, lim
                 f"is {lengths[longest]} tokens long", f"set data.max_length={limit} or less")
 
 
-
 def check_task_fits_model(cfg: ModelConfig, config: PretrainedConfig) -> None:
     """Refuse causal-LM training of an encoder (BERT, RoBERTa, MiniLM, ...): transformers loads its
     LM-head class, but with bidirectional attention every position sees the token it predicts."""
@@ -208,7 +194,6 @@ def check_task_fits_model(cfg: ModelConfig, config: PretrainedConfig) -> None:
             "attention: every position would see the token it is trained to predict",
             "use a decoder (GPT-2, LLaMA, Qwen2, ...) for causal-lm, or model.task classification or regression with this model",
         )
-
 
 
 def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
@@ -225,7 +210,6 @@ def check_quantization_supported(cfg: ModelConfig, path: str) -> None:
         )
 
 
-
 def quantization_config(cfg: ModelConfig, keep_full_precision: list[str] | None) -> BitsAndBytesConfig:
     """``keep_full_precision``: the task head. The checkpoint has no weights for it, bitsandbytes cannot
     quantize a freshly initialised layer, and the head is trained in full anyway."""
@@ -240,7 +224,6 @@ def quantization_config(cfg: ModelConfig, keep_full_precision: list[str] | None)
     )
 
 
-
 def _kbit_device_map() -> dict[str, int] | None:
     """Each process loads its quantized copy onto its own GPU (bitsandbytes weights cannot be moved later)."""
     if not torch.cuda.is_available():
@@ -250,13 +233,11 @@ def _kbit_device_map() -> dict[str, int] | None:
     return {"": PartialState().local_process_index}
 
 
-
 def attention_kernel(cfg: ModelConfig) -> str | None:
     """What to ask transformers for: `sdpa` leaves the choice to it (SDPA where the family has a path
     for it, else its eager attention, the only one DeBERTa, MPNet, Bloom and Gemma 2 have); `eager`
     is passed on. hkft's dropout keeps the kernel the model was loaded with."""
     return None if cfg.attn_implementation == "sdpa" else cfg.attn_implementation
-
 
 
 def load_base_model(
@@ -286,7 +267,6 @@ def load_base_model(
     return model
 
 
-
 def _keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> None:
     """bitsandbytes (0.50) repacks a 4-bit layer for fast CPU inference at its first eval-mode forward on
     CPUs with AVX512-BF16, and a repacked layer gives wrong gradients when training resumes (after an
@@ -296,7 +276,6 @@ def _keep_4bit_layers_trainable_on_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
 
 
 def _check_all_quantized(model: nn.Module, name: str) -> None:
@@ -313,10 +292,6 @@ def _check_all_quantized(model: nn.Module, name: str) -> None:
             "cannot quantize freshly initialised layers",
             "set model.quantization=none",
         )
-
-
-
-
 
 
 def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:

@@ -111,11 +111,9 @@ def _check_layers(model: nn.Module, layers: list[int] | None) -> None:
         )
 
 
-
 def _uses_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
     adapted = (lambda path: True) if targets == "all-linear" else adapted_by(targets)
     return any(isinstance(module, Conv1D) and adapted(name) for name, module in model.named_modules())
-
 
 
 def build_lora_model(
@@ -164,7 +162,6 @@ def build_lora_model(
         return peft_model
     except ValueError as err:
         raise ModelError(f"lora: {first_line(err)}", "check the lora: section") from None
-
 
 
 def initial_adapter(model: PeftModel, lora: LoraConfig) -> dict[str, torch.Tensor] | None:

@@ -49,11 +49,9 @@ class EvalResult:
     predictions_path: Path
 
 
-
 def run_config_for(adapter_dir: Path) -> Path | None:
     candidate = adapter_dir.parent / "hkft_config.yaml"
     return candidate if candidate.is_file() else None
-
 
 
 def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: list[str]) -> tuple[HkftConfig, RunDir]:
@@ -72,13 +70,11 @@ def eval_config(adapter_dir: Path, facts: dict, data: str | None, overrides: lis
             RunDir(adapter_dir))
 
 
-
 def evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:
     """Scores an adapter only while no other process uses its run: never a half-written adapter,
     nor results that a training still running is about to replace."""
     with owned(run_root_of(target), READER_BUSY_HINT, required=False):
         return _evaluate(target, data=data, split=split, overrides=overrides, console=console)
-
 
 
 def _evaluate(target: Path, *, data: str | None, split: str | None, overrides: list[str], console: Console) -> EvalResult:

@@ -82,7 +82,6 @@ from hkft.tasks.registry import task_for
 MAX_OPTIMIZER_STEPS = 10_000_000
 
 
-
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
@@ -93,14 +92,12 @@ class TrainResult:
     samples: list[dict] = field(default_factory=list)  # eval.compare_base: replies before and after
 
 
-
 def mixed_precision(precision: str) -> dict[str, bool]:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"train.precision {precision} needs a GPU", "use train.precision=fp32 (or auto) on a CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
 
 
 def check_fsdp_possible() -> None:
@@ -115,7 +112,6 @@ def check_fsdp_possible() -> None:
     if not (torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise ConfigError("distributed.strategy fsdp needs a distributed launch",
                           "start it with torchrun --nproc_per_node N -m hkft train ... or accelerate launch")
-
 
 
 def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> TrainingArguments:
@@ -173,7 +169,6 @@ def training_arguments(cfg: HkftConfig, run: RunDir, has_eval: bool) -> Training
     )
 
 
-
 def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
     """An absurd number of optimizer steps (``train.epochs: 1e9``) is a typo, not a run to start."""
     train = cfg.train
@@ -186,7 +181,6 @@ def check_step_count(cfg: HkftConfig, examples: int, world_size: int) -> None:
             f"{length} is {steps:,} optimizer steps, more than hkft's limit of {MAX_OPTIMIZER_STEPS:,}",
             "set train.epochs or train.max_steps to the length you mean",
         )
-
 
 
 def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
@@ -202,7 +196,6 @@ def train_summary(log_history: list[dict], whole_run: dict[str, float]) -> dict:
     return summary
 
 
-
 def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, model) -> str:
     """What is about to train, where and on what, in one line."""
     trainable, total = model.get_nb_trainable_parameters()
@@ -211,7 +204,6 @@ def startup_line(run: RunDir, cfg: HkftConfig, args: TrainingArguments, data, mo
     train = f"{len(data.train):,} packed training rows" if cfg.data.packing else f"{len(data.train):,} training"
     return (f"{run.root}: {cfg.model.name} on {device}, {train} / {validation:,} validation "
             f"examples, {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,})")
-
 
 
 def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
@@ -225,7 +217,6 @@ def train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
         # without an active exception") and takes the whole torchrun job down with it.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 
 def _train(cfg: HkftConfig, run: RunDir, *, resume: bool, console: Console,
@@ -405,12 +396,10 @@ def _write_results(trainer: HkftTrainer, output, model, tokenizer, facts: dict, 
     return TrainResult(run.root, run.adapter_dir, outcome.metrics, found, base.metrics, before_and_after(base, outcome))
 
 
-
 def base_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer, steps: Steps | None = None) -> EvalOutcome:
     """The same evaluation with the adapter switched off: what training changed."""
     with trainer.model.disable_adapter():
         return final_evaluation(trainer, data, split, cfg, tokenizer, steps)
-
 
 
 def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> list[dict]:
@@ -421,11 +410,9 @@ def before_and_after(base: EvalOutcome, tuned: EvalOutcome, count: int = 2) -> l
     ]
 
 
-
 def plain_batches(dataset, collator, batch_size: int) -> DataLoader:
     """The training data in order, as plain dicts (peft's EVA rejects a collator's BatchEncoding)."""
     return DataLoader(dataset, batch_size=batch_size, collate_fn=lambda rows: dict(collator(rows)))
-
 
 
 def disk_full_in_training(run: RunDir) -> DiskFullError:
@@ -437,7 +424,6 @@ def disk_full_in_training(run: RunDir) -> DiskFullError:
     kept = latest_checkpoint(run)
     how = f"continue from {kept.name} with the same command and --resume" if kept else "run the same command again"
     return DiskFullError(f"no space left on the device while training into {run.root}", f"free some disk space, then {how}")
-
 
 
 def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokenizer,
@@ -456,7 +442,6 @@ def final_evaluation(trainer: Trainer, data, split: str, cfg: HkftConfig, tokeni
     )
 
 
-
 def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controller) -> dict:
     """hkft's own facts about the adapter; adapter_config.json stays pure peft."""
     return {
@@ -473,7 +458,6 @@ def sidecar(cfg: HkftConfig, model_path: str, label_names, num_labels, controlle
                            "format", "messages_column", "chat_template", "train_on"}
         ),
     }
-
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, facts: dict, *, initial: dict | None = None,

@@ -32,12 +32,6 @@ class EvalOutcome:
     predictions: list[dict[str, Any]]
 
 
-
-
-
-
-
-
 def generate_with_progress(trainer: Trainer, tokenizer, raw: Dataset, generation: GenerationConfig,
                             steps: Steps | None, **options) -> list[str]:
     batch_size = trainer.args.per_device_eval_batch_size

@@ -76,4 +76,3 @@ def exact_match(hypotheses: list[str], references: list[str]) -> float:
     return 100.0 * sum(same) / len(same)
 
 
-
