@@ -5,13 +5,10 @@ import statistics
 from pathlib import Path
 
 import fake_runs
-import pytest
 from rich.console import Console
 
 from bench.does_it_help import REPO, collect, report
 from hkft.config import load_config
-from hkft.study.search import plan_tune
-from hkft.study.spec import load_study
 
 SEEDS = (43, 44, 45)
 
@@ -87,12 +84,3 @@ def test_collect_keeps_the_small_files_with_paths_relative_to_the_checkout(tmp_p
     config = (copied / "seeds/seed=44/hkft_config.yaml").read_text()
     assert f"{REPO}/" not in config and "train: presets/data/rotten-tomatoes/train.jsonl" in config
     assert load_config(copied / "seeds/seed=44/hkft_config.yaml").train.seed == 44
-
-
-@pytest.mark.parametrize("method", ["none", "lora-dropout", "hiddenkey-", "hiddenkey"])
-def test_shipped_rotten_tomatoes_studies_plan_the_same_budget_without_a_pruner(method):
-    plan = plan_tune(load_study(f"rotten-tomatoes-{method}"))
-    assert plan.study.tune.trials == 3 and plan.study.tune.pruner == "none"
-    (search,) = plan.searches
-    assert search.space["train.lr"].low == 1.0e-3 and search.space["train.lr"].high == 1.0e-2
-    assert ("dropout.rate" in search.space) == method.startswith("hiddenkey")
