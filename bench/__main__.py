@@ -94,7 +94,8 @@ def packing_report(measured: dict[str, Measurement], shapes: dict[str, dict[str,
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all")] = "all",
+    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all; "
+                                             "generation (the chat quickstart's replies) on its own")] = "all",
     device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available)")] = "",
     quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
     warmup: Annotated[int, typer.Option(min=0)] = 2,
@@ -109,6 +110,9 @@ def main(
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
     ensure_caching_malloc()
+    if model == "generation":
+        generation_main(warmup, repeats, output)
+        return
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if weights_dtype is None:
@@ -138,6 +142,44 @@ def main(
         table, rows = packing_report(measured, shapes)
         console.print(table)
         results["packing"] = {"examples": PACKING_EXAMPLES, "max_length": DECODER_LENGTH, "batch_size": batch_size or 4, "rows": rows}
+    atomic_write_json(output, results)
+    console.print(f"results written to {output}")
+
+
+def generation_report(measured: dict[str, Measurement], identical: dict[str, bool], title: str) -> tuple[Table, list[dict]]:
+    """Tokens per second of each configuration and its time ratio to the group's baseline (median of
+    per-round ratios, quartiles), and whether its replies are token for token the baseline's."""
+    baseline = next(iter(measured.values()))
+    table = Table(title=title)
+    for column in ("configuration", "s per pass (median)", "tokens/s", "time ratio", "quartiles", "same tokens"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    rows = []
+    for name, measurement in measured.items():
+        ratio, low, high = measurement.time_ratio(baseline)
+        table.add_row(name, f"{measurement.median:.2f}", f"{measurement.tokens_per_second:,.1f}", f"{ratio:.2f}x",
+                      f"{low:.2f}-{high:.2f}", "yes" if identical[name] else "[red]NO[/]")
+        rows.append({"configuration": name, "median_seconds": measurement.median, "seconds": measurement.seconds,
+                     "tokens": measurement.tokens, "tokens_per_second": measurement.tokens_per_second, "time_ratio": ratio,
+                     "time_ratio_quartiles": [low, high], "same_tokens_as_baseline": identical[name]})
+    return table, rows
+
+
+def generation_main(warmup: int, repeats: int, output: Path) -> None:
+    from bench.generation import generation_benchmark, quickstart_chat_workload
+
+    workload = quickstart_chat_workload()
+    console.print(f"[bold]generation[/]: {len(workload.conversations)} prompts of the chat quickstart, "
+                  f"batch {workload.batch_size}, {workload.settings.max_new_tokens} new tokens at most "
+                  f"({warmup} warm-up + {repeats} interleaved rounds)...")
+    measured, identical = generation_benchmark(workload, warmup, repeats)
+    results = {"device": str(workload.target.model.device), "torch": torch.__version__, "platform": platform.platform(),
+               "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+               "prompts": len(workload.conversations), "batch_size": workload.batch_size,
+               "generation": workload.settings.model_dump()}
+    for group, title in (("eval", "hkft eval / final evaluation: one pass over the prompts"),
+                         ("chat", "hkft chat: one prompt at a time")):
+        table, results[group] = generation_report(measured[group], identical, title)
+        console.print(table)
     atomic_write_json(output, results)
     console.print(f"results written to {output}")
 

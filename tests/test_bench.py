@@ -147,3 +147,35 @@ def test_readme_packing_figures_are_the_published_json():
     assert f"({padded['batches']} batches, {padded['token_slots']:,} token slots)" in readme
     assert f"({packed['batches']} batches, {packed['token_slots']:,} slots)" in readme
     assert f"packing trains {packed['throughput_ratio']:.2f}x the non-padding tokens per second" in readme
+
+
+def test_generation_rows_time_hkft_and_plain_generate_on_the_same_replies(tmp_path):
+    """`python -m bench --model generation`: every configuration replies to the same prompts with
+    the same tokens as its group's plain transformers baseline (checked, not assumed), and the
+    tokens per second count those replies."""
+    from chat_models import CHATML_PLAIN, save_tiny_chat_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.generation import (
+        PLAIN_BATCHED,
+        PLAIN_ONE,
+        GenerationWorkload,
+        generation_benchmark,
+    )
+    from hkft.config import validate_config
+    from hkft.config.schema import GenerationConfig
+    from hkft.inference.targets import Target
+
+    model_dir = save_tiny_chat_model(tmp_path / "model", CHATML_PLAIN)
+    cfg = validate_config({"model": {"name": str(model_dir), "task": "causal-lm"}, "data": {"train": "unused.jsonl"}})
+    target = Target(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), cfg, None, "tiny")
+    conversations = [[{"role": "user", "content": "hi " * count}] for count in (1, 5, 2, 4, 3)]
+    workload = GenerationWorkload(target, conversations, GenerationConfig(max_new_tokens=4), batch_size=2)
+    measured, identical = generation_benchmark(workload, warmup=0, repeats=1, chat_prompts=2)
+    assert list(measured) == ["eval", "chat"]
+    assert [len(group) for group in measured.values()] == [3, 2]
+    assert next(iter(measured["eval"])) == PLAIN_BATCHED and next(iter(measured["chat"])) == PLAIN_ONE
+    assert all(identical.values()) and len(identical) == 5
+    for group in measured.values():
+        tokens = {measurement.tokens for measurement in group.values()}
+        assert len(tokens) == 1 and tokens.pop() > 0
