@@ -31,6 +31,7 @@ from hkft.dropout.architecture import set_builtin_dropout
 from hkft.dropout.first_token import compute_first_token_only
 from hkft.models.loading import load_base_model
 from hkft.recipes.trainer import HkftTrainer
+from hkft.tasks.registry import task_for
 
 RATE = 0.1
 ONE_BRANCH_FLOOR = "one-branch floor: none + no-grad second pass"
@@ -147,7 +148,7 @@ def hkft_model(
     model = lora(workload, device)
     controller = instrument(model, plan, seed=0)
     compute_first_token_only(model, workload.task != "causal-lm", controller)
-    return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task=workload.task)
+    return model, controller, HkftTrainer(model=model, args=args, dropout=controller, task=task_for(workload.task))
 
 
 def one_branch_floor_step(workload: Workload, device: torch.device, args: TrainingArguments, batch: dict) -> Callable[[], None]:

