@@ -209,3 +209,34 @@ def test_cli_rows_time_every_configuration_through_its_own_process(tmp_path):
     (per_configuration,) = seconds.values()
     assert list(per_configuration) == list(CONFIGURATIONS)
     assert all(len(values) == 1 and values[0] > 0 for values in per_configuration.values())
+
+
+def readme_table(header: str) -> list[list[str]]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_readme_generation_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-generation-cpu.json").read_text())
+    rows = published["eval"] + published["chat"]
+    cells = readme_table("| configuration | s a pass | tokens/s |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in rows]
+    for row, (_, seconds, tokens_per_second, ratio, same) in zip(rows, cells, strict=True):
+        assert seconds == f"{row['median_seconds']:.2f}" and tokens_per_second == f"{row['tokens_per_second']:.1f}"
+        assert ratio.startswith(f"{row['time_ratio']:.2f}x")
+        if row["time_ratio"] != 1.0:
+            low, high = row["time_ratio_quartiles"]
+            assert ratio.endswith(f"({low:.2f}-{high:.2f})")
+        assert same == ("yes" if row["same_tokens_as_baseline"] else "no") == "yes"
+
+
+def test_readme_command_line_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-cli-cpu.json").read_text())
+    short, long = published["shapes"]
+    cells = readme_table("| configuration | quickstart data, max_length 64: ms a step |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in short["rows"]] == [row["configuration"] for row in long["rows"]]
+    for line, *rows in zip(cells, short["rows"], long["rows"], strict=True):
+        for row, (milliseconds, ratios) in zip(rows, (line[1:3], line[3:5]), strict=True):
+            assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
+            assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
