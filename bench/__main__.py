@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli import FLOOR, PLAIN
 from bench.measure import Measurement
 from bench.run import (
     DECODER_ONE_BRANCH_TARGET,
@@ -94,7 +95,8 @@ def packing_report(measured: dict[str, Measurement], shapes: dict[str, dict[str,
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all")] = "all",
+    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all; "
+                                             "generation (the chat quickstart's replies) or cli (hkft train end to end) on its own")] = "all",
     device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available)")] = "",
     quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
     warmup: Annotated[int, typer.Option(min=0)] = 2,
@@ -106,9 +108,16 @@ def main(
     hidden: Annotated[int, typer.Option(min=64, help="decoder hidden size")] = 512,
     heads: Annotated[int, typer.Option(min=1, help="decoder attention heads")] = 8,
     length: Annotated[int, typer.Option(min=8, help="decoder sequence length")] = 256,
+    steps: Annotated[str, typer.Option(help="cli: the steps timed, FIRST-LAST (the clock reads at the end of each)")] = "10-25",
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
     ensure_caching_malloc()
+    if model == "generation":
+        generation_main(warmup, repeats, output)
+        return
+    if model == "cli":
+        cli_main(repeats, steps, output)
+        return
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if weights_dtype is None:
@@ -138,6 +147,80 @@ def main(
         table, rows = packing_report(measured, shapes)
         console.print(table)
         results["packing"] = {"examples": PACKING_EXAMPLES, "max_length": DECODER_LENGTH, "batch_size": batch_size or 4, "rows": rows}
+    atomic_write_json(output, results)
+    console.print(f"results written to {output}")
+
+
+def generation_report(measured: dict[str, Measurement], identical: dict[str, bool], title: str) -> tuple[Table, list[dict]]:
+    """Tokens per second of each configuration and its time ratio to the group's baseline (median of
+    per-round ratios, quartiles), and whether its replies are token for token the baseline's."""
+    baseline = next(iter(measured.values()))
+    table = Table(title=title)
+    for column in ("configuration", "s per pass (median)", "tokens/s", "time ratio", "quartiles", "same tokens"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    rows = []
+    for name, measurement in measured.items():
+        ratio, low, high = measurement.time_ratio(baseline)
+        table.add_row(name, f"{measurement.median:.2f}", f"{measurement.tokens_per_second:,.1f}", f"{ratio:.2f}x",
+                      f"{low:.2f}-{high:.2f}", "yes" if identical[name] else "[red]NO[/]")
+        rows.append({"configuration": name, "median_seconds": measurement.median, "seconds": measurement.seconds,
+                     "tokens": measurement.tokens, "tokens_per_second": measurement.tokens_per_second, "time_ratio": ratio,
+                     "time_ratio_quartiles": [low, high], "same_tokens_as_baseline": identical[name]})
+    return table, rows
+
+
+def generation_main(warmup: int, repeats: int, output: Path) -> None:
+    from bench.generation import generation_benchmark, quickstart_chat_workload
+
+    workload = quickstart_chat_workload()
+    console.print(f"[bold]generation[/]: {len(workload.conversations)} prompts of the chat quickstart, "
+                  f"batch {workload.batch_size}, {workload.settings.max_new_tokens} new tokens at most "
+                  f"({warmup} warm-up + {repeats} interleaved rounds)...")
+    measured, identical = generation_benchmark(workload, warmup, repeats)
+    results = {"device": str(workload.target.model.device), "torch": torch.__version__, "platform": platform.platform(),
+               "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+               "prompts": len(workload.conversations), "batch_size": workload.batch_size,
+               "generation": workload.settings.model_dump()}
+    for group, title in (("eval", "hkft eval / final evaluation: one pass over the prompts"),
+                         ("chat", "hkft chat: one prompt at a time")):
+        table, results[group] = generation_report(measured[group], identical, title)
+        console.print(table)
+    atomic_write_json(output, results)
+    console.print(f"results written to {output}")
+
+
+def cli_report(seconds: dict[str, list[float]], title: str) -> tuple[Table, list[dict]]:
+    """The faster round of each configuration, as ms a step and as ratios to plain peft + Trainer,
+    to hkft `none` and to the one-branch floor."""
+    best = {name: min(values) for name, values in seconds.items()}
+    plain, none = best[PLAIN], best["hkft none"]
+    table = Table(title=title)
+    floor = best[FLOOR]
+    for column in ("configuration", "ms a step (faster round)", "rounds (ms)", "ratio to plain peft + Trainer", "ratio to hkft none",
+                   "ratio to the floor"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    rows = []
+    for name, fastest in best.items():
+        table.add_row(name, f"{fastest * 1000:.1f}", ", ".join(f"{value * 1000:.0f}" for value in seconds[name]),
+                      f"{fastest / plain:.2f}x", f"{fastest / none:.2f}x", f"{fastest / floor:.2f}x")
+        rows.append({"configuration": name, "seconds_per_step": fastest, "rounds_seconds_per_step": seconds[name],
+                     "ratio_to_plain": fastest / plain, "ratio_to_none": fastest / none, "ratio_to_floor": fastest / floor})
+    return table, rows
+
+
+def cli_main(rounds: int, steps: str, output: Path) -> None:
+    from bench.cli import Shape, cli_benchmark
+
+    first, last = (int(step) for step in steps.split("-"))
+    shapes = [Shape(64, fill=False), Shape(128, fill=True)]
+    console.print(f"[bold]hkft train[/], end to end: steps {first}-{last} of one process per configuration, {rounds} interleaved rounds...")
+    seconds = cli_benchmark(shapes, rounds, first, last, report=console.print)
+    results = {"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads(),
+               "rounds": rounds, "steps": [first, last], "shapes": []}
+    for shape in shapes:
+        table, rows = cli_report(seconds[shape.name], f"MiniLM, batch 32, {shape.name}: hkft train against plain peft + Trainer")
+        console.print(table)
+        results["shapes"].append({"name": shape.name, "max_length": shape.max_length, "filled": shape.fill, "rows": rows})
     atomic_write_json(output, results)
     console.print(f"results written to {output}")
 

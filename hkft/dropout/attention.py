@@ -7,8 +7,9 @@ call in eval mode, goes straight to transformers' own SDPA function, so the unin
 and inference are exactly the stock model.
 
 - DropKey (``attention_logits``) stays on SDPA. Column and span patterns drop whole keys: without
-  a causal triangle or padding they go into the boolean mask SDPA takes as [B, H, 1, K]
-  (broadcast over queries); otherwise that mask would combine with the model's into [B, H, Q, K]
+  a causal triangle they go into the boolean mask SDPA takes as [B, H, 1, K] (broadcast over
+  queries), an encoder's padding mask included (it hides the same keys from every query); otherwise
+  that mask would combine with the model's into [B, H, Q, K]
   (which SDPA converts to float and keeps for the backward pass: quadratic in the sequence), so
   they ride on the keys instead (`dropkey_by_key_bias`) and the model's own mask, or SDPA's
   causal flag, is passed through unchanged. The element pattern needs a [B, H, Q, K] mask.
@@ -83,7 +84,8 @@ def keep_mask(
 ) -> torch.Tensor:
     """The boolean mask (True = attend) after dropping keys, guarded against empty rows."""
     causal = _causal(module, query)
-    visible = as_visibility(attention_mask)
+    per_key = site.drop.pattern != "element" and not causal and attention_mask is not None
+    visible = site.controller.key_only_mask(attention_mask) if per_key else as_visibility(attention_mask)
     if visible is None and causal:
         visible = causal_mask(query.shape[2], key.shape[2], query.device)
     keep_own_position = causal and site.drop.pattern == "element"
@@ -91,9 +93,13 @@ def keep_mask(
 
 
 def rides_on_keys(site: AttentionDrop, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-    """Whole-key DropKey whose mask would otherwise become [B, H, Q, K] (causal or padded)."""
+    """Whole-key DropKey whose mask would otherwise become [B, H, Q, K]: under a causal triangle, or
+    a mask that differs between queries. An encoder's padding mask is the same for every query and
+    combines with the dropped keys into [B, H, 1, K] (`keep_mask`)."""
     per_key = site.position == "attention_logits" and site.drop.pattern != "element"
-    return per_key and (attention_mask is not None or _causal(module, query))
+    if not per_key:
+        return False
+    return _causal(module, query) or (attention_mask is not None and site.controller.key_only_mask(attention_mask) is None)
 
 
 def hkft_attention_forward(

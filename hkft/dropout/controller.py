@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -18,6 +19,7 @@ from hkft.dropout import architecture
 from hkft.dropout.attention import (
     ATTENTION_NAME,
     AttentionDrop,
+    as_visibility,
     intercept_attention,
     register_attention,
 )
@@ -58,6 +60,8 @@ class DropoutController:
     padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
+    # The last attention mask `key_only_mask` looked at, and its answer.
+    _key_only: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @contextmanager
     def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
@@ -100,6 +104,16 @@ class DropoutController:
             yield replay
         finally:
             remove_hooks()
+
+    def key_only_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The model's [B, 1, Q, K] attention mask as [B, 1, 1, K] (True = attend) when every query
+        sees the same keys, as under an encoder's padding mask; None when it differs between queries.
+        Decided once per forward: transformers hands every layer the same mask."""
+        if self._key_only is None or self._key_only[0] is not attention_mask:
+            visible = as_visibility(attention_mask)
+            first_query = visible[..., :1, :]
+            self._key_only = (attention_mask, first_query if bool((visible == first_query).all()) else None)
+        return self._key_only[1]
 
     def token_extent(self, batch: int, length: int) -> Extent | None:
         """Where each example's real tokens are in the current forward's [batch, length] activations,

@@ -61,32 +61,48 @@ def is_metric(key: str) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int,
              advance: Callable[[], None] = lambda: None, *, add_special_tokens: bool = True, **options) -> list[str]:
-    """Batched generation with left padding; returns only the newly generated text. ``advance`` is
-    called after each batch; ``options`` go to ``model.generate`` (a streamer, stopping criteria)."""
+    """Batched generation with left padding and the KV cache; returns only the newly generated text,
+    in the order of ``prompts``. ``advance`` is called after each batch; ``options`` go to
+    ``model.generate`` (a streamer, stopping criteria).
+
+    The prompts are batched longest first, so that a batch pads its prompts to a length they nearly
+    share: the prompt pass, most of the work for short replies, spends nothing on padding that a
+    long prompt in a batch of short ones would add to all of them."""
     model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
-    outputs: list[str] = []
-    limit = settings.max_examples or len(prompts)
+    count = min(settings.max_examples or len(prompts), len(prompts))
+    if count == 0:
+        return []
+    lengths = [len(ids) for ids in tokenizer(prompts[:count], add_special_tokens=add_special_tokens)["input_ids"]]
+    order = longest_first(lengths)
+    outputs = [""] * count
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        for start in range(0, min(limit, len(prompts)), batch_size):
-            chunk = prompts[start : min(start + batch_size, limit)]
+        for start in range(0, count, batch_size):
+            indices = order[start : start + batch_size]
             # Some decoder tokenizers (Falcon's) emit token_type_ids, which generate() rejects.
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False,
-                                add_special_tokens=add_special_tokens).to(device)
+            batch = tokenizer([prompts[index] for index in indices], return_tensors="pt", padding=True,
+                              return_token_type_ids=False, add_special_tokens=add_special_tokens).to(device)
             generated = model.generate(
-                **encoded,
+                **batch,
                 max_new_tokens=settings.max_new_tokens,
                 num_beams=settings.num_beams,
                 length_penalty=settings.length_penalty,
                 no_repeat_ngram_size=settings.no_repeat_ngram_size,
                 do_sample=False,
+                use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 **options,
             )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for index, text in zip(indices, texts, strict=True):
+                outputs[index] = text.strip()
             advance()
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+def longest_first(lengths: list[int]) -> list[int]:
+    """Positions of ``lengths`` from the longest to the shortest (ties in their order)."""
+    return sorted(range(len(lengths)), key=lambda index: -lengths[index])
