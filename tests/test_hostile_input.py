@@ -430,8 +430,8 @@ def damaged(text: str, data: st.DataObject) -> bytes:
 def test_fuzz_damaged_data_files(minilm_tokenizer, tmp_path_factory, suffix, data):
     """Loading and tokenising a damaged data file gives examples or a one-line DataError, never anything else."""
     from hkft.config import load_config
-    from hkft.tasks.base import prepare_data
     from hkft.errors import HkftError
+    from hkft.tasks.base import prepare_data
 
     rows = [json.loads(line) for line in (REPO / "presets/data/quickstart/train.jsonl").read_text().splitlines()[:6]]
     text = ("\n".join(json.dumps(row) for row in rows) if suffix == ".jsonl"
