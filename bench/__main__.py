@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -109,6 +110,8 @@ def main(
     heads: Annotated[int, typer.Option(min=1, help="decoder attention heads")] = 8,
     length: Annotated[int, typer.Option(min=8, help="decoder sequence length")] = 256,
     steps: Annotated[str, typer.Option(help="cli: the steps timed, FIRST-LAST (the clock reads at the end of each)")] = "10-25",
+    shapes: Annotated[str, typer.Option(help="cli: minilm (the quickstart at 64 and 128 tokens), chat (SmolLM2's chat "
+                                             "quickstart as shipped and at 512 tokens) or all")] = "minilm",
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
     ensure_caching_malloc()
@@ -116,7 +119,7 @@ def main(
         generation_main(warmup, repeats, output)
         return
     if model == "cli":
-        cli_main(repeats, steps, output)
+        cli_main(repeats, steps, shapes, output)
         return
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
@@ -208,21 +211,48 @@ def cli_report(seconds: dict[str, list[float]], title: str) -> tuple[Table, list
     return table, rows
 
 
-def cli_main(rounds: int, steps: str, output: Path) -> None:
-    from bench.cli import Shape, cli_benchmark
+def cli_main(rounds: int, steps: str, shape_set: str, output: Path) -> None:
+    from bench.cli import CHAT_SHAPES, MINILM_SHAPES
 
+    shapes = {"minilm": MINILM_SHAPES, "chat": CHAT_SHAPES, "all": MINILM_SHAPES + CHAT_SHAPES}.get(shape_set)
+    if shapes is None:
+        raise typer.BadParameter(f"{shape_set!r}: choose minilm, chat or all", param_hint="--shapes")
     first, last = (int(step) for step in steps.split("-"))
-    shapes = [Shape(64, fill=False), Shape(128, fill=True)]
     console.print(f"[bold]hkft train[/], end to end: steps {first}-{last} of one process per configuration, {rounds} interleaved rounds...")
-    seconds = cli_benchmark(shapes, rounds, first, last, report=console.print)
+    with tempfile.TemporaryDirectory(prefix="hkft-bench-cli-") as scratch:
+        results = cli_results(list(shapes), rounds, first, last, Path(scratch))
+    atomic_write_json(output, results)
+    console.print(f"results written to {output}")
+
+
+def cli_results(shapes: list, rounds: int, first: int, last: int, folder: Path) -> dict:
+    from bench.cli import chat_model_dir, chat_tokens_per_step, cli_benchmark, kl_cost_per_token
+
+    seconds, data = cli_benchmark(shapes, rounds, first, last, folder, report=console.print)
     results = {"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads(),
                "rounds": rounds, "steps": [first, last], "shapes": []}
     for shape in shapes:
-        table, rows = cli_report(seconds[shape.name], f"MiniLM, batch 32, {shape.name}: hkft train against plain peft + Trainer")
+        measured = {"name": shape.name, "preset": shape.preset, "max_length": shape.max_length, "filled": shape.fill,
+                    "batch_size": shape.batch_size}
+        title = f"{shape.name}: hkft train against plain peft + Trainer"
+        if shape.chat:
+            measured.update(chat_tokens_per_step(shape, data[shape.name]))
+            title += f" ({measured['tokens']:.0f} tokens a step, {measured['supervised_tokens']:.0f} supervised)"
+        else:
+            title = f"MiniLM, batch {shape.batch_size}, {title}"
+        table, measured["rows"] = cli_report(seconds[shape.name], title)
+        for row in measured["rows"] if shape.chat else ():
+            row["ms_per_supervised_token"] = row["seconds_per_step"] * 1000 / measured["supervised_tokens"]
         console.print(table)
-        results["shapes"].append({"name": shape.name, "max_length": shape.max_length, "filled": shape.fill, "rows": rows})
-    atomic_write_json(output, results)
-    console.print(f"results written to {output}")
+        results["shapes"].append(measured)
+    if any(shape.chat for shape in shapes):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(chat_model_dir())
+        results["kl"] = kl_cost_per_token(256, config.hidden_size, config.vocab_size, repeats=rounds * 5)
+        console.print("one-branch KL at SmolLM2's vocabulary, ms a supervised token: " + ", ".join(
+            f"{key.removesuffix('_ms_per_token')} {value:.3f}" for key, value in results["kl"].items() if key.endswith("_ms_per_token")))
+    return results
 
 
 if __name__ == "__main__":

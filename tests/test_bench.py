@@ -199,13 +199,36 @@ def test_cli_shapes_fill_each_text_with_the_reviews_after_it(tmp_path):
         assert len(tokenizer(long["text"], truncation=True, max_length=64)["input_ids"]) == 64
 
 
+def test_cli_chat_shape_fills_each_conversation_with_the_turns_after_it(tmp_path):
+    """`--model cli --shapes chat`'s long shape: every conversation starts with its own messages, goes
+    on with whole user/assistant turns of the next ones (one system message, roles alternating) and
+    reaches the length under the chat template."""
+    from transformers import AutoTokenizer
+
+    from bench.cli import PRESET_DATA, chat_model_dir, filled_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir())
+    source = PRESET_DATA / "quickstart-chat" / "validation.jsonl"
+    rows = [json.loads(line)["messages"] for line in source.read_text().splitlines()]
+    filled = [json.loads(line)["messages"] for line in
+              filled_conversations(source, tmp_path / "filled.jsonl", 256, tokenizer).read_text().splitlines()]
+    assert len(filled) == len(rows)
+    for messages, long in zip(rows, filled, strict=True):
+        assert long[: len(messages)] == messages and len(long) > len(messages)
+        roles = [message["role"] for message in long]
+        assert roles.count("system") == 1 and roles[0] == "system"
+        assert all(role != following for role, following in zip(roles[1:], roles[2:]))
+        text = tokenizer.apply_chat_template(long, tokenize=False)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 256
+
+
 @pytest.mark.slow
 def test_cli_rows_time_every_configuration_through_its_own_process(tmp_path):
     """`python -m bench --model cli`, shortened: hkft train and the plain script each run, and each
     configuration's time per step comes from its own process."""
     from bench.cli import CONFIGURATIONS, Shape, cli_benchmark
 
-    seconds = cli_benchmark([Shape(64, fill=False)], rounds=1, first=2, last=4, report=lambda line: None)
+    seconds, _ = cli_benchmark([Shape(64, fill=False)], rounds=1, first=2, last=4, folder=tmp_path, report=lambda line: None)
     (per_configuration,) = seconds.values()
     assert list(per_configuration) == list(CONFIGURATIONS)
     assert all(len(values) == 1 and values[0] > 0 for values in per_configuration.values())
