@@ -226,7 +226,12 @@ def cli_main(rounds: int, steps: str, shape_set: str, output: Path) -> None:
 
 
 def cli_results(shapes: list, rounds: int, first: int, last: int, folder: Path) -> dict:
-    from bench.cli import chat_model_dir, chat_tokens_per_step, cli_benchmark, kl_cost_per_token
+    from bench.cli import (
+        chat_model_dir,
+        chat_tokens_per_step,
+        cli_benchmark,
+        kl_cost_per_token,
+    )
 
     seconds, data = cli_benchmark(shapes, rounds, first, last, folder, report=console.print)
     results = {"torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads(),

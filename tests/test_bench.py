@@ -1,6 +1,7 @@
 """The benchmark command runs and reports every configuration against its baseline (no timing
 assertions: the benchmark is the check of speed, this only keeps it working)."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -217,7 +218,7 @@ def test_cli_chat_shape_fills_each_conversation_with_the_turns_after_it(tmp_path
         assert long[: len(messages)] == messages and len(long) > len(messages)
         roles = [message["role"] for message in long]
         assert roles.count("system") == 1 and roles[0] == "system"
-        assert all(role != following for role, following in zip(roles[1:], roles[2:]))
+        assert all(role != following for role, following in itertools.pairwise(roles[1:]))
         text = tokenizer.apply_chat_template(long, tokenize=False)
         assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 256
 
