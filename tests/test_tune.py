@@ -23,6 +23,7 @@ from hkft.errors import ConfigError, InterruptedRun, TrainingError
 from hkft.study.grid import Cell, expand_cells
 from hkft.study.search import TRIAL_RECORD, ReportToTrial, plan_tune, run_tune
 from hkft.study.spec import load_study
+from hkft.study.workers import origin_number
 
 EVAL_STEPS = (2, 4, 6)
 
@@ -174,6 +175,45 @@ def test_seeds_retrain_the_best_settings_and_compare_them(tmp_path):
     assert "| 2 |" in (out / "seeds/comparison.md").read_text()  # one row over two seeds
 
 
+class SeedLuck(FakeTrials):
+    """A setting's score depends on the seed too: seed 42 (the base's) is 0.2 luckier than the others."""
+
+    def __call__(self, cell: Cell, *, resume: bool, console: Console, callbacks=()) -> None:
+        luck = 0.2 if cell.config.train.seed == 42 else 0.0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(__name__ + ".score", lambda cell: 0.9 - abs(math.log10(cell.config.train.lr) + 3) / 10 - 0.2 + luck)
+            super().__call__(cell, resume=resume, console=console, callbacks=callbacks)
+
+
+def test_a_trial_of_several_seeds_scores_their_mean_resumes_each_and_seeds_follow_them(tmp_path):
+    path = write_study(tmp_path, {"train.lr": LR}, trials=2, pruner="none", trial_seeds=3)
+    trainer = SeedLuck(interrupt=(1,))  # the first trial's second seed is stopped like Ctrl-C
+    with pytest.raises(InterruptedRun):
+        tune(path, trainer)
+    (study,) = tune(path, trainer, seeds=2)
+    out = tmp_path / "out"
+    runs = [(Path(run).name, resume) for run, resume, _ in trainer.calls]
+    assert runs[:4] == [("trial-0000", False), ("trial-0000-seed-43", False), ("trial-0000-seed-43", True),
+                        ("trial-0000-seed-44", False)]
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        number = origin_number(trial)
+        base = 0.9 - abs(math.log10(trial.params["train.lr"]) + 3) / 10 - 0.2
+        assert trial.value == pytest.approx(base + 0.2 / 3)  # the mean of one lucky seed and two others
+        record = json.loads((Path(trial.user_attrs["run_dir"]) / TRIAL_RECORD).read_text())
+        assert record["seed_values"] == pytest.approx([base + 0.2, base, base])
+        for seed in (43, 44):
+            assert load_config(out / f"trial-{number:04d}-seed-{seed}/hkft_config.yaml").train.seed == seed
+    seed_runs = [Path(run).name for run, _, _ in trainer.calls if "/seeds/" in run]
+    assert seed_runs == ["seed=45", "seed=46"]  # new seeds: none a trial was scored on
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + 2  # one row a trial
+
+
+def test_a_changed_number_of_seeds_a_trial_is_refused_on_rerun(tmp_path):
+    tune(write_study(tmp_path, {"train.lr": LR}, trials=1, pruner="none", trial_seeds=2), FakeTrials())
+    with pytest.raises(ConfigError, match="holds another study"):
+        tune(write_study(tmp_path, {"train.lr": LR}, trials=1, pruner="none"), FakeTrials())
+
+
 def test_two_workers_share_one_study(tmp_path):
     path = write_study(tmp_path, {"train.lr": LR}, trials=4, pruner="none")
     plan = plan_tune(load_study(path))
@@ -229,6 +269,7 @@ def test_a_run_directory_left_by_another_study_is_not_overwritten(tmp_path):
     ({"train.lr": LR}, {"per": "train.lr"}, ["tune.per: train.lr must be a search key with a list of values"]),
     ({"train.lr": LR}, {"metric": "f1"}, ["tune.metric: 'f1' is not a classification validation metric", "macro_f1"]),
     ({"train.lr": LR}, {"trails": 3}, ["tune.trails: unknown tune key (did you mean trials?)"]),
+    ({"train.lr": LR}, {"trial_seeds": 2}, ["tune.trial_seeds: 2 seeds a trial need tune.pruner: none"]),
     ({}, {}, ["this study has no search: section"]),
 ])
 def test_bad_search_specs_fail_in_one_line_before_anything_runs(tmp_path, search, tune_settings, fragments):

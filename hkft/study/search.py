@@ -18,6 +18,7 @@ import functools
 import itertools
 import json
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -327,30 +328,47 @@ def _values_text(values: dict[str, JsonValue]) -> str:
                      else f"{key.rsplit('.', 1)[-1]}={value}" for key, value in values.items())
 
 
+def trial_cells(plan: TunePlan, search: Search, number: int, values: dict[str, JsonValue]) -> list[Cell]:
+    """A trial's runs: ``trial-N`` with the base's seed, then ``trial-N-seed-S`` for each further seed
+    of ``tune.trial_seeds``.
+
+    Why several seeds a trial: on a small set one seed can decide whether a run leaves a plateau at
+    all, and a search that scores each setting on one seed picks the setting that was lucky (often a
+    learning rate at the edge of what trains). The mean over seeds is what a user can expect."""
+    overrides = (*plan.overrides, *(_override(key, value) for key, value in {**search.fixed, **values}.items()))
+    cell, _ = make_cell(plan.preset, f"trial-{number:04d}", overrides, search.folder)
+    first = cell.config.train.seed
+    return [cell, *(make_cell(plan.preset, f"trial-{number:04d}-seed-{seed}", (*overrides, f"train.seed={seed}"), search.folder)[0]
+                    for seed in range(first + 1, first + plan.study.tune.trial_seeds))]
+
+
 def make_objective(plan: TunePlan, search: Search, console: Console, train_fn: TrialTrainFn):
     def objective(trial: optuna.Trial) -> float:
-        number = origin_number(_frozen(trial))  # a retry continues the run directory it retries
+        number = origin_number(_frozen(trial))  # a retry continues the run directories it retries
         values = suggest(trial, plan, search)
-        overrides = (*plan.overrides, *(_override(key, value) for key, value in {**search.fixed, **values}.items()))
-        cell, _ = make_cell(plan.preset, f"trial-{number:04d}", overrides, search.folder)
-        run = RunDir(cell.run_dir)
-        if number == trial.number and holds_run(run):
-            raise TrainingError(f"{run.root} holds a run that is not trial {number} of study {search.name}",
-                                "move it away, or give the study another output folder")
+        cells = trial_cells(plan, search, number, values)
+        run = RunDir(cells[0].run_dir)
+        for cell in cells:
+            if number == trial.number and holds_run(RunDir(cell.run_dir)):
+                raise TrainingError(f"{cell.run_dir} holds a run that is not trial {number} of study {search.name}",
+                                    "move it away, or give the study another output folder")
         worker = this_worker()
         trial.set_user_attr("run_dir", str(run.root))
         trial.set_user_attr(WORKER_ATTR, worker)
-        state = cell_state(cell)
+        states = [cell_state(cell) for cell in cells]
         head = f"[{search.label + ' ' if search.label else ''}trial {number}] {_values_text(values)}"
-        console.print(f"{head}: {'resuming' if state == 'resume' else 'training' if state == 'new' else 'finished'}",
-                      highlight=False, markup=False)
+        doing = "resuming" if "resume" in states else "training" if "new" in states else "finished"
+        console.print(f"{head}: {doing}" + (f" ({len(cells)} seeds)" if len(cells) > 1 else ""), highlight=False, markup=False)
         run.root.mkdir(parents=True, exist_ok=True)
         _record(run, search, number, values, "running", worker=worker)
         try:
-            if state != "finished":
-                train_fn(cell, resume=state == "resume", console=console,
-                         callbacks=[ReportToTrial(trial, plan.metric, warmup=plan.study.tune.warmup)])
-            value = best_validation(run, plan.metric, plan.direction)
+            for cell, state in zip(cells, states):
+                # The pruner hears the first seed only; a study with several seeds a trial has none.
+                callbacks = [ReportToTrial(trial, plan.metric, warmup=plan.study.tune.warmup)] if cell is cells[0] else []
+                if state != "finished":
+                    train_fn(cell, resume=state == "resume", console=console, callbacks=callbacks)
+            seed_values = [best_validation(RunDir(cell.run_dir), plan.metric, plan.direction) for cell in cells]
+            value = statistics.fmean(seed_values)
         except optuna.TrialPruned as pruned:
             _record(run, search, number, values, "pruned", reason=str(pruned))
             console.print(f"[yellow]{escape(head)}: pruned ({escape(str(pruned))})[/]", highlight=False)
@@ -364,8 +382,10 @@ def make_objective(plan: TunePlan, search: Search, console: Console, train_fn: T
             requeue(trial.study, _frozen(trial))
             trial.set_user_attr(ENDED_ATTR, "interrupted")  # after the requeue, which copies the attributes
             raise
-        _record(run, search, number, values, "complete", value=value)
-        console.print(f"{head}: validation {plan.metric} {value:.4f}", highlight=False, markup=False)
+        seeds = {"seed_values": seed_values} if len(cells) > 1 else {}
+        _record(run, search, number, values, "complete", value=value, **seeds)
+        each = f" (the mean of {', '.join(f'{one:.4f}' for one in seed_values)})" if seeds else ""
+        console.print(f"{head}: validation {plan.metric} {value:.4f}{each}", highlight=False, markup=False)
         return value
 
     return objective
@@ -396,8 +416,10 @@ def setup_record(plan: TunePlan, search: Search) -> str:
     base = _load(plan.preset, [*plan.overrides, *(_override(k, v) for k, v in search.fixed.items())], "study overrides")
     space = {key: dimension if isinstance(dimension, list) else dimension.model_dump()
              for key, dimension in search.space.items()}
+    # trial_seeds joins the record only when set, so that studies started before it existed go on.
+    seeds = {"trial_seeds": plan.study.tune.trial_seeds} if plan.study.tune.trial_seeds > 1 else {}
     return json.dumps({"base": run_fingerprint(base), "search": space, "metric": plan.metric,
-                       "direction": plan.direction}, sort_keys=True)
+                       "direction": plan.direction, **seeds}, sort_keys=True)
 
 
 def study_identity(plan: TunePlan) -> dict:
@@ -421,7 +443,7 @@ def load_search_study(plan: TunePlan, search: Search, storage: RDBStorage) -> op
         study.set_user_attr("hkft_setup", setup)
     elif recorded != setup:
         before, now = json.loads(recorded), json.loads(setup)
-        changed = ", ".join(key for key in now if before.get(key) != now[key])
+        changed = ", ".join(key for key in sorted({*before, *now}) if before.get(key) != now.get(key))
         raise ConfigError(f"study {search.name} in {plan.storage_url} was started with another {changed}",
                           "restore the study file, or give the new setup another output folder (or tune.storage)")
     tune = plan.study.tune
@@ -625,12 +647,12 @@ def write_best_preset(plan: TunePlan, search: Search, study: optuna.Study, conso
 
 
 def retrain_with_seeds(presets: list[Path], plan: TunePlan, seeds: int, console: Console, train_fn: TrialTrainFn) -> None:
-    """Each best setting with ``seeds`` seeds it was not picked with, then `hkft compare` over them all:
+    """Each best setting with ``seeds`` seeds it was not picked with (after those of its trial), then `hkft compare` over them all:
     the number to report is a median over seeds, not the luckiest trial. The trials were picked on the
     validation split, so the comparison scores them on the test split (each run's final evaluation)."""
     cells: list[Cell] = []
     for preset in presets:
-        first = load_config(preset).train.seed + 1
+        first = load_config(preset).train.seed + plan.study.tune.trial_seeds
         study = Study(base=str(preset), output=str(preset.parent / "seeds"), grid={"train.seed": list(range(first, first + seeds))})
         cells += expand_cells(study)
     train_cells(cells, console, train_fn)
@@ -690,9 +712,11 @@ def describe_plan(plan: TunePlan, seeds: int) -> list[str]:
         if search.conditional:
             lines.append(f"  sampled only where the other choices read it: {', '.join(sorted(search.conditional))}")
     lines += [
-        f"trials per search: {tune.trials}; validation {plan.metric} ({plan.direction}); pruner {pruner}",
-        f"estimated runs: {len(plan.searches) * (tune.trials + seeds)} at most "
-        f"({len(plan.searches)} x ({tune.trials} trials + {seeds} seeds); pruned trials stop early)",
+        f"trials per search: {tune.trials}; validation {plan.metric} ({plan.direction}); pruner {pruner}"
+        + (f"; {tune.trial_seeds} seeds a trial (its value: their mean)" if tune.trial_seeds > 1 else ""),
+        f"estimated runs: {len(plan.searches) * (tune.trials * tune.trial_seeds + seeds)} at most "
+        f"({len(plan.searches)} x ({tune.trials} trials{f' x {tune.trial_seeds} seeds' if tune.trial_seeds > 1 else ''} "
+        f"+ {seeds} seeds); pruned trials stop early)",
         f"storage: {plan.storage_url}",
         "dry run: nothing trained",
     ]

@@ -75,6 +75,8 @@ class TuneSettings(BaseModel):
     pruner: Literal["median", "none"] = Field("median", description="Stop a trial whose evaluations trail the median.")
     startup_trials: int = Field(2, ge=0, description="Trials that are never pruned (the median needs some).")
     warmup: float = Field(0.5, ge=0, lt=1, description="Share of a trial's steps before the pruner may stop it.")
+    trial_seeds: int = Field(1, ge=1, description="Seeds each trial trains (train.seed and the next ones); its value is "
+                                                   "their mean best validation metric.")
     storage: str | None = Field(None, description="Database URL shared by workers; default: sqlite in output.")
 
 
@@ -115,6 +117,13 @@ class Study(BaseModel):
         per = self.tune.per
         if per is not None and not isinstance(self.search.get(per), list):
             raise ValueError(f"tune.per: {per} must be a search key with a list of values")
+        return self
+
+    @model_validator(mode="after")
+    def _one_run_per_pruned_trial(self) -> Study:
+        if self.tune.trial_seeds > 1 and self.tune.pruner != "none":
+            raise ValueError(f"tune.trial_seeds: {self.tune.trial_seeds} seeds a trial need tune.pruner: none "
+                             "(the pruner would judge a trial by its first seed alone)")
         return self
 
     @property
