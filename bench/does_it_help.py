@@ -305,6 +305,9 @@ def report(results: Path = RESULTS, console: Console | None = None) -> None:
             console.print(text, highlight=False, markup=False)
             continue
         pairs = summary_rows(dataset)
+        if not pairs and any(dataset.glob("*/trial-*")):
+            console.print(f"{dataset.name}: no study has reached its seed runs yet; nothing to report", highlight=False)
+            continue
         if not pairs:  # plain runs (hkft train), no tune study: hkft compare's table and plots alone
             compare_runs([dataset], dataset, console)
             continue
