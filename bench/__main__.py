@@ -25,6 +25,7 @@ from bench.run import (
     llama_workload,
     minilm_workload,
     packing_benchmark,
+    smollm2_chat_workload,
 )
 from hkft.run.files import atomic_write_json
 
@@ -96,7 +97,8 @@ def packing_report(measured: dict[str, Measurement], shapes: dict[str, dict[str,
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all; "
+    model: Annotated[str, typer.Option(help="minilm, llama, packing (padded against packed decoder batches) or all; smollm2 (the chat quickstart's "
+                                             "base and data, as shipped and at 512 tokens) on its own; "
                                              "generation (the chat quickstart's replies) or cli (hkft train end to end) on its own")] = "all",
     device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when available)")] = "",
     quantization: Annotated[str, typer.Option(help="none or 4bit (decoder, CUDA)")] = "none",
@@ -131,6 +133,8 @@ def main(
         workloads.append(minilm_workload(batch_size or 32, 128, weights_dtype))
     if model in ("llama", "all"):
         workloads.append(llama_workload(batch_size or 4, length, quantization, vocab, weights_dtype, layers, hidden, heads))
+    if model == "smollm2":  # on its own: each of its steps takes seconds on a CPU
+        workloads += [smollm2_chat_workload(128, batch_size or 8, fill=False), smollm2_chat_workload(512, batch_size or 2, fill=True)]
     results = {"device": str(torch_device), "dtype": dtype, "torch": torch.__version__, "platform": platform.platform(),
                "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "workloads": []}
     for workload in workloads:

@@ -7,6 +7,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -57,6 +58,7 @@ class Workload:
     targets: list[str]
     batch: dict[str, torch.Tensor]
     dtype: torch.dtype = torch.float32  # of the weights, LoRA's included (bfloat16 on a GPU)
+    lora_layers: list[int] | None = None  # peft's layers_to_transform (None: every layer)
 
 
 def minilm_workload(batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> Workload:
@@ -100,11 +102,45 @@ def llama_workload(
     return Workload(label, "causal-lm", build, ["q_proj", "v_proj"], batch, dtype)
 
 
+def smollm2_chat_workload(max_length: int, batch_size: int, fill: bool) -> Workload:
+    """The chat quickstart as `hkft train` runs it, on one batch: SmolLM2-135M-Instruct (through
+    hkft's GGUF loader), the first ``batch_size`` conversations of its training data encoded by hkft
+    (chat template, assistant-only labels), LoRA on the preset's layers (the latter half, where
+    HiddenKey drops). ``fill``: each conversation followed by the turns of the next ones until it
+    fills ``max_length`` tokens (`python -m bench --model cli`'s long chat shape)."""
+    from bench.cli import CHAT_PRESET, PRESET_DATA, chat_model_dir, filled_conversations
+    from hkft.config import load_config
+    from hkft.models.loading import load_tokenizer
+    from hkft.tasks.base import prepare_data
+
+    path = chat_model_dir()
+    tokenizer = load_tokenizer(path, "causal-lm")
+    with tempfile.TemporaryDirectory(prefix="hkft-bench-chat-") as scratch:
+        train = PRESET_DATA / "quickstart-chat" / "train.jsonl"
+        if fill:
+            train = filled_conversations(train, Path(scratch) / "train.jsonl", max_length, tokenizer)
+        cfg = load_config(CHAT_PRESET, [f"data.train={train}", "data.validation=null", "data.test=null",
+                                        f"data.max_length={max_length}"])
+        encoded = prepare_data(cfg, tokenizer, splits=["train"]).train
+    rows = [{key: encoded[index][key] for key in ("input_ids", "attention_mask", "labels")} for index in range(batch_size)]
+    batch = dict(task_for("causal-lm").collator(tokenizer)(rows))
+    model_config = ModelConfig(name=path, task="causal-lm")
+
+    def build() -> torch.nn.Module:
+        return load_base_model(model_config, path, None)
+
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    shape = f"conversations filling {max_length} tokens" if fill else f"chat data, max_length {max_length}"
+    label = f"SmolLM2-135M chat SFT, {shape}, batch {batch_size} ({supervised} supervised tokens)"
+    return Workload(label, "causal-lm", build, list(cfg.lora.target_modules), batch, lora_layers=list(cfg.lora.layers_to_transform))
+
+
 def lora(workload: Workload, device: torch.device) -> torch.nn.Module:
     base = workload.build_base()
     set_builtin_dropout(base, 0.0)
     task_type = "SEQ_CLS" if workload.task == "classification" else "CAUSAL_LM"
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=workload.targets, task_type=task_type)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=workload.targets, task_type=task_type,
+                        layers_to_transform=workload.lora_layers)
     return get_peft_model(base, config).to(device=device, dtype=workload.dtype)
 
 
