@@ -148,7 +148,8 @@ def naive_column_dropkey(module, query, key, value, attention_mask, dropout=0.0,
     """What a user writes by hand: materialise [B, H, Q, K] scores and an additive drop mask (keys and
     values repeated for grouped-query attention, as transformers' eager attention does)."""
     groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = query @ key.transpose(2, 3) * (scaling or query.shape[-1] ** -0.5)
     if module.training:
         batch, heads, queries, keys = scores.shape
