@@ -98,9 +98,12 @@ def run_studies(datasets: list[str], seeds: int, studies: Path = STUDIES) -> Non
             phase = 1 + len(list(logs.glob(f"{method}.*start")))
             (logs / f"{method}.{phase}.start").write_text(_now(), encoding="utf-8")
             try:
-                subprocess.run(["hkft", "tune", f"{dataset}-{method}", "--seeds", str(seeds)], check=True)
+                finished = subprocess.run(["hkft", "tune", f"{dataset}-{method}", "--seeds", str(seeds)], check=False)
             finally:
                 (logs / f"{method}.{phase}.end").write_text(_now(), encoding="utf-8")
+            if finished.returncode != 0:  # hkft tune has said why; a re-run resumes the study
+                raise SystemExit(f"{dataset}-{method}: hkft tune exited with {finished.returncode}; run the same "
+                                 "command again to resume")
 
 
 def _now() -> str:
