@@ -4,6 +4,7 @@ regression dataset's summary, and the timed runner."""
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -115,8 +116,9 @@ def test_a_regression_summary_reports_pearson_and_spearman_and_the_load_average(
 
 def test_run_studies_runs_the_four_studies_in_turn_and_times_each_phase(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(does_it_help.subprocess, "run", lambda command, check: commands.append(command))
-    clock = iter(range(1000, 2000, 100))
+    monkeypatch.setattr(does_it_help.subprocess, "run",
+                        lambda command, check: commands.append(command) or SimpleNamespace(returncode=0))
+    clock = iter(range(1000, 3000, 100))
     monkeypatch.setattr(does_it_help.time, "time", lambda: next(clock))
     monkeypatch.setattr(does_it_help.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
     run_studies(["vader-movies"], 5, tmp_path)
@@ -128,10 +130,15 @@ def test_run_studies_runs_the_four_studies_in_turn_and_times_each_phase(tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_studies(["vader-movies"], 5, tmp_path)  # a second call, interrupted: its phase still ends
     assert (logs / "none.2.start").read_text() == "1800 1.25\n" and (logs / "none.2.end").read_text() == "1900 1.25\n"
+    # A study that exits non-zero (hkft tune has said why) ends the runner in one line, its phase ended.
+    monkeypatch.setattr(does_it_help.subprocess, "run", lambda command, check: SimpleNamespace(returncode=130))
+    with pytest.raises(SystemExit, match="vader-movies-none: hkft tune exited with 130; run the same command again"):
+        run_studies(["vader-movies"], 5, tmp_path)
+    assert (logs / "none.3.end").is_file() and not (logs / "lora-dropout.3.start").exists()
 
     study = tmp_path / "vader-movies/none"
     study.mkdir(parents=True)
     (study / "trials.csv").write_text("number,state\n")
     collect(tmp_path, tmp_path / "results")
     wall_time = json.loads((tmp_path / "results/vader-movies/none/wall_time.json").read_text())
-    assert wall_time == {"phases": [[1000, 1100], [1800, 1900]], "load": [[1.25, 1.25], [1.25, 1.25]]}
+    assert wall_time == {"phases": [[1000, 1100], [1800, 1900], [2000, 2100]], "load": [[1.25, 1.25]] * 3}
