@@ -148,6 +148,7 @@ def main(
         console.print(train_table, eval_table)
         results["workloads"].append({"name": workload.name, "batch": {k: list(v.shape) for k, v in workload.batch.items()},
                                      "train": train_rows, "eval": eval_rows})
+        atomic_write_json(output, results)  # after each workload: a long run stopped later keeps what it measured
     if model in ("packing", "all"):
         console.print(f"[bold]sequence packing[/]: {PACKING_EXAMPLES} examples, measuring ({warmup} warm-up + {repeats} interleaved rounds)...")
         measured, shapes = packing_benchmark(PACKING_EXAMPLES, batch_size or 4, DECODER_LENGTH, vocab, torch_device, warmup, repeats)
