@@ -29,6 +29,7 @@ from hkft.data.chat import IGNORE_INDEX
 from hkft.data.packing import PackedCollator, pack_dataset
 from hkft.dropout import DropoutController, DropoutPlan, build_plan, instrument
 from hkft.dropout.architecture import set_builtin_dropout
+from hkft.dropout.compensation import supervised_rows
 from hkft.dropout.first_token import compute_first_token_only
 from hkft.models.loading import load_base_model
 from hkft.recipes.trainer import HkftTrainer
@@ -195,15 +196,25 @@ def one_branch_floor_step(workload: Workload, device: torch.device, args: Traini
     """hkft `none`'s training step plus the no-grad second pass that one-branch KL adds (its
     deterministic prefix replayed, as hkft does), with no masks drawn and no KL arithmetic: the
     least an exact one-branch KL step can cost with these kernels. The gap between this row and
-    the one-branch KL row is all that dropout and the KL loss add."""
+    the one-branch KL row is all that dropout and the KL loss add. A causal LM's second pass runs
+    its LM head on the supervised positions only, as hkft's target pass does (with a 49k vocabulary
+    and a prompt-heavy chat batch, the head over every position would cost more than the KL)."""
     model, controller, trainer = hkft_model(workload, device, args, build_plan("hiddenkey-", 0.0, 0.0))  # rate 0: no masks
     inputs = {key: value for key, value in batch.items() if key != "labels"}
+
+    def second_pass() -> None:
+        if workload.task != "causal-lm":
+            model(**inputs)
+            return
+        base = model.get_base_model()
+        hidden = base.model(**inputs).last_hidden_state
+        base.lm_head(hidden.flatten(0, 1)[supervised_rows(batch["labels"])])
 
     def loss_and_second_pass() -> torch.Tensor:
         with controller.shared_prefix() as replay:
             loss = trainer.compute_loss(model, batch)
             with torch.no_grad(), replay():
-                model(**inputs)
+                second_pass()
         return loss
 
     return training_step(model, loss_and_second_pass)
