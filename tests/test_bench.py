@@ -264,3 +264,17 @@ def test_readme_command_line_table_is_the_published_json():
         for row, (milliseconds, ratios) in zip(rows, (line[1:3], line[3:5]), strict=True):
             assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
             assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
+
+
+def test_readme_smollm2_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-smollm2-cpu.json").read_text())
+    shipped, long = (workload["train"] for workload in published["workloads"])
+    cells = readme_table("| configuration | chat data as shipped: ms a step |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in shipped] == [row["configuration"] for row in long]
+    for line, *rows in zip(cells, shipped, long, strict=True):
+        for row, (milliseconds, ratio) in zip(rows, (line[1:3], line[3:5]), strict=True):
+            assert milliseconds == f"{row['median_seconds'] * 1000:.0f}"
+            assert ratio.startswith(f"{row['time_ratio']:.2f}x")
+            if row["time_ratio"] != 1.0:
+                low, high = row["time_ratio_quartiles"]
+                assert ratio.endswith(f"({low:.2f}-{high:.2f})")
