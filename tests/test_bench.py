@@ -278,3 +278,15 @@ def test_readme_smollm2_table_is_the_published_json():
             if row["time_ratio"] != 1.0:
                 low, high = row["time_ratio_quartiles"]
                 assert ratio.endswith(f"({low:.2f}-{high:.2f})")
+
+
+def test_readme_command_line_chat_table_is_the_published_json():
+    published = json.loads((Path(__file__).parents[1] / "bench/results-cli-chat-cpu.json").read_text())
+    shipped, long = published["shapes"]
+    cells = readme_table("| configuration | chat data as shipped: ms a step | to plain")
+    assert [line[0] for line in cells] == [row["configuration"] for row in shipped["rows"]] == [row["configuration"] for row in long["rows"]]
+    for line, *rows in zip(cells, shipped["rows"], long["rows"], strict=True):
+        for row, (milliseconds, ratios, per_token) in zip(rows, (line[1:4], line[4:7]), strict=True):
+            assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
+            assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
+            assert per_token == f"{row['ms_per_supervised_token']:.1f}"
