@@ -163,6 +163,7 @@ def chat_tokens_per_step(shape: Shape, data: dict[str, Path]) -> dict[str, float
     """Mean tokens and supervised tokens (assistant replies) a training step of a chat shape holds,
     as hkft encodes its training split."""
     from hkft.config import load_config
+    from hkft.data.chat import IGNORE_INDEX
     from hkft.models.loading import load_tokenizer
     from hkft.tasks.base import prepare_data
 
@@ -170,7 +171,7 @@ def chat_tokens_per_step(shape: Shape, data: dict[str, Path]) -> dict[str, float
                                     f"data.test={data['test']}", f"data.max_length={shape.max_length}"])
     train = prepare_data(cfg, load_tokenizer(chat_model_dir(), cfg.model.task), splits=["train"]).train
     tokens = sum(len(ids) for ids in train["input_ids"]) / len(train)
-    supervised = sum(sum(label != -100 for label in labels[1:]) for labels in train["labels"]) / len(train)
+    supervised = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in train["labels"]) / len(train)
     return {"tokens": tokens * shape.batch_size, "supervised_tokens": supervised * shape.batch_size}
 
 
@@ -178,8 +179,7 @@ def kl_cost_per_token(rows: int, hidden: int, vocab: int, repeats: int = 5) -> d
     """Milliseconds per supervised token of what one-branch KL adds to a causal LM's loss, at the
     chat model's vocabulary: the target pass's LM head (no grad) and the KL in hkft's chunked
     objective against the loss alone (the training pass's LM head and cross-entropy), forward and
-    backward; medians over ``repeats``
-    interleaved rounds."""
+    backward; medians over ``repeats`` interleaved rounds."""
     import torch
 
     from hkft.dropout.compensation import ObjectiveWeights, causal_lm_objective

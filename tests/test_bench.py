@@ -241,6 +241,14 @@ def readme_table(header: str) -> list[list[str]]:
     return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in lines]
 
 
+def assert_ratio_with_quartiles(cell: str, row: dict) -> None:
+    """A README ratio cell: the median ratio, with its quartiles in brackets except on the baseline."""
+    assert cell.startswith(f"{row['time_ratio']:.2f}x")
+    if row["time_ratio"] != 1.0:
+        low, high = row["time_ratio_quartiles"]
+        assert cell.endswith(f"({low:.2f}-{high:.2f})")
+
+
 def test_readme_generation_table_is_the_published_json():
     published = json.loads((Path(__file__).parents[1] / "bench/results-generation-cpu.json").read_text())
     rows = published["eval"] + published["chat"]
@@ -248,11 +256,14 @@ def test_readme_generation_table_is_the_published_json():
     assert [line[0] for line in cells] == [row["configuration"] for row in rows]
     for row, (_, seconds, tokens_per_second, ratio, same) in zip(rows, cells, strict=True):
         assert seconds == f"{row['median_seconds']:.2f}" and tokens_per_second == f"{row['tokens_per_second']:.1f}"
-        assert ratio.startswith(f"{row['time_ratio']:.2f}x")
-        if row["time_ratio"] != 1.0:
-            low, high = row["time_ratio_quartiles"]
-            assert ratio.endswith(f"({low:.2f}-{high:.2f})")
+        assert_ratio_with_quartiles(ratio, row)
         assert same == ("yes" if row["same_tokens_as_baseline"] else "no") == "yes"
+
+
+def assert_cli_step_cells(milliseconds: str, ratios: str, row: dict) -> None:
+    """A README row of `--model cli`: ms a step, then the ratios to plain, to `none` and to the floor."""
+    assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
+    assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
 
 
 def test_readme_command_line_table_is_the_published_json():
@@ -262,8 +273,7 @@ def test_readme_command_line_table_is_the_published_json():
     assert [line[0] for line in cells] == [row["configuration"] for row in short["rows"]] == [row["configuration"] for row in long["rows"]]
     for line, *rows in zip(cells, short["rows"], long["rows"], strict=True):
         for row, (milliseconds, ratios) in zip(rows, (line[1:3], line[3:5]), strict=True):
-            assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
-            assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
+            assert_cli_step_cells(milliseconds, ratios, row)
 
 
 def test_readme_smollm2_table_is_the_published_json():
@@ -274,10 +284,7 @@ def test_readme_smollm2_table_is_the_published_json():
     for line, *rows in zip(cells, shipped, long, strict=True):
         for row, (milliseconds, ratio) in zip(rows, (line[1:3], line[3:5]), strict=True):
             assert milliseconds == f"{row['median_seconds'] * 1000:.0f}"
-            assert ratio.startswith(f"{row['time_ratio']:.2f}x")
-            if row["time_ratio"] != 1.0:
-                low, high = row["time_ratio_quartiles"]
-                assert ratio.endswith(f"({low:.2f}-{high:.2f})")
+            assert_ratio_with_quartiles(ratio, row)
 
 
 def test_readme_command_line_chat_table_is_the_published_json():
@@ -287,6 +294,5 @@ def test_readme_command_line_chat_table_is_the_published_json():
     assert [line[0] for line in cells] == [row["configuration"] for row in shipped["rows"]] == [row["configuration"] for row in long["rows"]]
     for line, *rows in zip(cells, shipped["rows"], long["rows"], strict=True):
         for row, (milliseconds, ratios, per_token) in zip(rows, (line[1:4], line[4:7]), strict=True):
-            assert milliseconds == f"{row['seconds_per_step'] * 1000:.0f}"
-            assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
+            assert_cli_step_cells(milliseconds, ratios, row)
             assert per_token == f"{row['ms_per_supervised_token']:.1f}"

@@ -647,9 +647,10 @@ def write_best_preset(plan: TunePlan, search: Search, study: optuna.Study, conso
 
 
 def retrain_with_seeds(presets: list[Path], plan: TunePlan, seeds: int, console: Console, train_fn: TrialTrainFn) -> None:
-    """Each best setting with ``seeds`` seeds it was not picked with (after those of its trial), then `hkft compare` over them all:
-    the number to report is a median over seeds, not the luckiest trial. The trials were picked on the
-    validation split, so the comparison scores them on the test split (each run's final evaluation)."""
+    """Each best setting with ``seeds`` seeds it was not picked with (nor any of its trial's seeds), then
+    `hkft compare` over them all: the number to report is a median over seeds, not the luckiest trial.
+    The trials were picked on the validation split, so the comparison scores them on the test split
+    (each run's final evaluation)."""
     cells: list[Cell] = []
     for preset in presets:
         first = load_config(preset).train.seed + plan.study.tune.trial_seeds
