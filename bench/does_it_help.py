@@ -88,13 +88,14 @@ def _mark(path: Path) -> tuple[int, float | None]:
     return int(fields[0]), float(fields[1]) if len(fields) > 1 else None
 
 
-def run_studies(datasets: list[str], seeds: int, studies: Path = STUDIES) -> None:
-    """Each dataset's four `hkft tune` studies in turn, one process each (a re-run resumes them), with
-    the time and load average at the start and end of each: one more phase per call."""
+def run_studies(datasets: list[str], seeds: int, methods: tuple[str, ...] = METHODS, studies: Path | None = None) -> None:
+    """Each dataset's `hkft tune` studies (all four methods, or ``methods``) in turn, one process each (a
+    re-run resumes them), with the time and load average at the start and end of each: one more phase
+    per call. Two calls with different ``methods`` run a dataset's studies side by side."""
     for dataset in datasets:
-        logs = studies / "logs" / dataset
+        logs = (studies or STUDIES) / "logs" / dataset
         logs.mkdir(parents=True, exist_ok=True)
-        for method in METHODS:
+        for method in methods:
             phase = 1 + len(list(logs.glob(f"{method}.*start")))
             (logs / f"{method}.{phase}.start").write_text(_now(), encoding="utf-8")
             try:
@@ -329,9 +330,11 @@ def main(args: list[str]) -> None:
     run = commands.add_parser("run", help="run each dataset's four studies in turn, timed")
     run.add_argument("datasets", nargs="+", help="rotten-tomatoes, vader-movies")
     run.add_argument("--seeds", type=int, default=5, help="seed runs of each best setting (default 5)")
+    run.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                     help="only these methods' studies (default: all four, in table order)")
     parsed = parser.parse_args(args)
     if parsed.command == "run":
-        run_studies(parsed.datasets, parsed.seeds)
+        run_studies(parsed.datasets, parsed.seeds, tuple(parsed.methods))
         return
     if parsed.command == "collect":
         collect()

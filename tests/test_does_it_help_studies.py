@@ -121,19 +121,19 @@ def test_run_studies_runs_the_four_studies_in_turn_and_times_each_phase(tmp_path
     clock = iter(range(1000, 3000, 100))
     monkeypatch.setattr(does_it_help.time, "time", lambda: next(clock))
     monkeypatch.setattr(does_it_help.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
-    run_studies(["vader-movies"], 5, tmp_path)
+    run_studies(["vader-movies"], 5, studies=tmp_path)
     assert commands == [["hkft", "tune", f"vader-movies-{method}", "--seeds", "5"] for method in METHODS]
     logs = tmp_path / "logs/vader-movies"
     assert (logs / "none.1.start").read_text() == "1000 1.25\n" and (logs / "none.1.end").read_text() == "1100 1.25\n"
     assert (logs / "hiddenkey.1.start").read_text() == "1600 1.25\n"  # after hiddenkey-'s
     monkeypatch.setattr(does_it_help.subprocess, "run", lambda command, check: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        run_studies(["vader-movies"], 5, tmp_path)  # a second call, interrupted: its phase still ends
+        run_studies(["vader-movies"], 5, studies=tmp_path)  # a second call, interrupted: its phase still ends
     assert (logs / "none.2.start").read_text() == "1800 1.25\n" and (logs / "none.2.end").read_text() == "1900 1.25\n"
     # A study that exits non-zero (hkft tune has said why) ends the runner in one line, its phase ended.
     monkeypatch.setattr(does_it_help.subprocess, "run", lambda command, check: SimpleNamespace(returncode=130))
     with pytest.raises(SystemExit, match="vader-movies-none: hkft tune exited with 130; run the same command again"):
-        run_studies(["vader-movies"], 5, tmp_path)
+        run_studies(["vader-movies"], 5, studies=tmp_path)
     assert (logs / "none.3.end").is_file() and not (logs / "lora-dropout.3.start").exists()
 
     study = tmp_path / "vader-movies/none"
@@ -142,3 +142,17 @@ def test_run_studies_runs_the_four_studies_in_turn_and_times_each_phase(tmp_path
     collect(tmp_path, tmp_path / "results")
     wall_time = json.loads((tmp_path / "results/vader-movies/none/wall_time.json").read_text())
     assert wall_time == {"phases": [[1000, 1100], [1800, 1900], [2000, 2100]], "load": [[1.25, 1.25]] * 3}
+
+
+def test_run_studies_runs_only_the_methods_asked_for(tmp_path, monkeypatch):
+    """Two runners with different --methods run one dataset's studies side by side."""
+    commands = []
+    monkeypatch.setattr(does_it_help.subprocess, "run",
+                        lambda command, check: commands.append(command) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(does_it_help, "STUDIES", tmp_path)
+    does_it_help.main(["run", "vader-movies-long", "--seeds", "3", "--methods", "hiddenkey", "none"])
+    assert commands == [["hkft", "tune", f"vader-movies-long-{method}", "--seeds", "3"] for method in ("hiddenkey", "none")]
+    assert sorted(path.name for path in (tmp_path / "logs/vader-movies-long").iterdir()) == [
+        "hiddenkey.1.end", "hiddenkey.1.start", "none.1.end", "none.1.start"]
+    with pytest.raises(SystemExit):
+        does_it_help.main(["run", "vader-movies", "--methods", "hiddenkye"])
