@@ -113,7 +113,8 @@ def main(
     length: Annotated[int, typer.Option(min=8, help="decoder sequence length")] = 256,
     steps: Annotated[str, typer.Option(help="cli: the steps timed, FIRST-LAST (the clock reads at the end of each)")] = "10-25",
     shapes: Annotated[str, typer.Option(help="cli: minilm (the quickstart at 64 and 128 tokens), chat (SmolLM2's chat "
-                                             "quickstart as shipped and at 512 tokens) or all")] = "minilm",
+                                             "quickstart as shipped and at 512 tokens), all, or single shapes "
+                                             "(minilm-64, minilm-128, chat-128, chat-512), comma-separated")] = "minilm",
     output: Annotated[Path, typer.Option(help="where to write the JSON results")] = Path("bench/results.json"),
 ) -> None:
     ensure_caching_malloc()
@@ -217,15 +218,16 @@ def cli_report(seconds: dict[str, list[float]], title: str) -> tuple[Table, list
 
 
 def cli_main(rounds: int, steps: str, shape_set: str, output: Path) -> None:
-    from bench.cli import CHAT_SHAPES, MINILM_SHAPES
+    from bench.cli import select_shapes
 
-    shapes = {"minilm": MINILM_SHAPES, "chat": CHAT_SHAPES, "all": MINILM_SHAPES + CHAT_SHAPES}.get(shape_set)
-    if shapes is None:
-        raise typer.BadParameter(f"{shape_set!r}: choose minilm, chat or all", param_hint="--shapes")
+    try:
+        shapes = select_shapes(shape_set)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--shapes") from None
     first, last = (int(step) for step in steps.split("-"))
     console.print(f"[bold]hkft train[/], end to end: steps {first}-{last} of one process per configuration, {rounds} interleaved rounds...")
     with tempfile.TemporaryDirectory(prefix="hkft-bench-cli-") as scratch:
-        results = cli_results(list(shapes), rounds, first, last, Path(scratch))
+        results = cli_results(shapes, rounds, first, last, Path(scratch))
     atomic_write_json(output, results)
     console.print(f"results written to {output}")
 

@@ -62,9 +62,27 @@ class Shape:
             return f"SmolLM2 {what}, batch {self.batch_size}"
         return f"texts filling {self.max_length} tokens" if self.fill else f"quickstart data, max_length {self.max_length}"
 
+    @property
+    def key(self) -> str:
+        """What ``--shapes`` calls this shape alone: minilm-64, chat-512..."""
+        return f"{'chat' if self.chat else 'minilm'}-{self.max_length}"
+
 
 MINILM_SHAPES = (Shape(64, fill=False), Shape(128, fill=True))
 CHAT_SHAPES = (Shape(128, fill=False, preset=CHAT_PRESET, batch_size=8), Shape(512, fill=True, preset=CHAT_PRESET, batch_size=2))
+SHAPE_GROUPS = {"minilm": MINILM_SHAPES, "chat": CHAT_SHAPES, "all": MINILM_SHAPES + CHAT_SHAPES,
+                **{shape.key: (shape,) for shape in MINILM_SHAPES + CHAT_SHAPES}}
+
+
+def select_shapes(text: str) -> list[Shape]:
+    """The shapes ``--shapes`` names: groups (minilm, chat, all) or single shapes (chat-512), comma-separated,
+    each once, in the order given. A single shape alone lets a re-measurement spend its time where it is needed."""
+    chosen: list[Shape] = []
+    for name in (part.strip() for part in text.split(",")):
+        if name not in SHAPE_GROUPS:
+            raise ValueError(f"{name!r}: choose from {', '.join(SHAPE_GROUPS)}")
+        chosen.extend(shape for shape in SHAPE_GROUPS[name] if shape not in chosen)
+    return chosen
 
 
 def filled_split(source: Path, target: Path, tokens: int, tokenizer) -> Path:

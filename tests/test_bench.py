@@ -182,6 +182,17 @@ def test_generation_rows_time_hkft_and_plain_generate_on_the_same_replies(tmp_pa
         assert len(tokens) == 1 and tokens.pop() > 0
 
 
+def test_cli_shapes_select_groups_and_single_shapes_each_once():
+    from bench.cli import CHAT_SHAPES, MINILM_SHAPES, select_shapes
+
+    assert select_shapes("minilm") == list(MINILM_SHAPES)
+    assert select_shapes("chat-512") == [CHAT_SHAPES[1]]
+    assert select_shapes("chat-512, minilm-64,chat") == [CHAT_SHAPES[1], MINILM_SHAPES[0], CHAT_SHAPES[0]]
+    assert select_shapes("all") == [*MINILM_SHAPES, *CHAT_SHAPES]
+    with pytest.raises(ValueError, match="'chat-256': choose from minilm, chat, all, minilm-64"):
+        select_shapes("chat-256")
+
+
 def test_cli_shapes_fill_each_text_with_the_reviews_after_it(tmp_path):
     """`--model cli`'s long shape: every text reaches the length (so every batch is max_length tokens
     after truncation), starts with its own review and keeps its label."""
