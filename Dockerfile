@@ -15,11 +15,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     MPLCONFIGDIR=/tmp/matplotlib
 
 WORKDIR /opt/hkft
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY hkft ./hkft
 COPY presets ./presets
-# The base image's CUDA build of torch satisfies hkft's `torch>=2.4`, so pip keeps it.
-RUN python -m pip install --no-cache-dir "./[gpu]"
+# The base image's CUDA build of torch satisfies hkft's `torch>=2.4`, so pip keeps it (constraints.txt
+# pins no torch). -c: the versions the test suite ran against, as the README's install has them; without
+# it every build resolves the newest releases of transformers, peft... on the day it runs.
+RUN python -m pip install --no-cache-dir -c constraints.txt "./[gpu]"
 
 # uid and gid 1000 go to hkft, also where the base already gave them away (Ubuntu's user `ubuntu`).
 RUN user="$(awk -F: '$3 == 1000 {print $1}' /etc/passwd)" \

@@ -63,6 +63,11 @@ def test_image_shape():
     assert ("ENTRYPOINT", '["hkft"]') in steps and ("CMD", '["env"]') in steps
     assert [argument for keyword, argument in steps if keyword == "WORKDIR"][-1] == "/work"
     assert ("VOLUME", '["/cache"]') in steps
+    # The image installs the tested versions, as the README's install does, not the newest of the day.
+    installs = [shlex.split(argument) for keyword, argument in steps if keyword == "RUN" and "pip install" in argument]
+    assert installs and all("-c" in command and command[command.index("-c") + 1] == "constraints.txt" for command in installs)
+    assert any(keyword == "COPY" and "constraints.txt" in shlex.split(argument)[:-1] for keyword, argument in steps)
+    assert not any(line.startswith("torch==") for line in (ROOT / "constraints.txt").read_text().splitlines())  # keeps the base's CUDA torch
     assert "HEALTHCHECK" not in keywords  # a CLI, not a service: nothing to probe
     assert any(keyword == "ENV" and "HF_HOME=/cache" in argument for keyword, argument in steps)
     ignored = (ROOT / ".dockerignore").read_text().split()
