@@ -147,6 +147,13 @@ def _trial_flags(method_dir: Path) -> tuple[int, int]:
     return flagged, sum(1 for run in runs if run.overfitting is not None)
 
 
+def _search_budget(method_dir: Path) -> str:
+    """"10 trials", or "4 trials of 3 seeds" for a study whose trials each train several seeds."""
+    record = method_dir / "trial-0000" / "trial.json"
+    seeds = len(json.loads(record.read_text(encoding="utf-8")).get("seed_values", [])) if record.is_file() else 0
+    return f"{len(_trials(method_dir))} trials" + (f" of {seeds} seeds" if seeds > 1 else "")
+
+
 def _tuned(row: Row) -> str:
     setting = dict(row.runs[0].setting)
     rate = f", rate {row.rate:.3g}" if row.rate is not None else ""
@@ -186,9 +193,9 @@ def summary_markdown(pairs: list[tuple[Row, Path]]) -> str:
         seed_flags, seed_watched = overfit_count(row)
         trial_flags, trial_watched = _trial_flags(method_dir)
         scores = [_score(row, name) for name in (metric, second)]
-        lines.append(f"| {_label(row)} | {_tuned(row)} ({len(_trials(method_dir))} trials) | {scores[0]} | {scores[1]} "
+        lines.append(f"| {_label(row)} | {_tuned(row)} ({_search_budget(method_dir)}) | {scores[0]} | {scores[1]} "
                      f"| {step_time:.2f} | {total / 60:.0f} min ({len(runtimes)} runs) "
-                     f"| {seed_flags}/{seed_watched} seeds, {trial_flags}/{trial_watched} trials |")
+                     f"| {seed_flags}/{seed_watched} seeds, {trial_flags}/{trial_watched} trial runs |")
     seeds = sorted({seed for row, _ in pairs for seed in row.seeds})
     lines.append("")
     lines.append(f"Median ± sample std over seeds {', '.join(map(str, seeds))} on the test split; s/step is the "

@@ -108,8 +108,16 @@ def test_a_regression_summary_reports_pearson_and_spearman_and_the_load_average(
     assert lines[0].startswith("| method | tuned on validation | test pearson | test spearman | s/step |")
     std = statistics.stdev([0.81, 0.75, 0.78])
     assert lines[2].startswith(f"| hiddenkey | lr 0.002, rate 0.2 (1 trials) | 0.780 ± {std:.3f} | 0.680 ± {std:.3f} | 0.20 |")
-    assert lines[2].endswith("| 0/3 seeds, 1/1 trials |")
+    assert lines[2].endswith("| 0/3 seeds, 1/1 trial runs |")
     assert lines[-1] == "Load average (1 min) at the start and end of each study: hiddenkey 2.2 -> 1.5."
+
+    # A study whose trials each train several seeds (tune.trial_seeds) says so; every run of a trial is watched.
+    (study / "trial-0000/trial.json").write_text(json.dumps({"trial": 0, "seed_values": [0.5, 0.52]}))
+    write_regression_run(study / "trial-0000-seed-43", ["dropout.method=hiddenkey", "train.lr=0.002", "dropout.rate=0.2",
+                                                        "train.seed=43"], 0.52, False)
+    report(tmp_path, QUIET)
+    row = (tmp_path / "vader-movies/summary.md").read_text().splitlines()[2]
+    assert "| lr 0.002, rate 0.2 (1 trials of 2 seeds) |" in row and row.endswith("| 0/3 seeds, 1/2 trial runs |")
 
 
 # --- the timed runner -----------------------------------------------------------------------------
