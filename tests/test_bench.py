@@ -307,3 +307,11 @@ def test_readme_command_line_chat_table_is_the_published_json():
         for row, (milliseconds, ratios, per_token) in zip(rows, (line[1:4], line[4:7]), strict=True):
             assert_cli_step_cells(milliseconds, ratios, row)
             assert per_token == f"{row['ms_per_supervised_token']:.1f}"
+
+
+def test_bench_imports_quietly():
+    """`python -m bench` prints its tables, not bitsandbytes' warning about its optional hub kernel,
+    which peft's import (the plain baselines) would otherwise trigger before hkft has quieted it."""
+    imported = subprocess.run([sys.executable, "-c", "import bench.run, bench.cli"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
+    assert "kernels-community" not in imported.stderr and "gemm_4bit" not in imported.stderr, imported.stderr
