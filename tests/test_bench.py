@@ -309,6 +309,19 @@ def test_readme_command_line_chat_table_is_the_published_json():
             assert per_token == f"{row['ms_per_supervised_token']:.1f}"
 
 
+def test_readme_command_line_remeasurement_is_the_published_json():
+    """The single-shape re-measurements (more steps, more rounds): ms a step, ratios and every round."""
+    bench = Path(__file__).parents[1] / "bench"
+    (quickstart,), (chat,) = (json.loads((bench / name).read_text())["shapes"]
+                              for name in ("results-cli-quickstart-cpu.json", "results-cli-chat-512-cpu.json"))
+    cells = readme_table("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |")
+    assert [line[0] for line in cells] == [row["configuration"] for row in quickstart["rows"]] == [row["configuration"] for row in chat["rows"]]
+    for line, *rows in zip(cells, quickstart["rows"], chat["rows"], strict=True):
+        for row, (milliseconds, ratios, rounds) in zip(rows, (line[1:4], line[4:7]), strict=True):
+            assert_cli_step_cells(milliseconds, ratios, row)
+            assert rounds == ", ".join(f"{value * 1000:.0f}" for value in row["rounds_seconds_per_step"])
+
+
 def test_bench_imports_quietly():
     """`python -m bench` prints its tables, not bitsandbytes' warning about its optional hub kernel,
     which peft's import (the plain baselines) would otherwise trigger before hkft has quieted it."""

@@ -48,7 +48,7 @@ def test_summary_reports_the_seed_runs_median_and_std_per_method(tmp_path):
         # s/step: the median over the 5 runs of runtime / 100 steps; time: every run summed
         runtimes = [50.0, 70.0, *(100.0 + seed for seed in SEEDS)]
         assert f"| {statistics.median(runtimes) / 100:.2f} | {sum(runtimes) / 60:.0f} min (5 runs) |" in row
-        assert row.endswith("| 1/3 seeds, 1/2 trials |")
+        assert row.endswith("| 1/3 seeds, 1/2 trial runs |")
     assert "seeds 43, 44, 45 on the test split" in lines[-2]
     assert lines[-1].startswith("Wall time: 25 min from the first start to the last end")  # 1000 .. 2500 s
     for name in ("summary.png", "comparison.csv", "metric_by_method.png"):
