@@ -277,36 +277,38 @@ def assert_cli_step_cells(milliseconds: str, ratios: str, row: dict) -> None:
     assert ratios == " / ".join(f"{row[key]:.2f}x" for key in ("ratio_to_plain", "ratio_to_none", "ratio_to_floor"))
 
 
+def readme_cells_beside(header: str, width: int, left: list[dict], right: list[dict]) -> list[tuple[list[str], dict]]:
+    """A two-shape README table against its JSON: the table lists each shape's configurations in order,
+    and each row's ``width`` cells of the left shape, then of the right one, go with that shape's row."""
+    cells = readme_table(header)
+    assert [line[0] for line in cells] == [row["configuration"] for row in left] == [row["configuration"] for row in right]
+    return [(line[1 + side * width:1 + (side + 1) * width], row)
+            for line, *rows in zip(cells, left, right, strict=True) for side, row in enumerate(rows)]
+
+
 def test_readme_command_line_table_is_the_published_json():
     published = json.loads((Path(__file__).parents[1] / "bench/results-cli-cpu.json").read_text())
     short, long = published["shapes"]
-    cells = readme_table("| configuration | quickstart data, max_length 64: ms a step |")
-    assert [line[0] for line in cells] == [row["configuration"] for row in short["rows"]] == [row["configuration"] for row in long["rows"]]
-    for line, *rows in zip(cells, short["rows"], long["rows"], strict=True):
-        for row, (milliseconds, ratios) in zip(rows, (line[1:3], line[3:5]), strict=True):
-            assert_cli_step_cells(milliseconds, ratios, row)
+    for (milliseconds, ratios), row in readme_cells_beside("| configuration | quickstart data, max_length 64: ms a step |", 2,
+                                                           short["rows"], long["rows"]):
+        assert_cli_step_cells(milliseconds, ratios, row)
 
 
 def test_readme_smollm2_table_is_the_published_json():
     published = json.loads((Path(__file__).parents[1] / "bench/results-smollm2-cpu.json").read_text())
     shipped, long = (workload["train"] for workload in published["workloads"])
-    cells = readme_table("| configuration | chat data as shipped: ms a step |")
-    assert [line[0] for line in cells] == [row["configuration"] for row in shipped] == [row["configuration"] for row in long]
-    for line, *rows in zip(cells, shipped, long, strict=True):
-        for row, (milliseconds, ratio) in zip(rows, (line[1:3], line[3:5]), strict=True):
-            assert milliseconds == f"{row['median_seconds'] * 1000:.0f}"
-            assert_ratio_with_quartiles(ratio, row)
+    for (milliseconds, ratio), row in readme_cells_beside("| configuration | chat data as shipped: ms a step |", 2, shipped, long):
+        assert milliseconds == f"{row['median_seconds'] * 1000:.0f}"
+        assert_ratio_with_quartiles(ratio, row)
 
 
 def test_readme_command_line_chat_table_is_the_published_json():
     published = json.loads((Path(__file__).parents[1] / "bench/results-cli-chat-cpu.json").read_text())
     shipped, long = published["shapes"]
-    cells = readme_table("| configuration | chat data as shipped: ms a step | to plain")
-    assert [line[0] for line in cells] == [row["configuration"] for row in shipped["rows"]] == [row["configuration"] for row in long["rows"]]
-    for line, *rows in zip(cells, shipped["rows"], long["rows"], strict=True):
-        for row, (milliseconds, ratios, per_token) in zip(rows, (line[1:4], line[4:7]), strict=True):
-            assert_cli_step_cells(milliseconds, ratios, row)
-            assert per_token == f"{row['ms_per_supervised_token']:.1f}"
+    for (milliseconds, ratios, per_token), row in readme_cells_beside("| configuration | chat data as shipped: ms a step | to plain", 3,
+                                                                      shipped["rows"], long["rows"]):
+        assert_cli_step_cells(milliseconds, ratios, row)
+        assert per_token == f"{row['ms_per_supervised_token']:.1f}"
 
 
 def test_readme_command_line_remeasurement_is_the_published_json():
@@ -314,12 +316,10 @@ def test_readme_command_line_remeasurement_is_the_published_json():
     bench = Path(__file__).parents[1] / "bench"
     (quickstart,), (chat,) = (json.loads((bench / name).read_text())["shapes"]
                               for name in ("results-cli-quickstart-cpu.json", "results-cli-chat-512-cpu.json"))
-    cells = readme_table("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |")
-    assert [line[0] for line in cells] == [row["configuration"] for row in quickstart["rows"]] == [row["configuration"] for row in chat["rows"]]
-    for line, *rows in zip(cells, quickstart["rows"], chat["rows"], strict=True):
-        for row, (milliseconds, ratios, rounds) in zip(rows, (line[1:4], line[4:7]), strict=True):
-            assert_cli_step_cells(milliseconds, ratios, row)
-            assert rounds == ", ".join(f"{value * 1000:.0f}" for value in row["rounds_seconds_per_step"])
+    for (milliseconds, ratios, rounds), row in readme_cells_beside("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |",
+                                                                   3, quickstart["rows"], chat["rows"]):
+        assert_cli_step_cells(milliseconds, ratios, row)
+        assert rounds == ", ".join(f"{value * 1000:.0f}" for value in row["rounds_seconds_per_step"])
 
 
 def test_bench_imports_quietly():
