@@ -76,7 +76,7 @@ def test_dropkey_and_dropattention_same_forward_on_causal_and_padded_batches(arc
         model.train()
         logits.append(model(**batch(arch, padded)).logits)
     # Rows whose visible keys are all dropped carry ~1e-4 float32 error on the key-bias path (see
-    # test_key_bias_dropkey_equals_the_masked_reference); a dropped own position would differ by 1e-1.
+    # test_whole_key_carriers_equal_the_masked_reference); a dropped own position would differ by 1e-1.
     assert torch.allclose(logits[0], logits[1], atol=1e-3)
 
 
@@ -154,6 +154,7 @@ def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypa
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", counted(eager_reference))
     monkeypatch.setattr(attention, "dropkey_by_key_bias", counted(eager_key_bias_reference))
+    monkeypatch.setattr(attention, "dropkey_by_causal_kernel", counted(eager_key_bias_reference))
     slow = model(**inputs).logits
     assert len(reference_calls) == len(model.base_model.encoder.layer if arch == "bert" else model.model.layers)
     # Rows whose visible keys are all dropped carry ~1e-4 float32 error on the key-bias path.
@@ -216,9 +217,15 @@ def masked_reference(query, key, value, visible, dropped, groups):
     return (weights @ value).transpose(1, 2)
 
 
-@pytest.mark.parametrize("causal,padded", [(True, False), (True, True), (False, True)])
+CARRIER_CASES = [("dropkey_by_key_bias", True, False), ("dropkey_by_key_bias", True, True),
+                 ("dropkey_by_key_bias", False, True), ("dropkey_by_causal_kernel", True, False)]
+
+
+@pytest.mark.parametrize("carrier,causal,padded", CARRIER_CASES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_key_bias_dropkey_equals_the_masked_reference(causal, padded, groups):
+def test_whole_key_carriers_equal_the_masked_reference(carrier, causal, padded, groups):
+    """Both carriers of whole-key DropKey (the key bias; the CPU kernel's causal flag with an
+    additive mask), values and gradients, against attention written out."""
     module = FakeAttention(causal=causal).train()
     module.num_key_value_groups = groups
     generator = torch.Generator().manual_seed(4)
@@ -232,7 +239,7 @@ def test_key_bias_dropkey_equals_the_masked_reference(causal, padded, groups):
         visible &= torch.ones(length, length, dtype=torch.bool).tril()
     if padded:
         visible[1, :, :, length - 3 :] = False  # the last 3 keys of example 1 are padding
-    output, _ = attention.dropkey_by_key_bias(module, query, key, value, visible if padded else None, dropped)
+    output, _ = getattr(attention, carrier)(module, query, key, value, visible if padded else None, dropped)
     output.square().sum().backward()
     got = [t.grad.clone() for t in (query, key, value)]
 
@@ -266,6 +273,36 @@ def test_whole_key_dropkey_never_hands_sdpa_a_per_head_query_by_key_mask(arch, m
     for padded in (False, True):
         model(**batch(arch, padded, size=3, length=10))
     assert masks and all(shape is None or 1 in shape[1:3] for shape in masks), masks
+
+
+def test_an_unpadded_causal_cpu_batch_carries_dropped_keys_in_the_causal_kernels_mask(monkeypatch):
+    """Column DropKey on an unpadded decoder batch: every dropping layer calls the CPU kernel once
+    with the causal flag and a [B, H, 1, K] mask; a padded batch (the model's mask) keeps the key
+    bias, and so does attention dropout, which the kernel is not handed."""
+    model = tiny_model("llama", task="causal-lm")
+    instrument(model, build_plan("dropkey", 0.3, 0.0, layers="all"), seed=0)
+    model.train()
+    kernel_calls, biased = [], []
+    kernel, key_bias = attention.CPU_CAUSAL_KERNEL, attention.dropkey_by_key_bias
+
+    def spy(query, key, value, dropout_p, is_causal, attn_mask=None, scale=None):
+        kernel_calls.append((tuple(query.shape), is_causal, tuple(attn_mask.shape)))
+        return kernel(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(attention, "CPU_CAUSAL_KERNEL", spy)
+    monkeypatch.setattr(attention, "dropkey_by_key_bias", lambda *args, **kwargs: biased.append(args[4]) or key_bias(*args, **kwargs))
+    layers = len(model.model.layers)
+    model(**batch("llama", padded=False, size=3, length=10))
+    assert len(kernel_calls) == layers and not biased
+    for (size, heads, queries, _), is_causal, mask in kernel_calls:
+        assert is_causal and mask == (size, heads, 1, queries)
+    model(**batch("llama", padded=True, size=3, length=10))
+    assert len(kernel_calls) == layers and len(biased) == layers and all(mask is not None for mask in biased)
+    for module in model.modules():
+        if hasattr(module, "hkft_attention_drop"):
+            module.attention_dropout = 0.1
+    model(**batch("llama", padded=False, size=3, length=10))
+    assert len(kernel_calls) == layers and len(biased) == 2 * layers
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
