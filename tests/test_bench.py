@@ -311,15 +311,25 @@ def test_readme_command_line_chat_table_is_the_published_json():
         assert per_token == f"{row['ms_per_supervised_token']:.1f}"
 
 
-def test_readme_command_line_remeasurement_is_the_published_json():
-    """The single-shape re-measurements (more steps, more rounds): ms a step, ratios and every round."""
+def assert_single_shape_tables_beside(header: str, left_name: str, right_name: str) -> None:
+    """Two single-shape `--model cli` results side by side in one README table: ms a step, ratios and every round."""
     bench = Path(__file__).parents[1] / "bench"
-    (quickstart,), (chat,) = (json.loads((bench / name).read_text())["shapes"]
-                              for name in ("results-cli-quickstart-cpu.json", "results-cli-chat-512-cpu.json"))
-    for (milliseconds, ratios, rounds), row in readme_cells_beside("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |",
-                                                                   3, quickstart["rows"], chat["rows"]):
+    (left,), (right,) = (json.loads((bench / name).read_text())["shapes"] for name in (left_name, right_name))
+    for (milliseconds, ratios, rounds), row in readme_cells_beside(header, 3, left["rows"], right["rows"]):
         assert_cli_step_cells(milliseconds, ratios, row)
         assert rounds == ", ".join(f"{value * 1000:.0f}" for value in row["rounds_seconds_per_step"])
+
+
+def test_readme_command_line_remeasurement_is_the_published_json():
+    """The single-shape re-measurements (more steps, more rounds)."""
+    assert_single_shape_tables_beside("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |",
+                                      "results-cli-quickstart-cpu.json", "results-cli-chat-512-cpu.json")
+
+
+def test_readme_carrier_comparison_is_the_published_json():
+    """The 512-token chat shape with the key bias (left) and with the CPU kernel's mask (right)."""
+    assert_single_shape_tables_beside("| configuration | key bias: ms a step |",
+                                      "results-cli-chat-512-cpu.json", "results-cli-chat-512-kernel-cpu.json")
 
 
 def test_bench_imports_quietly():
