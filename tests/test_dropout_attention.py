@@ -305,6 +305,27 @@ def test_an_unpadded_causal_cpu_batch_carries_dropped_keys_in_the_causal_kernels
     assert len(kernel_calls) == layers and len(biased) == 2 * layers
 
 
+def test_the_causal_kernel_under_cpu_autocast_computes_what_the_key_bias_does(monkeypatch):
+    """`precision: bf16` on a CPU trains under autocast, which casts public SDPA's inputs but not
+    the kernel's: llama's rotary hands it float32 queries and keys beside bf16 values. The kernel
+    gets them in autocast's dtype, and loss and gradients match the key bias's with the same masks."""
+    inputs = batch("llama", padded=False, size=3, length=10)
+    results = []
+    for carrier in ("dropkey_by_causal_kernel", "dropkey_by_key_bias"):
+        torch.manual_seed(0)
+        model = tiny_model("llama", task="causal-lm")
+        instrument(model, build_plan("dropkey", 0.3, 0.0, layers="all"), seed=3)
+        model.train()
+        monkeypatch.setattr(attention, "fits_causal_kernel", lambda *args, use=carrier == "dropkey_by_causal_kernel": use)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (kernel_loss, kernel_grads), (bias_loss, bias_grads) = results
+    assert torch.allclose(kernel_loss, bias_loss, rtol=2e-2)
+    assert all(torch.allclose(mine, reference, rtol=0.1, atol=1e-2) for mine, reference in zip(kernel_grads, bias_grads, strict=True))
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_key_spans_of_a_padded_batch_lie_in_each_examples_tokens(arch, monkeypatch):
     model = tiny_model(arch, task="causal-lm" if arch == "llama" else "classification")

@@ -149,10 +149,17 @@ CPU_CAUSAL_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def kernel_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA would compute in: autocast's on a CPU under autocast (which casts SDPA's
+    inputs, but not the kernel's when called directly; llama's rotary hands it float32 queries and
+    keys beside bf16 values), else the query's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+
+
 def fits_causal_kernel(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> bool:
     """Whether `dropkey_by_causal_kernel` can carry the dropped keys: a CPU batch the model sends
     with no mask (causal, unpadded), no attention dropout, a dtype the kernel takes."""
-    return (CPU_CAUSAL_KERNEL is not None and query.device.type == "cpu" and query.dtype in CPU_KERNEL_DTYPES
+    return (CPU_CAUSAL_KERNEL is not None and query.device.type == "cpu" and kernel_dtype(query) in CPU_KERNEL_DTYPES
             and attention_mask is None and _causal(module, query) and not (dropout > 0 and module.training))
 
 
@@ -175,9 +182,10 @@ def dropkey_by_causal_kernel(
     of its attention time, this mask about 2% (forward and backward, one thread).
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # the mask differs per query head
+    dtype = kernel_dtype(query)
+    query, key, value = query.to(dtype), repeat_kv(key, groups).to(dtype), repeat_kv(value, groups).to(dtype)  # the mask differs per query head
     batch, heads, _, dim = query.shape
-    shift = dropped.reshape(batch, heads, 1, key.shape[2]).to(query.dtype) * -DROPPED_LOGIT_SHIFT
+    shift = dropped.reshape(batch, heads, 1, key.shape[2]).to(dtype) * -DROPPED_LOGIT_SHIFT
     scale = scaling if scaling is not None else dim**-0.5
     output, _ = CPU_CAUSAL_KERNEL(query, key, value, 0.0, True, attn_mask=shift, scale=scale)
     return output.transpose(1, 2).contiguous(), None
