@@ -332,6 +332,18 @@ def test_readme_carrier_comparison_is_the_published_json():
                                       "results-cli-chat-512-cpu.json", "results-cli-chat-512-kernel-cpu.json")
 
 
+def test_readme_in_process_carrier_figures_are_the_published_json():
+    """The in-process 512-token figures quoted beside the carrier comparison: ms a step and the two ratios."""
+    published = json.loads((Path(__file__).parents[1] / "bench/results-smollm2-kernel-cpu.json").read_text())
+    rows = {row["configuration"]: row["median_seconds"] * 1000 for row in published["workloads"][1]["train"]}
+    none, dropped, kl, floor = (rows[name] for name in ("hkft none", "hiddenkey-", "hiddenkey KL one branch",
+                                                        "one-branch floor: none + no-grad second pass"))
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert (f"at 512 tokens `hiddenkey-` takes {dropped:,.0f} ms a step against `none`'s {none:,.0f} ({dropped / none:.2f}x;"
+            in text)
+    assert f"one-branch `hiddenkey` {kl:,.0f} ms against the floor's {floor:,.0f} ({kl / floor:.2f}x;" in text
+
+
 def test_bench_imports_quietly():
     """`python -m bench` prints its tables, not bitsandbytes' warning about its optional hub kernel,
     which peft's import (the plain baselines) would otherwise trigger before hkft has quieted it."""
