@@ -135,6 +135,14 @@ def eager_key_bias_reference(module, query, key, value, attention_mask, dropped,
     return output.contiguous(), None
 
 
+def eager_causal_kernel_reference(module, query, key, value, visible_keys, dropped, scaling=None):
+    """Whole-key DropKey under the causal triangle over the visible keys, standing in for the CPU
+    kernel's path."""
+    visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril() & visible_keys
+    output = masked_reference(query, key, value, visible, dropped, getattr(module, "num_key_value_groups", 1))
+    return output.contiguous(), None
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypatch):
@@ -154,11 +162,13 @@ def test_sdpa_path_equals_eager_reference_with_same_masks(arch, padded, monkeypa
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", counted(eager_reference))
     monkeypatch.setattr(attention, "dropkey_by_key_bias", counted(eager_key_bias_reference))
-    monkeypatch.setattr(attention, "dropkey_by_causal_kernel", counted(eager_key_bias_reference))
+    monkeypatch.setattr(attention, "dropkey_by_causal_kernel", counted(eager_causal_kernel_reference))
     slow = model(**inputs).logits
     assert len(reference_calls) == len(model.base_model.encoder.layer if arch == "bert" else model.model.layers)
-    # Rows whose visible keys are all dropped carry ~1e-4 float32 error on the key-bias path.
-    assert torch.allclose(fast, slow, atol=1e-3 if reference_calls[-1] is eager_key_bias_reference else 1e-5)
+    # Rows whose visible keys are all dropped carry ~1e-4 float32 error where -1000 marks dropped keys.
+    shifted = reference_calls[-1] is not eager_reference
+    rows = inputs["attention_mask"].bool() if arch == "llama" else slice(None)  # a padded query's row is not the method's
+    assert torch.allclose(fast[rows], slow[rows], atol=1e-3 if shifted else 1e-5)
     controller.load_state_dict(state)
     monkeypatch.undo()
     assert torch.equal(model(**inputs).logits, fast)  # same seed state, same masks
@@ -217,15 +227,25 @@ def masked_reference(query, key, value, visible, dropped, groups):
     return (weights @ value).transpose(1, 2)
 
 
-CARRIER_CASES = [("dropkey_by_key_bias", True, False), ("dropkey_by_key_bias", True, True),
-                 ("dropkey_by_key_bias", False, True), ("dropkey_by_causal_kernel", True, False)]
+CARRIER_CASES = [("dropkey_by_key_bias", True, None), ("dropkey_by_key_bias", True, "right"), ("dropkey_by_key_bias", True, "left"),
+                 ("dropkey_by_key_bias", False, "right"), ("dropkey_by_causal_kernel", True, None),
+                 ("dropkey_by_causal_kernel", True, "right"), ("dropkey_by_causal_kernel", True, "left")]
 
 
-@pytest.mark.parametrize("carrier,causal,padded", CARRIER_CASES)
+def carried(carrier: str, module, query, key, value, visible, padding, dropped):
+    """The carrier as `hkft_attention_forward` calls it: the key bias with the model's mask (none when
+    unpadded), the CPU kernel with the keys the last query sees."""
+    if carrier == "dropkey_by_causal_kernel":
+        return attention.dropkey_by_causal_kernel(module, query, key, value, visible[..., -1:, :], dropped)[0]
+    return attention.dropkey_by_key_bias(module, query, key, value, visible if padding else None, dropped)[0]
+
+
+@pytest.mark.parametrize("carrier,causal,padding", CARRIER_CASES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_whole_key_carriers_equal_the_masked_reference(carrier, causal, padded, groups):
+def test_whole_key_carriers_equal_the_masked_reference(carrier, causal, padding, groups):
     """Both carriers of whole-key DropKey (the key bias; the CPU kernel's causal flag with an
-    additive mask), values and gradients, against attention written out."""
+    additive mask), values and gradients, against attention written out. Left padding leaves a
+    padded query no key to see: its row is the model's business, not the method's, and is left out."""
     module = FakeAttention(causal=causal).train()
     module.num_key_value_groups = groups
     generator = torch.Generator().manual_seed(4)
@@ -237,14 +257,16 @@ def test_whole_key_carriers_equal_the_masked_reference(carrier, causal, padded, 
     visible = torch.ones(batch_size, 1, length, length, dtype=torch.bool)
     if causal:
         visible &= torch.ones(length, length, dtype=torch.bool).tril()
-    if padded:
-        visible[1, :, :, length - 3 :] = False  # the last 3 keys of example 1 are padding
-    output, _ = getattr(attention, carrier)(module, query, key, value, visible if padded else None, dropped)
+    if padding:  # 3 keys of example 1 are padding
+        visible[1, :, :, slice(length - 3, None) if padding == "right" else slice(None, 3)] = False
+    seen = visible.any(-1).transpose(1, 2)[..., None]  # [B, Q, 1, 1]: queries with a key to see
+    output = torch.where(seen, carried(carrier, module, query, key, value, visible, padding, dropped), 0.0)
     output.square().sum().backward()
     got = [t.grad.clone() for t in (query, key, value)]
 
     ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (query, key, value))
-    expected = masked_reference(ref_q, ref_k, ref_v, visible, dropped, groups)
+    expected = masked_reference(ref_q, ref_k, ref_v, visible | ~visible.any(-1, keepdim=True), dropped, groups)
+    expected = torch.where(seen, expected, 0.0)
     expected.square().sum().backward()
     # A row whose keys are all dropped has float32 logits near -1000 (resolution ~6e-5): its weights
     # carry errors of ~1e-4, and so do the gradients that flow through it; every other row is exact.
@@ -275,10 +297,11 @@ def test_whole_key_dropkey_never_hands_sdpa_a_per_head_query_by_key_mask(arch, m
     assert masks and all(shape is None or 1 in shape[1:3] for shape in masks), masks
 
 
-def test_an_unpadded_causal_cpu_batch_carries_dropped_keys_in_the_causal_kernels_mask(monkeypatch):
-    """Column DropKey on an unpadded decoder batch: every dropping layer calls the CPU kernel once
-    with the causal flag and a [B, H, 1, K] mask; a padded batch (the model's mask) keeps the key
-    bias, and so does attention dropout, which the kernel is not handed."""
+def test_causal_cpu_batches_carry_dropped_keys_in_the_causal_kernels_mask(monkeypatch):
+    """Column DropKey on a decoder: an unpadded batch and a padded one, right or left, call the CPU
+    kernel once a dropping layer with the causal flag and a [B, H, 1, K] mask; packed rows (a
+    mask that keeps examples apart) keep the key bias, and so does attention dropout, which the
+    kernel is not handed."""
     model = tiny_model("llama", task="causal-lm")
     instrument(model, build_plan("dropkey", 0.3, 0.0, layers="all"), seed=0)
     model.train()
@@ -292,17 +315,40 @@ def test_an_unpadded_causal_cpu_batch_carries_dropped_keys_in_the_causal_kernels
     monkeypatch.setattr(attention, "CPU_CAUSAL_KERNEL", spy)
     monkeypatch.setattr(attention, "dropkey_by_key_bias", lambda *args, **kwargs: biased.append(args[4]) or key_bias(*args, **kwargs))
     layers = len(model.model.layers)
-    model(**batch("llama", padded=False, size=3, length=10))
-    assert len(kernel_calls) == layers and not biased
+    right = batch("llama", padded=True, size=3, length=10)
+    left = {name: tensor.flip(-1) for name, tensor in right.items()}
+    for inputs in (batch("llama", padded=False, size=3, length=10), right, left):
+        model(**inputs)
+    assert len(kernel_calls) == 3 * layers and not biased
     for (size, heads, queries, _), is_causal, mask in kernel_calls:
         assert is_causal and mask == (size, heads, 1, queries)
-    model(**batch("llama", padded=True, size=3, length=10))
-    assert len(kernel_calls) == layers and len(biased) == layers and all(mask is not None for mask in biased)
+    packed = torch.tensor([list(range(6)) + list(range(4))])
+    model(input_ids=torch.arange(3, 13)[None], position_ids=packed, use_cache=False)
+    assert len(kernel_calls) == 3 * layers and len(biased) == layers and all(mask is not None for mask in biased)
     for module in model.modules():
         if hasattr(module, "hkft_attention_drop"):
             module.attention_dropout = 0.1
     model(**batch("llama", padded=False, size=3, length=10))
-    assert len(kernel_calls) == layers and len(biased) == 2 * layers
+    assert len(kernel_calls) == 3 * layers and len(biased) == 2 * layers
+
+
+def test_the_causal_kernel_gives_a_padded_batchs_real_tokens_the_key_bias_logits():
+    """With the same masks, the real tokens of a right- and a left-padded decoder batch get the same
+    logits from the CPU kernel's mask as from the key bias with the model's mask."""
+    right = batch("llama", padded=True, size=3, length=10)
+    for inputs in (right, {name: tensor.flip(-1) for name, tensor in right.items()}):
+        logits = []
+        for kernel in (True, False):
+            torch.manual_seed(0)
+            model = tiny_model("llama", task="causal-lm")
+            instrument(model, build_plan("dropkey", 0.5, 0.0, layers="all"), seed=3)
+            model.train()
+            with pytest.MonkeyPatch.context() as patch:
+                if not kernel:
+                    patch.setattr(attention, "causal_kernel_keys", lambda *args: None)
+                logits.append(model(**inputs).logits)
+        real = inputs["attention_mask"].bool()
+        assert torch.allclose(logits[0][real], logits[1][real], atol=1e-3)
 
 
 def test_the_causal_kernel_under_cpu_autocast_computes_what_the_key_bias_does(monkeypatch):
@@ -316,7 +362,8 @@ def test_the_causal_kernel_under_cpu_autocast_computes_what_the_key_bias_does(mo
         model = tiny_model("llama", task="causal-lm")
         instrument(model, build_plan("dropkey", 0.3, 0.0, layers="all"), seed=3)
         model.train()
-        monkeypatch.setattr(attention, "fits_causal_kernel", lambda *args, use=carrier == "dropkey_by_causal_kernel": use)
+        if carrier == "dropkey_by_key_bias":
+            monkeypatch.setattr(attention, "causal_kernel_keys", lambda *args: None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()

@@ -12,10 +12,10 @@ and inference are exactly the stock model.
   that mask would combine with the model's into [B, H, Q, K]
   (which SDPA converts to float and keeps for the backward pass: quadratic in the sequence), so
   they ride on the keys instead (`dropkey_by_key_bias`) and the model's own mask, or SDPA's
-  causal flag, is passed through unchanged. On a CPU, a causal batch without a model mask (no
-  padding) takes a cheaper carrier: PyTorch's CPU flash kernel applies the causal triangle and an
-  additive [B, H, 1, K] mask together (`dropkey_by_causal_kernel`). The element pattern needs a
-  [B, H, Q, K] mask.
+  causal flag, is passed through unchanged. On a CPU, a causal batch whose mask is the causal
+  triangle alone or with padded keys takes a cheaper carrier: PyTorch's CPU flash kernel applies
+  the causal triangle and an additive [B, H, 1, K] mask together (`dropkey_by_causal_kernel`). The
+  element pattern needs a [B, H, Q, K] mask.
 - DropAttention (``attention_weights``) needs the attention matrix: softmax, zero the dropped
   weights, divide each row by the sum of its surviving weights taken without gradient.
 """
@@ -120,8 +120,10 @@ def hkft_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if rides_on_keys(site, module, query, attention_mask):
         dropped = dropped_keys(site, query, key)
-        carrier = dropkey_by_causal_kernel if fits_causal_kernel(module, query, attention_mask, dropout) else dropkey_by_key_bias
-        return carrier(module, query, key, value, attention_mask, dropped, dropout=dropout, scaling=scaling)
+        visible_keys = causal_kernel_keys(site, module, query, key, attention_mask, dropout)
+        if visible_keys is not None:
+            return dropkey_by_causal_kernel(module, query, key, value, visible_keys, dropped, scaling=scaling)
+        return dropkey_by_key_bias(module, query, key, value, attention_mask, dropped, dropout=dropout, scaling=scaling)
     keep = keep_mask(site, module, query, key, attention_mask)
     if site.position == "attention_logits":
         kwargs.pop("is_causal", None)  # causality is inside the mask now
@@ -135,6 +137,10 @@ def hkft_attention_forward(
 # carry it (about 90 each for a head size of 64) are finite in fp16 and bf16. A larger shift would
 # cost precision in the rare rows whose keys are all dropped (float32 logits near -shift).
 DROPPED_LOGIT_SHIFT = 1.0e3
+# Added to a padded key's logit in `dropkey_by_causal_kernel`: far enough below a dropped key that a
+# row whose real keys are all dropped falls back to them, not to padding; finite, so that a padded
+# query that sees only padded keys (left padding) gets a finite row, which nothing real reads.
+HIDDEN_LOGIT_SHIFT = 1.0e4
 # Extra head dimensions that carry the key bias; 8 keeps the head size a multiple of 8 for fused kernels.
 BIAS_DIMS = 8
 
@@ -156,11 +162,18 @@ def kernel_dtype(query: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
 
 
-def fits_causal_kernel(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> bool:
-    """Whether `dropkey_by_causal_kernel` can carry the dropped keys: a CPU batch the model sends
-    with no mask (causal, unpadded), no attention dropout, a dtype the kernel takes."""
-    return (CPU_CAUSAL_KERNEL is not None and query.device.type == "cpu" and kernel_dtype(query) in CPU_KERNEL_DTYPES
-            and attention_mask is None and _causal(module, query) and not (dropout > 0 and module.training))
+def causal_kernel_keys(site: AttentionDrop, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float) -> torch.Tensor | None:
+    """The keys each query may see below the causal triangle ([B, 1, 1, K], True = attend) when
+    `dropkey_by_causal_kernel` can carry the dropped keys: a causal CPU batch with no mask, or the
+    causal triangle over padded keys (`causal_key_mask`), a query for every key, no attention
+    dropout, a dtype the kernel takes. None otherwise (a GPU, packed rows): the key bias carries them."""
+    if (CPU_CAUSAL_KERNEL is None or query.device.type != "cpu" or kernel_dtype(query) not in CPU_KERNEL_DTYPES
+            or not _causal(module, query) or query.shape[2] != key.shape[2] or (dropout > 0 and module.training)):
+        return None
+    if attention_mask is None:
+        return torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool, device=query.device)
+    return site.controller.causal_key_mask(attention_mask)
 
 
 def dropkey_by_causal_kernel(
@@ -168,24 +181,27 @@ def dropkey_by_causal_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,  # None: see `fits_causal_kernel`
+    visible_keys: torch.Tensor,
     dropped: torch.Tensor,
-    dropout: float = 0.0,
     scaling: float | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Column/span DropKey of a causal CPU batch as an additive [B, H, 1, K] mask beside the causal
-    flag, in one call of the CPU flash kernel.
+    flag, in one call of the CPU flash kernel (``visible_keys``: see `causal_kernel_keys`).
 
     A dropped key's logit is shifted by ``-DROPPED_LOGIT_SHIFT``, the same numbers as
     `dropkey_by_key_bias` (a row whose visible keys are all dropped falls back to its undropped
     row), without copying queries, keys and values into the key bias's extra head dimensions: the
-    kernel adds the mask to each block of logits it computes anyway.
+    kernel adds the mask to each block of logits it computes anyway. A padded key's logit is shifted
+    by ``-HIDDEN_LOGIT_SHIFT``: every real query's row is the model's; a padded query's row may
+    differ from the model's, and no real token reads it (the causal triangle and the padding hide
+    it from them, and its labels are ignored).
     """
     groups = getattr(module, "num_key_value_groups", 1)
     dtype = kernel_dtype(query)
     query, key, value = query.to(dtype), repeat_kv(key, groups).to(dtype), repeat_kv(value, groups).to(dtype)  # the mask differs per query head
     batch, heads, _, dim = query.shape
-    shift = dropped.reshape(batch, heads, 1, key.shape[2]).to(dtype) * -DROPPED_LOGIT_SHIFT
+    shift = (dropped.reshape(batch, heads, 1, key.shape[2]).to(dtype) * -DROPPED_LOGIT_SHIFT
+             - (~visible_keys).to(dtype) * HIDDEN_LOGIT_SHIFT)
     scale = scaling if scaling is not None else dim**-0.5
     output, _ = CPU_CAUSAL_KERNEL(query, key, value, 0.0, True, attn_mask=shift, scale=scale)
     return output.transpose(1, 2).contiguous(), None

@@ -23,7 +23,7 @@ from hkft.dropout.attention import (
     intercept_attention,
     register_attention,
 )
-from hkft.dropout.patterns import Extent, MaskSampler, packed_extent, token_extent
+from hkft.dropout.patterns import Extent, MaskSampler, causal_mask, packed_extent, token_extent
 from hkft.dropout.plan import DropoutPlan, patterns_for
 from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 
@@ -60,8 +60,9 @@ class DropoutController:
     padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
-    # The last attention mask `key_only_mask` looked at, and its answer.
+    # The last attention mask `key_only_mask` looked at, and its answer; the same for `causal_key_mask`.
     _key_only: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    _causal_keys: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @contextmanager
     def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
@@ -114,6 +115,17 @@ class DropoutController:
             first_query = visible[..., :1, :]
             self._key_only = (attention_mask, first_query if bool((visible == first_query).all()) else None)
         return self._key_only[1]
+
+    def causal_key_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """A causal model's [B, 1, Q, K] mask as [B, 1, 1, K] (True = attend) when it is the causal
+        triangle over the keys a padding mask leaves, left or right: the keys the last query sees.
+        None for any other mask (packed rows, a sliding window). Decided once per forward."""
+        if self._causal_keys is None or self._causal_keys[0] is not attention_mask:
+            visible = as_visibility(attention_mask)
+            keys = visible[..., -1:, :]
+            triangle = causal_mask(visible.shape[-2], visible.shape[-1], visible.device)
+            self._causal_keys = (attention_mask, keys if bool((visible == (triangle & keys)).all()) else None)
+        return self._causal_keys[1]
 
     def token_extent(self, batch: int, length: int) -> Extent | None:
         """Where each example's real tokens are in the current forward's [batch, length] activations,
