@@ -311,25 +311,30 @@ def test_readme_command_line_chat_table_is_the_published_json():
         assert per_token == f"{row['ms_per_supervised_token']:.1f}"
 
 
-def assert_single_shape_tables_beside(header: str, left_name: str, right_name: str) -> None:
-    """Two single-shape `--model cli` results side by side in one README table: ms a step, ratios and every round."""
-    bench = Path(__file__).parents[1] / "bench"
-    (left,), (right,) = (json.loads((bench / name).read_text())["shapes"] for name in (left_name, right_name))
-    for (milliseconds, ratios, rounds), row in readme_cells_beside(header, 3, left["rows"], right["rows"]):
+def cli_rows(name: str, shape: int = 0) -> list[dict]:
+    """One shape's rows of a published `--model cli` result."""
+    return json.loads((Path(__file__).parents[1] / "bench" / name).read_text())["shapes"][shape]["rows"]
+
+
+def assert_cli_tables_beside(header: str, left: list[dict], right: list[dict]) -> None:
+    """Two `--model cli` shapes side by side in one README table: ms a step, ratios and every round."""
+    for (milliseconds, ratios, rounds), row in readme_cells_beside(header, 3, left, right):
         assert_cli_step_cells(milliseconds, ratios, row)
         assert rounds == ", ".join(f"{value * 1000:.0f}" for value in row["rounds_seconds_per_step"])
 
 
 def test_readme_command_line_remeasurement_is_the_published_json():
     """The single-shape re-measurements (more steps, more rounds)."""
-    assert_single_shape_tables_beside("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |",
-                                      "results-cli-quickstart-cpu.json", "results-cli-chat-512-cpu.json")
+    assert_cli_tables_beside("| configuration | quickstart data, steps 26-49, 4 rounds: ms a step |",
+                             cli_rows("results-cli-quickstart-cpu.json"), cli_rows("results-cli-chat-512-cpu.json"))
 
 
-def test_readme_carrier_comparison_is_the_published_json():
-    """The 512-token chat shape with the key bias (left) and with the CPU kernel's mask (right)."""
-    assert_single_shape_tables_beside("| configuration | key bias: ms a step |",
-                                      "results-cli-chat-512-cpu.json", "results-cli-chat-512-kernel-cpu.json")
+def test_readme_carrier_comparisons_are_the_published_json():
+    """The chat shapes with the key bias (left) and with the CPU kernel's mask (right): 512 tokens, then as shipped."""
+    assert_cli_tables_beside("| configuration | key bias: ms a step |",
+                             cli_rows("results-cli-chat-512-cpu.json"), cli_rows("results-cli-chat-512-kernel-cpu.json"))
+    assert_cli_tables_beside("| configuration | key bias, steps 2-4, 2 rounds: ms a step |",
+                             cli_rows("results-cli-chat-cpu.json"), cli_rows("results-cli-chat-128-kernel-cpu.json"))
 
 
 def test_readme_in_process_carrier_figures_are_the_published_json():
