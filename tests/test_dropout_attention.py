@@ -332,6 +332,20 @@ def test_causal_cpu_batches_carry_dropped_keys_in_the_causal_kernels_mask(monkey
     assert len(kernel_calls) == 3 * layers and len(biased) == 2 * layers
 
 
+def test_an_additive_causal_mask_keeps_the_key_bias():
+    """A float mask may add biases (ALiBi) to what it does not hide: such a mask is not the causal
+    triangle over padded keys (its attended entries are not all 0), so it goes to the key bias
+    unchanged; the same mask as booleans goes to the kernel."""
+    module = FakeAttention(causal=True).train()
+    drop = site("attention_logits", "column", 0.3, seed=0)
+    query, key, _ = qkv(length=6)
+    triangle = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    slopes = torch.arange(6.0)[None, :] - torch.arange(6.0)[:, None]  # an ALiBi-like distance bias
+    additive = torch.where(triangle, slopes, torch.finfo(torch.float32).min)
+    assert attention.causal_kernel_keys(drop, module, query, key, triangle, 0.0) is not None
+    assert attention.causal_kernel_keys(drop, module, query, key, additive, 0.0) is None
+
+
 def test_the_causal_kernel_gives_a_padded_batchs_real_tokens_the_key_bias_logits():
     """With the same masks, the real tokens of a right- and a left-padded decoder batch get the same
     logits from the CPU kernel's mask as from the key bias with the model's mask."""

@@ -198,7 +198,8 @@ def dropkey_by_causal_kernel(
     """
     groups = getattr(module, "num_key_value_groups", 1)
     dtype = kernel_dtype(query)
-    query, key, value = query.to(dtype), repeat_kv(key, groups).to(dtype), repeat_kv(value, groups).to(dtype)  # the mask differs per query head
+    key, value = repeat_kv(key, groups).to(dtype), repeat_kv(value, groups).to(dtype)  # the mask differs per query head
+    query = query.to(dtype)
     batch, heads, _, dim = query.shape
     shift = (dropped.reshape(batch, heads, 1, key.shape[2]).to(dtype) * -DROPPED_LOGIT_SHIFT
              - (~visible_keys).to(dtype) * HIDDEN_LOGIT_SHIFT)

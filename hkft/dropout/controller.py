@@ -23,7 +23,13 @@ from hkft.dropout.attention import (
     intercept_attention,
     register_attention,
 )
-from hkft.dropout.patterns import Extent, MaskSampler, causal_mask, packed_extent, token_extent
+from hkft.dropout.patterns import (
+    Extent,
+    MaskSampler,
+    causal_mask,
+    packed_extent,
+    token_extent,
+)
 from hkft.dropout.plan import DropoutPlan, patterns_for
 from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 
