@@ -366,9 +366,10 @@ def test_the_causal_kernel_gives_a_padded_batchs_real_tokens_the_key_bias_logits
 
 
 def test_the_causal_kernel_under_cpu_autocast_computes_what_the_key_bias_does(monkeypatch):
-    """`precision: bf16` on a CPU trains under autocast, which casts public SDPA's inputs but not
-    the kernel's: llama's rotary hands it float32 queries and keys beside bf16 values. The kernel
-    gets them in autocast's dtype, and loss and gradients match the key bias's with the same masks."""
+    """A model run under CPU autocast (in a user's own loop: `hkft train` refuses bf16 on a CPU)
+    has public SDPA's inputs cast, but not the kernel's: llama's rotary hands it float32 queries and
+    keys beside bf16 values. The kernel gets them in autocast's dtype, and loss and gradients match
+    the key bias's with the same masks."""
     inputs = batch("llama", padded=False, size=3, length=10)
     results = []
     for carrier in ("dropkey_by_causal_kernel", "dropkey_by_key_bias"):
