@@ -349,6 +349,20 @@ def test_readme_in_process_carrier_figures_are_the_published_json():
     assert f"one-branch `hiddenkey` {kl:,.0f} ms against the floor's {floor:,.0f} ({kl / floor:.2f}x;" in text
 
 
+def test_readme_decoder_remeasurement_is_the_published_json():
+    """The decoder's rows measured again with the CPU kernel's mask: ratio and quartiles of each quoted row."""
+    published = json.loads((Path(__file__).parents[1] / "bench/results-llama-kernel-cpu.json").read_text())
+    rows = {row["configuration"]: row for row in published["workloads"][0]["train"]}
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+
+    def cell(name: str) -> str:
+        low, high = rows[name]["time_ratio_quartiles"]
+        return f"{rows[name]['time_ratio']:.2f}x ({low:.2f}-{high:.2f})"
+
+    assert (f"`hiddenkey-` {cell('hiddenkey-')}, one-branch KL {cell('hiddenkey KL one branch')} against its floor's "
+            f"{cell('one-branch floor: none + no-grad second pass')}, both branches {cell('hiddenkey KL both branches')}") in text
+
+
 def test_bench_imports_quietly():
     """`python -m bench` prints its tables, not bitsandbytes' warning about its optional hub kernel,
     which peft's import (the plain baselines) would otherwise trigger before hkft has quieted it."""
