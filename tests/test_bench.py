@@ -13,6 +13,18 @@ import torch
 
 from bench.run import ONE_BRANCH_FLOOR
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def published(name: str) -> dict:
+    """A result the README quotes: bench/NAME."""
+    return json.loads((ROOT / "bench" / name).read_text())
+
+
+def readme_prose() -> str:
+    """The README with every run of whitespace as one space, so that quoted figures match across line breaks."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["none", "4bit"])  # 4-bit: the path a GPU run takes, on bitsandbytes' CPU kernels
@@ -75,11 +87,8 @@ def test_one_branch_floor_runs_the_second_pass_on_the_branched_layers_only(monke
 def test_readme_benchmark_table_is_the_published_json():
     """The README's table and bench/results-cpu.json come from the same run: every ratio, quartile
     range, and the baselines' step times and tokens per second."""
-    root = Path(__file__).parents[1]
-    readme = (root / "README.md").read_text()
-    table = readme[readme.index("| configuration | MiniLM time |"):].split("\n\n")[0].splitlines()[2:]
-    cells = [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in table]
-    minilm, decoder = json.loads((root / "bench/results-cpu.json").read_text())["workloads"]
+    cells = readme_table("| configuration | MiniLM time |")
+    minilm, decoder = published("results-cpu.json")["workloads"]
     for workload, (time_column, memory_column) in ((minilm, (1, 2)), (decoder, (3, 4))):
         rows = workload["train"] + workload["eval"]
         assert len(rows) == len(cells)
@@ -87,9 +96,8 @@ def test_readme_benchmark_table_is_the_published_json():
             time_cell, memory_cell = line[time_column], line[memory_column]
             assert time_cell.startswith(f"{row['time_ratio']:.2f}x"), (row["configuration"], time_cell)
             assert memory_cell == f"{row['memory_ratio']:.2f}x", (row["configuration"], memory_cell)
-            low, high = row["time_ratio_quartiles"]
             if "(" in time_cell and "ms" not in time_cell:
-                assert time_cell.endswith(f"({low:.2f}-{high:.2f})"), (row["configuration"], time_cell)
+                assert time_cell.endswith(quartile_range(row)), (row["configuration"], time_cell)
         baseline = workload["train"][0]
         expected = f"({baseline['median_seconds'] * 1000:.0f} ms, {baseline['tokens_per_second']:,.0f} tok/s)"
         assert cells[0][time_column].endswith(expected)
@@ -138,9 +146,8 @@ def test_packing_pair_trains_on_the_same_examples_padded_and_packed():
 
 
 def test_readme_packing_figures_are_the_published_json():
-    root = Path(__file__).parents[1]
-    readme = " ".join((root / "README.md").read_text().split())
-    padded, packed = json.loads((root / "bench/results-packing-cpu.json").read_text())["packing"]["rows"]
+    readme = readme_prose()
+    padded, packed = published("results-packing-cpu.json")["packing"]["rows"]
     low, high = packed["throughput_ratio_quartiles"]
     assert f"**{packed['throughput_ratio']:.2f}x** ({low:.2f}-{high:.2f})" in readme
     assert f"({packed['tokens_per_second']:.0f} against {padded['tokens_per_second']:.0f} tok/s)" in readme
@@ -247,22 +254,27 @@ def test_cli_rows_time_every_configuration_through_its_own_process(tmp_path):
 
 
 def readme_table(header: str) -> list[list[str]]:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     lines = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
     return [[cell.strip().replace("**", "") for cell in line.strip("|").split("|")] for line in lines]
+
+
+def quartile_range(row: dict) -> str:
+    """A row's time-ratio quartiles as the README brackets them."""
+    low, high = row["time_ratio_quartiles"]
+    return f"({low:.2f}-{high:.2f})"
 
 
 def assert_ratio_with_quartiles(cell: str, row: dict) -> None:
     """A README ratio cell: the median ratio, with its quartiles in brackets except on the baseline."""
     assert cell.startswith(f"{row['time_ratio']:.2f}x")
     if row["time_ratio"] != 1.0:
-        low, high = row["time_ratio_quartiles"]
-        assert cell.endswith(f"({low:.2f}-{high:.2f})")
+        assert cell.endswith(quartile_range(row))
 
 
 def test_readme_generation_table_is_the_published_json():
-    published = json.loads((Path(__file__).parents[1] / "bench/results-generation-cpu.json").read_text())
-    rows = published["eval"] + published["chat"]
+    results = published("results-generation-cpu.json")
+    rows = results["eval"] + results["chat"]
     cells = readme_table("| configuration | s a pass | tokens/s |")
     assert [line[0] for line in cells] == [row["configuration"] for row in rows]
     for row, (_, seconds, tokens_per_second, ratio, same) in zip(rows, cells, strict=True):
@@ -287,24 +299,21 @@ def readme_cells_beside(header: str, width: int, left: list[dict], right: list[d
 
 
 def test_readme_command_line_table_is_the_published_json():
-    published = json.loads((Path(__file__).parents[1] / "bench/results-cli-cpu.json").read_text())
-    short, long = published["shapes"]
+    short, long = published("results-cli-cpu.json")["shapes"]
     for (milliseconds, ratios), row in readme_cells_beside("| configuration | quickstart data, max_length 64: ms a step |", 2,
                                                            short["rows"], long["rows"]):
         assert_cli_step_cells(milliseconds, ratios, row)
 
 
 def test_readme_smollm2_table_is_the_published_json():
-    published = json.loads((Path(__file__).parents[1] / "bench/results-smollm2-cpu.json").read_text())
-    shipped, long = (workload["train"] for workload in published["workloads"])
+    shipped, long = (workload["train"] for workload in published("results-smollm2-cpu.json")["workloads"])
     for (milliseconds, ratio), row in readme_cells_beside("| configuration | chat data as shipped: ms a step |", 2, shipped, long):
         assert milliseconds == f"{row['median_seconds'] * 1000:.0f}"
         assert_ratio_with_quartiles(ratio, row)
 
 
 def test_readme_command_line_chat_table_is_the_published_json():
-    published = json.loads((Path(__file__).parents[1] / "bench/results-cli-chat-cpu.json").read_text())
-    shipped, long = published["shapes"]
+    shipped, long = published("results-cli-chat-cpu.json")["shapes"]
     for (milliseconds, ratios, per_token), row in readme_cells_beside("| configuration | chat data as shipped: ms a step | to plain", 3,
                                                                       shipped["rows"], long["rows"]):
         assert_cli_step_cells(milliseconds, ratios, row)
@@ -313,7 +322,7 @@ def test_readme_command_line_chat_table_is_the_published_json():
 
 def cli_rows(name: str, shape: int = 0) -> list[dict]:
     """One shape's rows of a published `--model cli` result."""
-    return json.loads((Path(__file__).parents[1] / "bench" / name).read_text())["shapes"][shape]["rows"]
+    return published(name)["shapes"][shape]["rows"]
 
 
 def assert_cli_tables_beside(header: str, left: list[dict], right: list[dict]) -> None:
@@ -339,11 +348,10 @@ def test_readme_carrier_comparisons_are_the_published_json():
 
 def test_readme_in_process_carrier_figures_are_the_published_json():
     """The in-process 512-token figures quoted beside the carrier comparison: ms a step and the two ratios."""
-    published = json.loads((Path(__file__).parents[1] / "bench/results-smollm2-kernel-cpu.json").read_text())
-    rows = {row["configuration"]: row["median_seconds"] * 1000 for row in published["workloads"][1]["train"]}
+    rows = {row["configuration"]: row["median_seconds"] * 1000 for row in published("results-smollm2-kernel-cpu.json")["workloads"][1]["train"]}
     none, dropped, kl, floor = (rows[name] for name in ("hkft none", "hiddenkey-", "hiddenkey KL one branch",
                                                         "one-branch floor: none + no-grad second pass"))
-    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    text = readme_prose()
     assert (f"at 512 tokens `hiddenkey-` takes {dropped:,.0f} ms a step against `none`'s {none:,.0f} ({dropped / none:.2f}x;"
             in text)
     assert f"one-branch `hiddenkey` {kl:,.0f} ms against the floor's {floor:,.0f} ({kl / floor:.2f}x;" in text
@@ -351,13 +359,11 @@ def test_readme_in_process_carrier_figures_are_the_published_json():
 
 def test_readme_decoder_remeasurement_is_the_published_json():
     """The decoder's rows measured again with the CPU kernel's mask: ratio and quartiles of each quoted row."""
-    published = json.loads((Path(__file__).parents[1] / "bench/results-llama-kernel-cpu.json").read_text())
-    rows = {row["configuration"]: row for row in published["workloads"][0]["train"]}
-    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    rows = {row["configuration"]: row for row in published("results-llama-kernel-cpu.json")["workloads"][0]["train"]}
+    text = readme_prose()
 
     def cell(name: str) -> str:
-        low, high = rows[name]["time_ratio_quartiles"]
-        return f"{rows[name]['time_ratio']:.2f}x ({low:.2f}-{high:.2f})"
+        return f"{rows[name]['time_ratio']:.2f}x {quartile_range(rows[name])}"
 
     assert (f"`hiddenkey-` {cell('hiddenkey-')}, one-branch KL {cell('hiddenkey KL one branch')} against its floor's "
             f"{cell('one-branch floor: none + no-grad second pass')}, both branches {cell('hiddenkey KL both branches')}") in text

@@ -136,11 +136,10 @@ def eager_key_bias_reference(module, query, key, value, attention_mask, dropped,
 
 
 def eager_causal_kernel_reference(module, query, key, value, visible_keys, dropped, scaling=None):
-    """Whole-key DropKey under the causal triangle over the visible keys, standing in for the CPU
-    kernel's path."""
-    visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril() & visible_keys
-    output = masked_reference(query, key, value, visible, dropped, getattr(module, "num_key_value_groups", 1))
-    return output.contiguous(), None
+    """The key bias's stand-in with the causal triangle over the visible keys as the model's mask,
+    standing in for the CPU kernel's path."""
+    triangle = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril()
+    return eager_key_bias_reference(module, query, key, value, triangle & visible_keys, dropped, scaling=scaling)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

@@ -36,6 +36,20 @@ from hkft.dropout.positions import EmbeddingNoise, FeatureDrop, always
 ATTENTION_ATTRIBUTE = "hkft_attention_drop"
 
 
+def keys_of_every_query(visible: torch.Tensor) -> torch.Tensor | None:
+    """A [B, 1, Q, K] visibility as [B, 1, 1, K] when every query sees the same keys, else None."""
+    first_query = visible[..., :1, :]
+    return first_query if bool((visible == first_query).all()) else None
+
+
+def keys_below_the_triangle(visible: torch.Tensor) -> torch.Tensor | None:
+    """A [B, 1, Q, K] visibility as [B, 1, 1, K] when it is the causal triangle over some keys (those
+    the last query sees: the real tokens under left or right padding), else None."""
+    keys = visible[..., -1:, :]
+    triangle = causal_mask(visible.shape[-2], visible.shape[-1], visible.device)
+    return keys if bool((visible == (triangle & keys)).all()) else None
+
+
 @dataclass
 class Applications:
     """Which application of a shared block is running (ALBERT runs one block ``num_hidden_layers``
@@ -66,9 +80,9 @@ class DropoutController:
     padding: tuple[tuple[int, ...], Extent] | None = field(default=None, repr=False)
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
     _attention_modules: list[nn.Module] = field(default_factory=list, repr=False)
-    # The last attention mask `key_only_mask` looked at, and its answer; the same for `causal_key_mask`.
-    _key_only: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
-    _causal_keys: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    # Per question about the attention mask (`key_only_mask`, `causal_key_mask`): the last mask it
+    # looked at, and its answer.
+    _mask_answers: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict, repr=False)
 
     @contextmanager
     def shared_prefix(self) -> Iterator[Callable[[], AbstractContextManager[None]]]:
@@ -114,24 +128,23 @@ class DropoutController:
 
     def key_only_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The model's [B, 1, Q, K] attention mask as [B, 1, 1, K] (True = attend) when every query
-        sees the same keys, as under an encoder's padding mask; None when it differs between queries.
-        Decided once per forward: transformers hands every layer the same mask."""
-        if self._key_only is None or self._key_only[0] is not attention_mask:
-            visible = as_visibility(attention_mask)
-            first_query = visible[..., :1, :]
-            self._key_only = (attention_mask, first_query if bool((visible == first_query).all()) else None)
-        return self._key_only[1]
+        sees the same keys, as under an encoder's padding mask; None when it differs between queries."""
+        return self._once_per_mask("key_only", attention_mask, keys_of_every_query)
 
     def causal_key_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """A causal model's [B, 1, Q, K] mask as [B, 1, 1, K] (True = attend) when it is the causal
-        triangle over the keys a padding mask leaves, left or right: the keys the last query sees.
-        None for any other mask (packed rows, a sliding window). Decided once per forward."""
-        if self._causal_keys is None or self._causal_keys[0] is not attention_mask:
-            visible = as_visibility(attention_mask)
-            keys = visible[..., -1:, :]
-            triangle = causal_mask(visible.shape[-2], visible.shape[-1], visible.device)
-            self._causal_keys = (attention_mask, keys if bool((visible == (triangle & keys)).all()) else None)
-        return self._causal_keys[1]
+        triangle over the keys a padding mask leaves, left or right; None for any other mask
+        (packed rows, a sliding window)."""
+        return self._once_per_mask("causal_keys", attention_mask, keys_below_the_triangle)
+
+    def _once_per_mask(self, question: str, attention_mask: torch.Tensor,
+                       answer: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+        """``answer`` of the mask as booleans, decided once per forward: transformers hands every
+        layer the same mask object."""
+        asked = self._mask_answers.get(question)
+        if asked is None or asked[0] is not attention_mask:
+            asked = self._mask_answers[question] = (attention_mask, answer(as_visibility(attention_mask)))
+        return asked[1]
 
     def token_extent(self, batch: int, length: int) -> Extent | None:
         """Where each example's real tokens are in the current forward's [batch, length] activations,
